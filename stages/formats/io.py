@@ -1,0 +1,103 @@
+"""Atomic writes and parquet with provenance. Every stage writes through here: a killed job leaves no file
+that looks complete (a temporary sibling is renamed over the target only once it is fully written)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import stages
+from stages.errors import InputError
+from stages.formats.tables import SCHEMAS, conform
+
+PROVENANCE_KEY = b"orchard"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: object) -> object:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def config_hash(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_table(path: str | os.PathLike, df: pd.DataFrame, name: str, *,
+                provenance: Mapping[str, object] | None = None) -> None:
+    """Write a canonical table as parquet, conformed to its schema, with provenance in the file metadata.
+
+    The metadata key ``orchard`` holds JSON: table name, columns, code version and whatever the stage passes
+    (stage, model, config hash...). DuckDB (``parquet_kv_metadata``), pyarrow and pandas users can read it.
+    """
+    df = conform(df, name, source=path)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    prov = {"table": name, "columns": list(df.columns), "orchard_version": stages.__version__}
+    prov.update(provenance or {})
+    meta[PROVENANCE_KEY] = json.dumps(prov, default=str).encode()
+    table = table.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=1 << 20)
+
+
+def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a canonical table and conform it to its schema (clear error if it is not that table)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", file=path)
+    try:
+        df = pq.read_table(path, columns=columns).to_pandas()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"not a readable parquet file: {exc}", file=path) from exc
+    if columns is not None:
+        return df
+    return conform(df, name, source=path)
+
+
+def read_provenance(path: str | os.PathLike) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+__all__ = ["SCHEMAS", "atomic_path", "config_hash", "read_provenance", "read_table", "write_json",
+           "write_table", "write_text"]
