@@ -29,6 +29,8 @@ SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     # one row per edge of the class DAG; the root is not a class and never appears
     "hierarchy": ({"child": "object", "parent": "object"}, {}),
     "splits": ({"image_id": "object", "split": "object"}, {}),
+    # training sampling weights (sum to 1 over the train split)
+    "sampling": ({"image_id": "object", "weight": "float64"}, {}),
     "detections": (
         {"image_id": "object", "label": "object", "score": "float64", "x_min": "float64",
          "y_min": "float64", "x_max": "float64", "y_max": "float64"},

@@ -1,0 +1,24 @@
+# Orchard: the OpenImages Challenge 2019 winning pipeline (MMfruit) as one DAG.
+# The table of contents; rules live in workflow/rules/, paths in common.smk, defaults in the schema.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "configs/default.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/infer.smk"
+include: "workflow/rules/postprocess.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/submit.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.submit.output.csv,
+        rules.metrics_table.output.json,

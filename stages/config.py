@@ -1,0 +1,74 @@
+"""Config loading and validation against ``workflow/schemas/config.schema.yaml`` (which holds every default)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from stages.errors import InputError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _schema() -> dict:
+    with open(SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def _with_defaults(validator_cls):
+    validate_props = validator_cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if "default" in sub and prop not in instance:
+                    instance[prop] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    def set_defaults_additional(validator, aP, instance, schema):
+        # fill defaults inside every model entry (additionalProperties: {$ref: model})
+        yield from validator_cls.VALIDATORS["additionalProperties"](validator, aP, instance, schema)
+
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults,
+                                                        "additionalProperties": set_defaults_additional})
+
+
+def validate_config(config: dict[str, Any], *, source: object = "config") -> dict[str, Any]:
+    """Validate ``config`` (in place: defaults are filled in) or raise :class:`InputError` naming the key."""
+    schema = _schema()
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        path = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise InputError(f"config does not match {SCHEMA_PATH.name}: {err.message}", file=source, field=path)
+    # second pass: defaults inside $ref'd model entries were filled during iteration; re-check consistency
+    for name, m in config.get("models", {}).items():
+        if any(s >= m["epochs"] + 1 for s in m["lr_steps"]):
+            raise InputError(f"lr_steps {m['lr_steps']} must be <= epochs {m['epochs']}", file=source,
+                             field=f"models/{name}/lr_steps")
+        if m["min_size"] > m["max_size"]:
+            raise InputError("min_size > max_size", file=source, field=f"models/{name}/min_size")
+    fr = config.get("split", {}).get("fractions")
+    if fr is not None and abs(sum(fr) - 1.0) > 1e-6:
+        raise InputError(f"fractions {fr} must sum to 1", file=source, field="split/fractions")
+    return config
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except FileNotFoundError as exc:
+        raise InputError("config file not found", file=path) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise InputError(f"malformed YAML: {exc}", file=path, row=(mark.line + 1) if mark else None) from exc
+    if not isinstance(cfg, dict):
+        raise InputError("config must be a mapping", file=path)
+    return validate_config(cfg, source=path)

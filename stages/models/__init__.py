@@ -1,0 +1,1 @@
+"""Detector builders, heads and losses."""

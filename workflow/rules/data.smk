@@ -1,0 +1,88 @@
+# Data: generate (built-in dataset) -> ingest + checks -> split -> sampling weights.
+
+
+if config["dataset"]["generate"]:
+
+    rule generate:
+        output:
+            boxes=raw("boxes_csv"),
+            labels=raw("labels_csv"),
+            classes=raw("classes_csv"),
+            hierarchy=raw("hierarchy_json"),
+            masks=raw("masks_csv"),
+            test_list=f"{DATA}/test-images.csv",
+        log:
+            "logs/generate.log",
+        benchmark:
+            "benchmarks/generate/generate.tsv"
+        params:
+            out=DATA,
+            n_images=config["dataset"]["n_images"],
+            n_test=config["dataset"]["n_test"],
+            min_size=config["dataset"]["min_size"],
+            max_size=config["dataset"]["max_size"],
+            seed=config["dataset"]["seed"],
+        shell:
+            "{PY} stages.generate --out {params.out:q} --n-images {params.n_images} --n-test {params.n_test}"
+            " --min-size {params.min_size} --max-size {params.max_size} --seed {params.seed} > {log:q} 2>&1"
+
+
+rule ingest:
+    input:
+        boxes=raw("boxes_csv"),
+        labels=raw("labels_csv"),
+        classes=raw("classes_csv"),
+        hierarchy=raw("hierarchy_json"),
+        test_list=f"{DATA}/test-images.csv",
+    output:
+        boxes="results/ingest/boxes.parquet",
+        image_labels="results/ingest/image_labels.parquet",
+        images="results/ingest/images.parquet",
+        test_images="results/ingest/test_images.parquet",
+        classes="results/ingest/classes.parquet",
+        hierarchy="results/ingest/hierarchy.parquet",
+        summary="results/ingest/summary.json",
+    log:
+        "logs/ingest.log",
+    params:
+        images=f"{DATA}/{config['dataset']['images_dir']}",
+        test=f"{DATA}/{config['dataset']['test_dir']}",
+        out="results/ingest",
+    shell:
+        "{PY} stages.ingest --boxes-csv {input.boxes:q} --labels-csv {input.labels:q}"
+        " --classes-csv {input.classes:q} --hierarchy-json {input.hierarchy:q} --images-dir {params.images:q}"
+        " --test-dir {params.test:q} --test-list {input.test_list:q} --out-dir {params.out:q} > {log:q} 2>&1"
+
+
+rule split:
+    input:
+        images=rules.ingest.output.images,
+        boxes=rules.ingest.output.boxes,
+    output:
+        splits="results/split/splits.parquet",
+        report="results/split/report.json",
+    log:
+        "logs/split.log",
+    params:
+        fractions=" ".join(str(f) for f in config["split"]["fractions"]),
+        seed=config["split"]["seed"],
+        iters=config["split"]["mining_iters"],
+    shell:
+        "{PY} stages.split --images {input.images:q} --boxes {input.boxes:q} --fractions {params.fractions}"
+        " --seed {params.seed} --mining-iters {params.iters} --out {output.splits:q}"
+        " --report {output.report:q} > {log:q} 2>&1"
+
+
+rule sample:
+    input:
+        boxes=rules.ingest.output.boxes,
+        splits=rules.split.output.splits,
+    output:
+        weights="results/sample/{method}.parquet",
+    log:
+        "logs/sample/{method}.log",
+    wildcard_constraints:
+        method="class_aware|uniform",
+    shell:
+        "{PY} stages.sample --boxes {input.boxes:q} --splits {input.splits:q} --method {wildcards.method}"
+        " --out {output.weights:q} > {log:q} 2>&1"
