@@ -32,7 +32,6 @@ def stage_main(fn: Callable[[Sequence[str] | None], None]) -> Callable[[Sequence
         try:
             fn(argv)
         except InputError as exc:
-            logging.getLogger(fn.__module__).error("%s", exc)
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         return 0

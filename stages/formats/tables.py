@@ -89,12 +89,13 @@ def check_boxes(df: pd.DataFrame, *, source: object = None, rows: np.ndarray | N
         bad = ~np.isfinite(v) | (v < 0.0) | (v > 1.0)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise InputError(f"coordinate {v[i]!r} outside [0, 1]", file=source,
+            raise InputError(f"coordinate {float(v[i])!r} outside [0, 1]", file=source,
                              row=int(rows[i]) if rows is not None else f"row {i}", field=names.get(col, col))
     for lo, hi in (("x_min", "x_max"), ("y_min", "y_max")):
         bad = df[lo].to_numpy() > df[hi].to_numpy()
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{names.get(lo, lo)} {df[lo].iloc[i]!r} > {names.get(hi, hi)} {df[hi].iloc[i]!r}",
+            raise InputError(f"{names.get(lo, lo)} {float(df[lo].iloc[i])!r} > {names.get(hi, hi)} "
+                             f"{float(df[hi].iloc[i])!r}",
                              file=source, row=int(rows[i]) if rows is not None else f"row {i}",
                              field=names.get(lo, lo))

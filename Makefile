@@ -1,0 +1,22 @@
+# The two commands of the README. Each builds (or reuses) the pinned environment first: envs/bootstrap.sh
+# keeps it outside the clone, keyed by the hash of envs/requirements.txt.
+SHELL := /bin/bash
+VENV = $(shell bash envs/bootstrap.sh)
+ENV = PATH="$(VENV)/bin:$$PATH"
+
+.PHONY: run test test-fast dag lint bench
+
+run:            ## the whole default DAG: submission.csv + results/metrics.{json,md}
+	$(ENV) snakemake submission.csv results/metrics.json
+
+test:           ## the whole test suite (unit, property, stage, workflow incl. a tiny end-to-end DAG run)
+	$(ENV) python -m pytest -q
+
+test-fast:      ## everything but the slow tests
+	$(ENV) python -m pytest -q -m "not slow and not slurm"
+
+dag:            ## the DAG picture of the default config
+	$(ENV) snakemake --dag submission.csv | dot -Tpng > docs/dag.png
+
+lint:
+	$(ENV) snakemake --lint
