@@ -370,8 +370,8 @@ def plan_dataset(*, n_train_images: int, n_test_images: int, image_size: tuple[i
     if n_train_images < 0 or n_test_images < 0:
         raise ValueError("image counts must be >= 0")
     lo, hi = image_size
-    if not 200 <= lo <= hi:
-        raise ValueError(f"image_size must be (min, max) with 200 <= min <= max, got {image_size}")
+    if not 128 <= lo <= hi:
+        raise ValueError(f"image_size must be (min, max) with 128 <= min <= max, got {image_size}")
     id_rng = np.random.default_rng([seed, 7])
     ids: list[str] = []
     seen: set[str] = set()
@@ -544,14 +544,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--max-size", type=int, default=320, help="largest image side (px)")
     ap.add_argument("--jpeg-quality", type=int, default=90)
     args = ap.parse_args(argv)
-    if args.min_size > args.max_size:
-        ap.error("--min-size must be <= --max-size")
+    if not 128 <= args.min_size <= args.max_size:
+        ap.error("need 128 <= --min-size <= --max-size")
+    if args.n_train_images < 1 or args.n_test_images < 0:
+        ap.error("need --n-images >= 1 and --n-test >= 0")
     s = generate(out_dir=args.out, n_train_images=args.n_train_images, n_test_images=args.n_test_images,
                  image_size=(args.min_size, args.max_size), seed=args.seed, jpeg_quality=args.jpeg_quality)
     ph = s["phenomena"]
+    tail = "n/a (a class has no box)" if ph["long_tail_ratio"] is None else f"{ph['long_tail_ratio']:.1f}x"
     print(f"orchard-mini: {s['n_train_images']} labelled + {s['n_test_images']} test images, {s['n_boxes']} boxes,"
-          f" long tail {ph['long_tail_ratio']:.1f}x, {ph['group_of_boxes']} group-of, {s['seconds']:.1f} s"
-          f" -> {args.out}")
+          f" long tail {tail}, {ph['group_of_boxes']} group-of, {s['seconds']:.1f} s -> {args.out}")
 
 
 if __name__ == "__main__":
