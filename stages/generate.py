@@ -201,7 +201,7 @@ class _Planner:
         self.digit_rank = digit_rank
         self.p_digit = _zipf(len(digit_rank), zipf_exponent)
         self.group_of_rate = group_of_rate
-        imgs, targets = draw.digits()
+        _, targets = draw.digits()
         self.glyphs_of = [np.flatnonzero(targets == d) for d in range(10)]
         self.aspects = draw.glyph_ink_aspects()
 
@@ -211,7 +211,7 @@ class _Planner:
         shade = float(rng.uniform(0.8, 1.1))
         if spec.kind == "glyph":
             g = int(rng.choice(self.glyphs_of[spec.digit]))
-            h = int(round(size if size is not None else math.exp(rng.uniform(math.log(28), math.log(100)))))
+            h = int(round(size if size is not None else math.exp(rng.uniform(math.log(28), math.log(90)))))
             w = int(np.clip(round(h * self.aspects[g] * rng.uniform(0.9, 1.15)), 8, 120))
             return PlannedObject(label, "glyph", 0, 0, w, h, glyph=g, color=spec.color, shade=shade, **kw)
         if spec.kind == "disc":
