@@ -1,0 +1,560 @@
+"""Generate the built-in dataset ``orchard-mini``: a small, deterministic, offline OpenImages-Challenge-format
+dataset whose content has every phenomenon the MMfruit tricks exist for.
+
+Content: real handwritten digits (scikit-learn's 8x8 digits, upscaled) and simple shapes pasted in colour onto
+crops of the photos bundled with scikit-learn and scikit-image (:mod:`stages.data.draw`); the 14 leaf classes and
+their 3-level hierarchy are in :mod:`stages.data.taxonomy`. Phenomena:
+
+- long tail: the primary class of each placement is drawn from a Zipf law over the leaves (most/rarest >= 20
+  at the default size), so class-aware sampling has something to fix;
+- hierarchy: >= 3 levels below the root, "Digit six" under two parents; only leaves carry boxes;
+- group-of: some placements are tight clusters of 4-8 small same-class objects with one ``IsGroupOf=1`` box
+  around them (the members are not boxed);
+- verified-absent image labels (``Confidence=0``), preferring the confusable partner of a present class;
+- confusable pairs (3/8 and 1/7, same colour);
+- co-occurrence ("Disc" almost always sits on a "Pole") and surround ("Frame" holds 1-2 digits; "Digit nine"
+  mostly sits inside a frame);
+- extreme aspect ratio ("Pole", about 1:8).
+
+Layout: :func:`plan_dataset` decides every image, box and label (cheap, no pixels); :func:`render_image` draws
+one planned image and its instance masks; :func:`generate` writes the files atomically (the whole directory is
+built next to ``out_dir`` and renamed into place).
+
+Files written (OpenImages Challenge 2019 names and columns)::
+
+    images/<ImageID>.jpg                                 labelled images
+    test/<ImageID>.jpg                                   unlabelled test images; test-images.csv lists them
+    challenge-2019-train-detection-bbox.csv
+    challenge-2019-train-detection-human-imagelabels.csv
+    challenge-2019-classes-description-500.csv           MID,name (no header), parents included
+    challenge-2019-label500-hierarchy.json
+    challenge-2019-train-segmentation.csv + masks/<ImageID>_<MID without '/'>_<BoxID>.png (0/255, image size)
+    summary.json                                         class counts and the phenomena, measured
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from stages.cli import stage_main
+from stages.data import draw
+from stages.data import taxonomy as tx
+from stages.formats.openimages import BBOX_COLUMNS, LABEL_COLUMNS, MASK_COLUMNS
+
+log = logging.getLogger(__name__)
+
+BBOX_CSV = "challenge-2019-train-detection-bbox.csv"
+LABELS_CSV = "challenge-2019-train-detection-human-imagelabels.csv"
+CLASSES_CSV = "challenge-2019-classes-description-500.csv"
+HIERARCHY_JSON = "challenge-2019-label500-hierarchy.json"
+SEGMENTATION_CSV = "challenge-2019-train-segmentation.csv"
+TEST_CSV = "test-images.csv"
+SUMMARY_JSON = "summary.json"
+IMAGES_DIR, TEST_DIR, MASKS_DIR = "images", "test", "masks"
+
+
+# ----- the plan ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedObject:
+    """One drawn object or one group-of box. Coordinates are ``xyxy_abs`` pixels, ``[x0, x1) x [y0, y1)``.
+
+    ``kind`` is a :class:`~stages.data.taxonomy.ClassSpec` kind, or 'group' for a group-of box (not drawn).
+    ``boxed`` is False for the members of a group-of cluster (drawn, not annotated)."""
+
+    label: str
+    kind: str
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    boxed: bool = True
+    is_group_of: bool = False
+    is_occluded: int = 0
+    glyph: int = -1
+    color: tuple[int, int, int] = (0, 0, 0)
+    shade: float = 1.0
+    thickness: int = 0
+    box_id: str = ""
+
+    def moved(self, dx: int, dy: int, box_id: str = "") -> PlannedObject:
+        return PlannedObject(self.label, self.kind, self.x0 + dx, self.y0 + dy, self.x1 + dx, self.y1 + dy,
+                             self.boxed, self.is_group_of, self.is_occluded, self.glyph, self.color, self.shade,
+                             self.thickness, box_id or self.box_id)
+
+    @property
+    def masked(self) -> bool:
+        """Has an instance mask (a boxed, drawn, non-group-of object)."""
+        return self.boxed and not self.is_group_of
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    image_id: str
+    split: str  # "train" (labelled) or "test" (unlabelled)
+    width: int
+    height: int
+    render_seed: int
+    objects: tuple[PlannedObject, ...]  # in drawing order
+    negatives: tuple[str, ...] = ()  # verified-absent leaf classes
+
+    @property
+    def boxes(self) -> tuple[PlannedObject, ...]:
+        return tuple(o for o in self.objects if o.boxed)
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    images: tuple[PlannedImage, ...]
+    seed: int
+
+    @property
+    def train(self) -> tuple[PlannedImage, ...]:
+        return tuple(im for im in self.images if im.split == "train")
+
+    @property
+    def test(self) -> tuple[PlannedImage, ...]:
+        return tuple(im for im in self.images if im.split == "test")
+
+    def bbox_frame(self) -> pd.DataFrame:
+        """The challenge bbox CSV rows of the labelled images (sorted by ImageID, then drawing order)."""
+        rows = []
+        for im in sorted(self.train, key=lambda i: i.image_id):
+            for o in im.boxes:
+                rows.append((im.image_id, "xclick", o.label, 1, o.x0 / im.width, o.x1 / im.width,
+                             o.y0 / im.height, o.y1 / im.height, o.is_occluded, 0, int(o.is_group_of), 0, 0))
+        df = pd.DataFrame(rows, columns=BBOX_COLUMNS)
+        for c in ("XMin", "XMax", "YMin", "YMax"):
+            df[c] = df[c].map(lambda v: f"{v:.6f}")
+        return df
+
+    def image_labels_frame(self) -> pd.DataFrame:
+        rows = []
+        for im in sorted(self.train, key=lambda i: i.image_id):
+            present = sorted({o.label for o in im.boxes})
+            rows += [(im.image_id, "verification", lab, 1) for lab in present]
+            rows += [(im.image_id, "verification", lab, 0) for lab in sorted(im.negatives)]
+        return pd.DataFrame(rows, columns=LABEL_COLUMNS)
+
+    def segmentation_frame(self) -> pd.DataFrame:
+        rows = []
+        for im in sorted(self.train, key=lambda i: i.image_id):
+            for o in im.boxes:
+                if o.masked:
+                    rows.append((mask_path(im.image_id, o), im.image_id, o.label, o.box_id,
+                                 f"{o.x0 / im.width:.6f}", f"{o.x1 / im.width:.6f}", f"{o.y0 / im.height:.6f}",
+                                 f"{o.y1 / im.height:.6f}", "1.00", ""))
+        return pd.DataFrame(rows, columns=MASK_COLUMNS)
+
+    def class_counts(self) -> pd.DataFrame:
+        """Per leaf class: boxes (group-of included), group-of boxes, images with the class, verified-absent
+        labels — over the labelled images."""
+        rows = []
+        for lab in tx.LEAVES:
+            rows.append({"label": lab, "name": tx.BY_LABEL[lab].name, "boxes": 0, "group_of": 0, "images": 0,
+                         "negatives": 0})
+        idx = {lab: i for i, lab in enumerate(tx.LEAVES)}
+        for im in self.train:
+            seen = set()
+            for o in im.boxes:
+                r = rows[idx[o.label]]
+                r["boxes"] += 1
+                r["group_of"] += int(o.is_group_of)
+                seen.add(o.label)
+            for lab in seen:
+                rows[idx[lab]]["images"] += 1
+            for lab in im.negatives:
+                rows[idx[lab]]["negatives"] += 1
+        return pd.DataFrame(rows)
+
+
+def mask_path(image_id: str, o: PlannedObject) -> str:
+    """OpenImages mask file name: ``<ImageID>_<LabelName without '/'>_<BoxID>.png``."""
+    return f"{image_id}_{o.label.replace('/', '')}_{o.box_id}.png"
+
+
+def _zipf(n: int, exponent: float) -> np.ndarray:
+    p = 1.0 / np.arange(1, n + 1) ** exponent
+    return p / p.sum()
+
+
+class _Planner:
+    """Lays out placements ("units": one object, a disc on its pole, a frame with its contents, a group-of
+    cluster) with a private Generator. Unit coordinates are relative to the unit's top-left corner."""
+
+    def __init__(self, rng: np.random.Generator, *, zipf_exponent: float, group_of_rate: float):
+        self.rng = rng
+        self.p_leaf = _zipf(len(tx.FREQUENCY_RANK), zipf_exponent)
+        digit_rank = [lab for lab in tx.FREQUENCY_RANK if tx.BY_LABEL[lab].kind == "glyph"]
+        self.digit_rank = digit_rank
+        self.p_digit = _zipf(len(digit_rank), zipf_exponent)
+        self.group_of_rate = group_of_rate
+        _, targets = draw.digits()
+        self.glyphs_of = [np.flatnonzero(targets == d) for d in range(10)]
+        self.aspects = draw.glyph_ink_aspects()
+
+    # one object, sized, at (0, 0)
+    def _obj(self, label: str, size: float | None = None, **kw) -> PlannedObject:
+        rng, spec = self.rng, tx.BY_LABEL[label]
+        shade = float(rng.uniform(0.8, 1.1))
+        if spec.kind == "glyph":
+            g = int(rng.choice(self.glyphs_of[spec.digit]))
+            h = int(round(size if size is not None else math.exp(rng.uniform(math.log(28), math.log(90)))))
+            w = int(np.clip(round(h * self.aspects[g] * rng.uniform(0.9, 1.15)), 8, 120))
+            return PlannedObject(label, "glyph", 0, 0, w, h, glyph=g, color=spec.color, shade=shade, **kw)
+        if spec.kind == "disc":
+            d = size if size is not None else rng.uniform(26, 60)
+            w, h = int(round(d)), int(round(d * rng.uniform(0.92, 1.08)))
+            return PlannedObject(label, "disc", 0, 0, w, h, color=spec.color, shade=shade, **kw)
+        if spec.kind == "triangle":
+            w = size if size is not None else rng.uniform(30, 80)
+            h = w * rng.uniform(0.75, 1.0)
+            return PlannedObject(label, "triangle", 0, 0, int(round(w)), int(round(h)), color=spec.color,
+                                 shade=shade, **kw)
+        if spec.kind == "pole":
+            w = size if size is not None else rng.uniform(9, 15)
+            h = min(125.0, w * rng.uniform(7.0, 9.0))
+            return PlannedObject(label, "pole", 0, 0, int(round(w)), int(round(h)), color=spec.color,
+                                 shade=shade, **kw)
+        raise ValueError(f"not a standalone kind: {spec.kind}")
+
+    def _frame(self, first_inner: str | None) -> list[PlannedObject]:
+        rng = self.rng
+        n_in = 1 if rng.random() < 0.5 else 2
+        inner_labels = [first_inner or (tx.INSIDE_FRAME if rng.random() < 0.5 else self._digit())]
+        inner_labels += [self._digit() for _ in range(n_in - 1)]
+        t = int(rng.integers(4, 8))
+        pad = int(rng.integers(8, 16))
+        inners, x = [], t + pad
+        for lab in inner_labels:
+            o = self._obj(lab, size=rng.uniform(26, 50))
+            inners.append(o.moved(x, t + pad))
+            x += (o.x1 - o.x0) + int(rng.integers(6, 14))
+        inner_h = max(o.y1 for o in inners) - (t + pad)
+        fw = max(o.x1 for o in inners) + pad + t
+        fh = t + pad + inner_h + pad + t
+        # centre the contents vertically
+        inners = [o.moved(0, (inner_h - (o.y1 - o.y0)) // 2) for o in inners]
+        spec = tx.BY_LABEL[tx.FRAME]
+        fr = PlannedObject(tx.FRAME, "frame", 0, 0, fw, fh, color=spec.color,
+                           shade=float(rng.uniform(0.8, 1.1)), thickness=t)
+        return [fr, *inners]
+
+    def _disc_on_pole(self) -> list[PlannedObject]:
+        rng = self.rng
+        pole = self._obj(tx.POLE, size=rng.uniform(8, 12))
+        pw, ph = pole.x1, pole.y1
+        d = max(24.0, pw * rng.uniform(2.6, 3.6))
+        disc = self._obj(tx.DISC, size=d)
+        dw, dh = disc.x1, disc.y1
+        top = int(round(dh * 0.65))
+        pole = PlannedObject(pole.label, "pole", (dw - pw) // 2, top, (dw - pw) // 2 + pw, top + ph,
+                             is_occluded=1, color=pole.color, shade=pole.shade)
+        return [pole, disc]
+
+    def _group(self, label: str) -> list[PlannedObject]:
+        rng = self.rng
+        k = int(rng.integers(4, 9))
+        cols = int(rng.integers(2, min(k, 4) + 1))
+        size = rng.uniform(18, 26)
+        members, x, y, row_h = [], 0, 0, 0
+        for i in range(k):
+            if i and i % cols == 0:
+                x, y, row_h = 0, y + row_h + int(rng.integers(1, 4)), 0
+            o = self._obj(label, size=size * rng.uniform(0.9, 1.1), boxed=False)
+            dy = int(rng.integers(0, 3))
+            members.append(o.moved(x, y + dy))
+            x += (o.x1 - o.x0) + int(rng.integers(1, 4))
+            row_h = max(row_h, (o.y1 - o.y0) + dy)
+        gw, gh = max(o.x1 for o in members), max(o.y1 for o in members)
+        box = PlannedObject(label, "group", 0, 0, gw, gh, is_group_of=True)
+        return [*members, box]
+
+    def _digit(self) -> str:
+        return self.digit_rank[int(self.rng.choice(len(self.digit_rank), p=self.p_digit))]
+
+    def primaries(self, n: int) -> list[str]:
+        """``n`` primary classes in random order with exact Zipf quotas (largest remainder), so that the long
+        tail does not depend on sampling luck."""
+        want = self.p_leaf * n
+        q = np.floor(want).astype(int)
+        q[np.argsort(-(want - q), kind="stable")[:n - q.sum()]] += 1
+        labs = np.repeat(np.arange(len(q)), q)
+        return [tx.FREQUENCY_RANK[i] for i in self.rng.permutation(labs)]
+
+    def unit(self, lab: str) -> list[PlannedObject]:
+        rng = self.rng
+        if lab == tx.FRAME:
+            return self._frame(None)
+        if lab == tx.INSIDE_FRAME and rng.random() < 0.8:
+            return self._frame(lab)
+        if lab == tx.DISC and rng.random() < 0.95:
+            return self._disc_on_pole()
+        if lab in tx.GROUPABLE and rng.random() < self.group_of_rate:
+            return self._group(lab)
+        return [self._obj(lab)]
+
+    def images(self, image_ids: Sequence[str], split: str, size: tuple[int, int]) -> list[PlannedImage]:
+        n_units = self.rng.choice([2, 3, 4], p=[0.3, 0.4, 0.3], size=len(image_ids))
+        prim = self.primaries(int(n_units.sum()))
+        starts = np.concatenate([[0], np.cumsum(n_units)])
+        return [self.image(i, split, size, prim[starts[k]:starts[k + 1]]) for k, i in enumerate(image_ids)]
+
+    def image(self, image_id: str, split: str, size: tuple[int, int], primaries: Sequence[str]) -> PlannedImage:
+        rng = self.rng
+        lo, hi = size
+        w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+        placed: list[tuple[int, int, int, int]] = []
+        objects: list[PlannedObject] = []
+        for lab in primaries:
+            unit = self.unit(lab)
+            uw, uh = max(o.x1 for o in unit), max(o.y1 for o in unit)
+            if uw > w - 4 or uh > h - 4:
+                continue
+            for _try in range(40):
+                x = int(rng.integers(2, w - uw - 1))
+                y = int(rng.integers(2, h - uh - 1))
+                cand = (x, y, x + uw, y + uh)
+                if all(_overlap(cand, p) <= 0.08 for p in placed):
+                    placed.append(cand)
+                    objects += [o.moved(x, y) for o in unit]
+                    break
+        objects = [o.moved(0, 0, box_id=f"{int(rng.integers(0, 2**32)):08x}") if o.boxed else o for o in objects]
+        negatives = self._negatives({o.label for o in objects if o.boxed}) if split == "train" else ()
+        return PlannedImage(image_id, split, w, h, int(rng.integers(0, 2**63)), tuple(objects), negatives)
+
+    def _negatives(self, present: set[str]) -> tuple[str, ...]:
+        rng = self.rng
+        k = int(rng.integers(1, 4))
+        neg: list[str] = []
+        for a, b in tx.CONFUSED_PAIRS:
+            for x, y in ((a, b), (b, a)):
+                if x in present and y not in present and rng.random() < 0.6:
+                    neg.append(y)
+        absent = [lab for lab in tx.LEAVES if lab not in present and lab not in neg]
+        extra = max(0, k - len(neg))
+        if extra and absent:
+            neg += [absent[i] for i in rng.choice(len(absent), size=min(extra, len(absent)), replace=False)]
+        return tuple(sorted(set(neg)))
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over the smaller area."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    small = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / small
+
+
+def plan_dataset(*, n_train_images: int, n_test_images: int, image_size: tuple[int, int] = (256, 320),
+                 seed: int = 0, zipf_exponent: float = 1.3, group_of_rate: float = 0.08) -> DatasetPlan:
+    """Decide every image, box and label of the dataset (no pixels). Deterministic for the arguments.
+
+    ``image_size`` is (min, max) pixels of each side, drawn independently per image. The labelled and test
+    images use separate random streams, so changing ``n_test_images`` leaves the labelled images unchanged.
+    """
+    if n_train_images < 0 or n_test_images < 0:
+        raise ValueError("image counts must be >= 0")
+    lo, hi = image_size
+    if not 128 <= lo <= hi:
+        raise ValueError(f"image_size must be (min, max) with 128 <= min <= max, got {image_size}")
+    id_rng = np.random.default_rng([seed, 7])
+    ids: list[str] = []
+    seen: set[str] = set()
+    while len(ids) < n_train_images + n_test_images:
+        i = f"{int(id_rng.integers(0, 2**63)):016x}"
+        if i not in seen:
+            seen.add(i)
+            ids.append(i)
+    images = []
+    for split, stream, id_slice in (("train", 0, ids[:n_train_images]), ("test", 1, ids[n_train_images:])):
+        planner = _Planner(np.random.default_rng([seed, stream]), zipf_exponent=zipf_exponent,
+                           group_of_rate=group_of_rate)
+        images += planner.images(id_slice, split, (lo, hi))
+    return DatasetPlan(tuple(images), seed)
+
+
+# ----- rendering --------------------------------------------------------------------------------------------
+def render_image(im: PlannedImage) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Draw one planned image. Returns (RGB uint8 ``[H, W, 3]``, {object index: visible mask bool ``[H, W]``}
+    for every object with a mask). Deterministic for the plan."""
+    rng = np.random.default_rng(im.render_seed)
+    canvas = draw.background(rng, im.width, im.height)
+    glyphs, _ = draw.digits()
+    owner = np.full((im.height, im.width), -1, np.int32)
+    for i, o in enumerate(im.objects):
+        if o.kind == "group":
+            continue
+        w, h = o.x1 - o.x0, o.y1 - o.y0
+        alpha = draw.shape_alpha(o.kind, w, h, glyph_img=glyphs[o.glyph] if o.glyph >= 0 else None,
+                                 thickness=o.thickness)
+        rgb = draw.paint(o.kind, w, h, o.color, o.shade)
+        if o.kind in ("glyph", "disc", "triangle"):
+            rgb = draw.rim(alpha, rgb)
+        draw.composite(canvas, alpha, rgb, o.x0, o.y0)
+        region = owner[o.y0:o.y1, o.x0:o.x1]
+        region[alpha >= 0.5] = i if o.masked else -2
+    canvas += rng.normal(0.0, 3.0, size=canvas.shape).astype(np.float32)
+    img = np.clip(canvas, 0, 255).astype(np.uint8)
+    masks = {i: owner == i for i, o in enumerate(im.objects) if o.masked}
+    return img, masks
+
+
+# ----- writing ----------------------------------------------------------------------------------------------
+def summarize(plan: DatasetPlan, *, image_size: tuple[int, int]) -> dict:
+    """Class counts and the measured phenomena (deterministic: no timings)."""
+    from stages.formats.hierarchy import Hierarchy
+
+    counts = plan.class_counts()
+    h = Hierarchy.from_json_obj(tx.hierarchy_json())
+    boxes = counts["boxes"].to_numpy()
+    train = plan.train
+    n_disc = n_disc_with_pole = n_inside = n_nine = n_nine_inside = 0
+    pole_aspects = []
+    for im in train:
+        labs = [o.label for o in im.boxes]
+        frames = [o for o in im.boxes if o.label == tx.FRAME]
+        for o in im.boxes:
+            inside = any(f is not o and f.x0 <= o.x0 and f.y0 <= o.y0 and o.x1 <= f.x1 and o.y1 <= f.y1
+                         for f in frames)
+            n_inside += inside
+            if o.label == tx.INSIDE_FRAME:
+                n_nine += 1
+                n_nine_inside += inside
+            if o.label == tx.POLE:
+                pole_aspects.append((o.y1 - o.y0) / (o.x1 - o.x0))
+        if tx.DISC in labs:
+            n_disc += 1
+            n_disc_with_pole += tx.POLE in labs
+    n_boxes = [len(im.boxes) for im in train]
+    return {
+        "dataset": "orchard-mini",
+        "seed": plan.seed,
+        "n_train_images": len(train),
+        "n_test_images": len(plan.test),
+        "image_size": list(image_size),
+        "n_boxes": int(boxes.sum()),
+        "boxes_per_image": {"min": min(n_boxes, default=0), "mean": float(np.mean(n_boxes)) if n_boxes else 0.0,
+                            "max": max(n_boxes, default=0)},
+        "n_masks": int(sum(o.masked for im in train for o in im.boxes)),
+        "classes": counts.to_dict(orient="records"),
+        "phenomena": {
+            "hierarchy_depth": h.depth(),
+            "multi_parent_classes": sorted(c for c, ps in h.parents.items() if len(ps) > 1),
+            "long_tail_ratio": float(boxes.max() / boxes.min()) if len(boxes) and boxes.min() > 0 else None,
+            "most_frequent": tx.LEAVES[int(np.argmax(boxes))] if len(boxes) else None,
+            "rarest": tx.LEAVES[int(np.argmin(boxes))] if len(boxes) else None,
+            "group_of_boxes": int(counts["group_of"].sum()),
+            "negative_labels": int(counts["negatives"].sum()),
+            "confused_pairs": [list(p) for p in tx.CONFUSED_PAIRS],
+            "cooccurrence": {"pair": [tx.DISC, tx.POLE], "images_with_disc": n_disc,
+                             "fraction_with_pole": n_disc_with_pole / n_disc if n_disc else None},
+            "inside": {"container": tx.FRAME, "boxes_inside_a_frame": n_inside, "class": tx.INSIDE_FRAME,
+                       "fraction_of_class_inside": n_nine_inside / n_nine if n_nine else None},
+            "extreme_aspect": {"class": tx.POLE,
+                               "median_height_over_width": float(np.median(pole_aspects)) if pole_aspects else None},
+        },
+    }
+
+
+def _save_png(path: Path, mask: np.ndarray) -> None:
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, compress_level=1)
+
+
+def generate(*, out_dir: Path, n_train_images: int, n_test_images: int, image_size: tuple[int, int] = (256, 320),
+             seed: int = 0, jpeg_quality: int = 90, log_every: int = 100) -> dict:
+    """Plan, render and write the dataset into ``out_dir`` atomically: everything is built in
+    ``.<name>.tmp`` next to it (a stale one from a killed run is removed first) and renamed into place, so a
+    failure leaves no partial ``out_dir``. An existing ``out_dir`` is replaced. Returns the summary."""
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    plan = plan_dataset(n_train_images=n_train_images, n_test_images=n_test_images, image_size=image_size,
+                        seed=seed)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    if tmp.exists():
+        log.warning("removing stale temporary directory %s", tmp)
+        shutil.rmtree(tmp)
+    try:
+        for d in (IMAGES_DIR, TEST_DIR, MASKS_DIR):
+            (tmp / d).mkdir(parents=True)
+        classes = pd.DataFrame([(c.label, c.name) for c in tx.CLASSES])
+        classes.to_csv(tmp / CLASSES_CSV, index=False, header=False)
+        (tmp / HIERARCHY_JSON).write_text(json.dumps(tx.hierarchy_json(), indent=1) + "\n")
+        plan.bbox_frame().to_csv(tmp / BBOX_CSV, index=False)
+        plan.image_labels_frame().to_csv(tmp / LABELS_CSV, index=False)
+        plan.segmentation_frame().to_csv(tmp / SEGMENTATION_CSV, index=False)
+        pd.DataFrame({"ImageID": sorted(im.image_id for im in plan.test)}).to_csv(tmp / TEST_CSV, index=False)
+        n = len(plan.images)
+        t_render = time.perf_counter()
+        for k, im in enumerate(plan.images, start=1):
+            img, masks = render_image(im)
+            sub = IMAGES_DIR if im.split == "train" else TEST_DIR
+            Image.fromarray(img).save(tmp / sub / f"{im.image_id}.jpg", quality=jpeg_quality)
+            if im.split == "train":
+                for i, m in masks.items():
+                    _save_png(tmp / MASKS_DIR / mask_path(im.image_id, im.objects[i]), m)
+            if k % log_every == 0 or k == n:
+                el = time.perf_counter() - t_render
+                log.info("rendered %d/%d images (%.1f images/s, ETA %.0f s)", k, n, k / el,
+                         (n - k) * el / k)
+        summary = summarize(plan, image_size=image_size)
+        (tmp / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - t0
+    log.info("wrote %s: %d labelled + %d test images, %d boxes in %.1f s", out_dir, summary["n_train_images"],
+             summary["n_test_images"], summary["n_boxes"], seconds)
+    return {**summary, "seconds": seconds}
+
+
+@stage_main
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="output directory (replaced atomically)")
+    ap.add_argument("--n-images", "--n-train-images", dest="n_train_images", type=int, default=400,
+                    help="labelled images")
+    ap.add_argument("--n-test", "--n-test-images", dest="n_test_images", type=int, default=40,
+                    help="unlabelled test images")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-size", type=int, default=256, help="smallest image side (px)")
+    ap.add_argument("--max-size", type=int, default=320, help="largest image side (px)")
+    ap.add_argument("--jpeg-quality", type=int, default=90)
+    args = ap.parse_args(argv)
+    if not 128 <= args.min_size <= args.max_size:
+        ap.error("need 128 <= --min-size <= --max-size")
+    if args.n_train_images < 1 or args.n_test_images < 0:
+        ap.error("need --n-images >= 1 and --n-test >= 0")
+    s = generate(out_dir=args.out, n_train_images=args.n_train_images, n_test_images=args.n_test_images,
+                 image_size=(args.min_size, args.max_size), seed=args.seed, jpeg_quality=args.jpeg_quality)
+    ph = s["phenomena"]
+    tail = "n/a (a class has no box)" if ph["long_tail_ratio"] is None else f"{ph['long_tail_ratio']:.1f}x"
+    print(f"orchard-mini: {s['n_train_images']} labelled + {s['n_test_images']} test images, {s['n_boxes']} boxes,"
+          f" long tail {tail}, {ph['group_of_boxes']} group-of, {s['seconds']:.1f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
