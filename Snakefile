@@ -1,11 +1,16 @@
 # Orchard: the OpenImages Challenge 2019 winning pipeline (MMfruit) as one DAG.
 # The table of contents; rules live in workflow/rules/, paths in common.smk, defaults in the schema.
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "configs/default.yaml"
+# the embedded default, unless a --configfile was given (then that config alone is used)
+if not config:
+
+    configfile: os.path.join(workflow.basedir, "configs", "default.yaml")
 
 
 include: "workflow/rules/common.smk"

@@ -151,7 +151,7 @@ def test_image_label_confidence_not_binary(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("models/frcnn_r18/epochs", "x", "'x' is not of type 'integer'"),
+    ("models/frcnn_small/epochs", "x", "'x' is not of type 'integer'"),
     ("device", "tpu", "'tpu' is not one of"),
     ("split/fractions", [0.5, 0.3, 0.1], "must sum to 1"),
 ])

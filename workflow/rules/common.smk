@@ -1,9 +1,12 @@
 # Validation of the config, the path table, wildcard constraints and input functions. The only place that
 # knows where files live.
 import json
+import os
 import sys
 
 sys.path.insert(0, workflow.basedir)
+# jobs run `python -m stages.<step>` from any working directory (-d), locally or in a cluster job
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p)
 from stages.config import validate_config  # noqa: E402
 
 validate_config(config, source="config")
