@@ -5,13 +5,13 @@ import os
 import sys
 
 sys.path.insert(0, workflow.basedir)
-# jobs run `python -m stages.<step>` from any working directory (-d), locally or in a cluster job
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p)
 from stages.config import validate_config  # noqa: E402
 
 validate_config(config, source="config")
 
-PY = "python -m"
+ENV = "../../envs/orchard.yaml"
+# jobs run `python -m stages.<step>` from any working directory (-d), locally or in a cluster job
+shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 DATA = config["dataset"]["dir"]
 MODELS = sorted(config["models"])
 VAL_SPLITS = ["val_a", "val_b"]

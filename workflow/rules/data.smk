@@ -16,14 +16,16 @@ if config["dataset"]["generate"]:
         benchmark:
             "benchmarks/generate/generate.tsv"
         params:
-            out=DATA,
+            out=lambda wc, output: os.path.dirname(output.boxes),
             n_images=config["dataset"]["n_images"],
             n_test=config["dataset"]["n_test"],
             min_size=config["dataset"]["min_size"],
             max_size=config["dataset"]["max_size"],
             seed=config["dataset"]["seed"],
+        conda:
+            ENV
         shell:
-            "{PY} stages.generate --out {params.out:q} --n-images {params.n_images} --n-test {params.n_test}"
+            "python -m stages.generate --out {params.out:q} --n-images {params.n_images} --n-test {params.n_test}"
             " --min-size {params.min_size} --max-size {params.max_size} --seed {params.seed} > {log:q} 2>&1"
 
 
@@ -45,11 +47,13 @@ rule ingest:
     log:
         "logs/ingest.log",
     params:
-        images=f"{DATA}/{config['dataset']['images_dir']}",
-        test=f"{DATA}/{config['dataset']['test_dir']}",
-        out="results/ingest",
+        images=lambda wc, input: os.path.join(os.path.dirname(input.boxes), config["dataset"]["images_dir"]),
+        test=lambda wc, input: os.path.join(os.path.dirname(input.boxes), config["dataset"]["test_dir"]),
+        out=lambda wc, output: os.path.dirname(output.boxes),
+    conda:
+        ENV
     shell:
-        "{PY} stages.ingest --boxes-csv {input.boxes:q} --labels-csv {input.labels:q}"
+        "python -m stages.ingest --boxes-csv {input.boxes:q} --labels-csv {input.labels:q}"
         " --classes-csv {input.classes:q} --hierarchy-json {input.hierarchy:q} --images-dir {params.images:q}"
         " --test-dir {params.test:q} --test-list {input.test_list:q} --out-dir {params.out:q} > {log:q} 2>&1"
 
@@ -67,8 +71,10 @@ rule split:
         fractions=" ".join(str(f) for f in config["split"]["fractions"]),
         seed=config["split"]["seed"],
         iters=config["split"]["mining_iters"],
+    conda:
+        ENV
     shell:
-        "{PY} stages.split --images {input.images:q} --boxes {input.boxes:q} --fractions {params.fractions}"
+        "python -m stages.split --images {input.images:q} --boxes {input.boxes:q} --fractions {params.fractions}"
         " --seed {params.seed} --mining-iters {params.iters} --out {output.splits:q}"
         " --report {output.report:q} > {log:q} 2>&1"
 
@@ -83,6 +89,8 @@ rule sample:
         "logs/sample/{method}.log",
     wildcard_constraints:
         method="class_aware|uniform",
+    conda:
+        ENV
     shell:
-        "{PY} stages.sample --boxes {input.boxes:q} --splits {input.splits:q} --method {wildcards.method}"
+        "python -m stages.sample --boxes {input.boxes:q} --splits {input.splits:q} --method {wildcards.method}"
         " --out {output.weights:q} > {log:q} 2>&1"

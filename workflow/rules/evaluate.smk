@@ -15,8 +15,10 @@ rule evaluate:
         "logs/evaluate/{stage}/{name}/{val}.log",
     wildcard_constraints:
         stage="postprocess",
+    conda:
+        ENV
     shell:
-        "{PY} stages.evaluate --boxes {input.boxes:q} --image-labels {input.labels:q}"
+        "python -m stages.evaluate --boxes {input.boxes:q} --image-labels {input.labels:q}"
         " --hierarchy {input.hierarchy:q} --classes {input.classes:q} --predictions {input.dets:q}"
         " --splits {input.splits:q} --split {wildcards.val} --out {output.json:q} > {log:q} 2>&1"
 
@@ -44,6 +46,8 @@ rule metrics_table:
         md="results/metrics.md",
     log:
         "logs/metrics_table.log",
+    conda:
+        ENV
     shell:
-        "{PY} stages.report --metrics {input.models:q} {input.merged:q} --out-json {output.json:q}"
+        "python -m stages.report --metrics {input.models:q} {input.merged:q} --out-json {output.json:q}"
         " --out-md {output.md:q} > {log:q} 2>&1"

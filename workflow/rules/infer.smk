@@ -23,8 +23,10 @@ rule infer:
     threads: 1
     resources:
         gpu=lambda wc: min(1, model_cfg(wc.model)["gpus"]),
+    conda:
+        ENV
     shell:
-        "{PY} stages.infer --model {input.model:q} --model-name {wildcards.model} --images {input.images:q}"
+        "python -m stages.infer --model {input.model:q} --model-name {wildcards.model} --images {input.images:q}"
         " --splits {input.splits:q} {params.select} --scales {params.scales} --shard {wildcards.shard}"
         " --shards {params.shards} --score-thr {params.score_thr} --max-per-image {params.max_det}"
         " --batch-size {params.batch} --device {params.device} --threads {threads}"

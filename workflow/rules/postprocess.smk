@@ -19,8 +19,10 @@ rule postprocess:
         expand=lambda wc, input: f"--expand-hierarchy {input.hierarchy}"
         if config["postprocess"]["expand_hierarchy"]
         else "",
+    conda:
+        ENV
     shell:
-        "{PY} stages.postprocess --detections {input.dets:q} --method {params.method}"
+        "python -m stages.postprocess --detections {input.dets:q} --method {params.method}"
         " --iou-thr {params.iou_thr} --sigma {params.sigma} --score-thr {params.score_thr}"
         " --max-per-image {params.max_det} {params.expand} --out {output.dets:q} > {log:q} 2>&1"
 
@@ -35,6 +37,8 @@ rule merge:
     params:
         iou_thr=config["submit"]["merge_iou_thr"],
         max_det=config["postprocess"]["max_per_image"],
+    conda:
+        ENV
     shell:
-        "{PY} stages.postprocess --detections {input.dets:q} --method nms --iou-thr {params.iou_thr}"
+        "python -m stages.postprocess --detections {input.dets:q} --method nms --iou-thr {params.iou_thr}"
         " --max-per-image {params.max_det} --out {output.dets:q} > {log:q} 2>&1"

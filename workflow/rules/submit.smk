@@ -9,6 +9,8 @@ rule submit:
         csv="submission.csv",
     log:
         "logs/submit.log",
+    conda:
+        ENV
     shell:
-        "{PY} stages.submit --detections {input.dets:q} --images {input.images:q} --out {output.csv:q}"
+        "python -m stages.submit --detections {input.dets:q} --images {input.images:q} --out {output.csv:q}"
         " > {log:q} 2>&1"

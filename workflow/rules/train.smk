@@ -23,7 +23,9 @@ rule train:
         mem_mb=lambda wc: model_cfg(wc.model)["mem_mb"],
         runtime=lambda wc: model_cfg(wc.model)["runtime_min"],
         gpu=lambda wc: model_cfg(wc.model)["gpus"],
+    conda:
+        ENV
     shell:
-        "{PY} stages.train --config {params.cfg:q} --images {input.images:q} --boxes {input.boxes:q}"
+        "python -m stages.train --config {params.cfg:q} --images {input.images:q} --boxes {input.boxes:q}"
         " --splits {input.splits:q} --sampling {input.sampling:q} --device {params.device}"
         " --ckpt-dir {params.ckpt:q} --metrics {params.metrics:q} --out {output.model:q} > {log:q} 2>&1"

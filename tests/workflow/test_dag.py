@@ -1,0 +1,93 @@
+"""The DAG: dry-run and lint are clean, and a tiny end-to-end run (a few images, one short epoch) leaves a
+submission that parses and metrics that were computed; a second run has nothing to do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = {
+    "dataset": {"n_images": 30, "n_test": 4, "min_size": 128, "max_size": 160, "seed": 1},
+    "split": {"fractions": [0.6, 0.2, 0.2], "mining_iters": 100},
+    "models": {
+        m: {"backbone": "resnet_small", "width": 8, "fpn_channels": 16, "sampling": s, "epochs": 1,
+            "lr_steps": [1], "iters_per_epoch": 2, "batch_size": 2, "warmup_iters": 1, "min_size": 128,
+            "max_size": 160, "test_scales": [128]}
+        for m, s in (("tiny_a", "class_aware"), ("tiny_b", "uniform"))
+    },
+    "infer": {"shards": 2},
+}
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2",
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(TINY))
+    return p
+
+
+def test_dry_run_default_config(tmp_path):
+    r = snakemake(tmp_path, "-n", "--quiet", "rules")
+    assert r.returncode == 0, r.stderr
+    for rule in ("generate", "ingest", "split", "train", "infer", "postprocess", "evaluate", "submit"):
+        assert rule in r.stdout + r.stderr
+
+
+def test_lint_is_clean(tmp_path):
+    r = snakemake(tmp_path, "--lint")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Congratulations, your workflow is in a good condition!" in r.stdout + r.stderr
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    bad = yaml.safe_load(yaml.safe_dump(TINY))
+    bad["models"]["tiny_a"]["epochs"] = 0
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(bad))
+    r = snakemake(tmp_path, "-n", "--configfile", str(p))
+    assert r.returncode != 0
+    assert "field 'models/tiny_a/epochs'" in r.stderr + r.stdout
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end(tmp_path, tiny_config):
+    r = snakemake(tmp_path, "--configfile", str(tiny_config), "submission.csv", "results/metrics.json")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    sub = pd.read_csv(tmp_path / "submission.csv", keep_default_na=False)
+    assert list(sub.columns) == ["ImageId", "PredictionString"]
+    test_ids = pd.read_csv(tmp_path / "data/orchard-mini/test-images.csv")["ImageID"]
+    assert sorted(sub["ImageId"]) == sorted(test_ids)
+    from stages.formats.openimages import read_detection_submission
+
+    dets = read_detection_submission(tmp_path / "submission.csv")
+    assert dets["score"].between(0, 1).all()
+    metrics = json.loads((tmp_path / "results/metrics.json").read_text())
+    names = {(m["stage"], m["name"]) for m in metrics}
+    assert {("postprocess", "tiny_a"), ("postprocess", "tiny_b"), ("merge", "merge")} <= names
+    for m in metrics:
+        assert 0.0 <= m["val_a"] <= 1.0 and 0.0 <= m["val_b"] <= 1.0
+    per_class = json.loads((tmp_path / "results/evaluate/merge/val_a.json").read_text())["per_class"]
+    assert len(per_class) > 0
+    # shards were written and gathered
+    assert (tmp_path / "results/infer/tiny_a/test/shard1.parquet").exists()
+    # nothing left to do
+    again = snakemake(tmp_path, "--configfile", str(tiny_config), "-n", "submission.csv", "results/metrics.json")
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
