@@ -63,6 +63,18 @@ class PreparedGroundTruth:
     group_key: np.ndarray         # [G] int64 keys of group-of boxes
     group_box: np.ndarray         # [G, 4]
     extra: dict = field(default_factory=dict, repr=False)  # per-box payloads (e.g. masks) aligned with rows
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def is_evaluated(self, key: np.ndarray) -> np.ndarray:
+        """Boolean per key: is this (image, class) evaluated? (a bitmap lookup when it fits in 256 MB)."""
+        size = len(self.image_ids) * self.n_classes
+        if size > 1 << 28:
+            return np.isin(key, self.eval_keys)
+        if "eval_bitmap" not in self._cache:
+            bm = np.zeros(size, dtype=bool)
+            bm[self.eval_keys] = True
+            self._cache["eval_bitmap"] = bm
+        return self._cache["eval_bitmap"][key]
 
     @property
     def n_classes(self) -> int:
@@ -192,8 +204,14 @@ class _Dets:
 
 def _official_order(key: np.ndarray, score: np.ndarray) -> np.ndarray:
     """Order rows by key, then as ``np.argsort(group_scores)[::-1]`` over each group's rows in input order."""
-    o = np.argsort(-score, kind="stable")
-    o = o[np.argsort(key[o], kind="stable")]
+    n = len(key)
+    if n and int(key.max()) < (1 << 62) // max(n, 1):
+        # one sort of key * n + (rank of -score): ties get arbitrary ranks here and are redone below
+        rank = np.empty(n, dtype=np.int64)
+        rank[np.argsort(-score)] = np.arange(n, dtype=np.int64)
+        o = np.argsort(key * n + rank)
+    else:
+        o = np.lexsort((-score, key))
     ks, ss = key[o], score[o]
     tie = (ks[1:] == ks[:-1]) & (ss[1:] == ss[:-1])
     if tie.any():
@@ -207,25 +225,48 @@ def _official_order(key: np.ndarray, score: np.ndarray) -> np.ndarray:
     return o
 
 
+def codes(values: pd.Series, index: pd.Index) -> np.ndarray:
+    """Positions of ``values`` in ``index`` (-1 if absent), hashing each distinct value once; categorical
+    columns (e.g. from a dictionary-encoded parquet) are mapped through their categories only."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        c, uniq = values.cat.codes.to_numpy(), values.cat.categories
+    else:
+        c, uniq = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=True)
+    m = np.append(index.get_indexer(uniq), -1).astype(np.int64)
+    return m[c]
+
+
+def run_starts(sorted_key: np.ndarray) -> np.ndarray:
+    """First position of each run of equal values in a sorted array."""
+    if not len(sorted_key):
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]]))
+
+
 def prepare_detections(*, gt: PreparedGroundTruth, detections: pd.DataFrame) -> _Dets:
     """Keep evaluated, valid detections; order them as the official evaluator does."""
     n_in = len(detections)
-    img = gt.image_index.get_indexer(detections["image_id"].to_numpy(dtype=object)).astype(np.int64)
-    cls = gt.label_index.get_indexer(detections["label"].to_numpy(dtype=object)).astype(np.int64)
+    img = codes(detections["image_id"], gt.image_index)
+    cls = codes(detections["label"], gt.label_index)
     score = detections["score"].to_numpy(np.float64)
-    box = _yxyx(detections)
+    x0, y0 = detections["x_min"].to_numpy(np.float64), detections["y_min"].to_numpy(np.float64)
+    x1, y1 = detections["x_max"].to_numpy(np.float64), detections["y_max"].to_numpy(np.float64)
     key = img * gt.n_classes + cls
-    ok = (img >= 0) & (cls >= 0) & (box[:, 0] < box[:, 2]) & (box[:, 1] < box[:, 3]) & (score > MIN_SCORE)
-    ok[ok] = np.isin(key[ok], gt.eval_keys, assume_unique=False)
+    ok = (img >= 0) & (cls >= 0) & (y0 < y1) & (x0 < x1) & (score > MIN_SCORE)
+    ok[ok] = gt.is_evaluated(key[ok])
     rows = np.flatnonzero(ok)
-    key, score, box = key[rows], score[rows], box[rows]
+    key, score = key[rows], score[rows]
     o = _official_order(key, score)
-    key, score, box, rows = key[o], score[o], box[o], rows[o]
+    key, score, rows = key[o], score[o], rows[o]
     if len(key):
-        start = np.searchsorted(key, key, "left")
-        keep = (np.arange(len(key)) - start) < MAX_DETS_PER_IMAGE_CLASS
-        if not keep.all():
-            key, score, box, rows = key[keep], score[keep], box[keep], rows[keep]
+        starts = run_starts(key)
+        if np.diff(np.append(starts, len(key))).max() > MAX_DETS_PER_IMAGE_CLASS:
+            lens = np.diff(np.append(starts, len(key)))
+            keep = (np.arange(len(key)) - np.repeat(starts, lens)) < MAX_DETS_PER_IMAGE_CLASS
+            key, score, rows = key[keep], score[keep], rows[keep]
+    box = np.empty((len(rows), 4))
+    for j, col in enumerate((y0, x0, y1, x1)):
+        box[:, j] = col[rows]
     return _Dets(key=key, score=score, box=box, row=rows, n_input=n_in)
 
 
@@ -269,13 +310,18 @@ def segment_pairs(lo: np.ndarray, cnt: np.ndarray, chunk: int = _PAIR_CHUNK):
 
 def best_overlap(det_box: np.ndarray, det_key: np.ndarray, gt_key: np.ndarray, gt_box: np.ndarray,
                  kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """For each detection: the highest overlap with a ground-truth box of the same key and that box's index
-    (the first one on a tie, like ``np.argmax``); ``(-inf, -1)`` where the key has no box."""
+    """For each detection (``det_key`` sorted): the highest overlap with a ground-truth box of the same key and
+    that box's index (the first one on a tie, like ``np.argmax``); ``(-inf, -1)`` where the key has no box."""
     n = len(det_key)
     best = np.full(n, -np.inf)
     arg = np.full(n, -1, dtype=np.int64)
-    lo = np.searchsorted(gt_key, det_key, "left")
-    cnt = np.searchsorted(gt_key, det_key, "right") - lo
+    # det_key is sorted: look up each distinct key once
+    starts = run_starts(det_key)
+    lens = np.diff(np.append(starts, n))
+    uk = det_key[starts]
+    ulo = np.searchsorted(gt_key, uk, "left")
+    lo = np.repeat(ulo, lens)
+    cnt = np.repeat(np.searchsorted(gt_key, uk, "right") - ulo, lens)
     for sel, rep, tgt, seg_start in segment_pairs(lo, cnt):
         v = _overlap(det_box[sel][rep], gt_box[tgt], kind)
         m = np.maximum.reduceat(v, seg_start)
@@ -359,6 +405,8 @@ def per_class_ap(*, entry_key: np.ndarray, entry_score: np.ndarray, entry_tp: np
                  num_gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Entries already in official order within each key (keys sorted) -> (AP per class, TP count per class)."""
     cls = entry_key % n_classes if n_classes else entry_key
+    if n_classes < (1 << 15):
+        cls = cls.astype(np.int16)  # stable sort of int16 is a radix sort
     o = np.argsort(cls, kind="stable")  # per class: images ascending, within image the given order
     cls, sc, tp = cls[o], entry_score[o], entry_tp[o]
     bounds = np.searchsorted(cls, np.arange(n_classes + 1), "left")
