@@ -43,7 +43,8 @@ def gt_frame(items):
     for img, lab, m, b, g in items:
         rows.append((img, lab, *(box_of(m) if b is None else b), g))
         masks.append(None if m is None else rle(m))
-    return pd.DataFrame(rows, columns=["image_id", "label", "x_min", "y_min", "x_max", "y_max", "is_group_of"]), masks
+    cols = ["image_id", "label", "x_min", "y_min", "x_max", "y_max", "is_group_of"]
+    return pd.DataFrame(rows, columns=cols), masks
 
 
 def det_frame(items):
