@@ -1,0 +1,77 @@
+"""The segmentation submission's EncodedMask (COCO RLE, zlib, base64) and its reader -> ``masks`` table.
+
+``ImageID,ImageWidth,ImageHeight,PredictionString``; each prediction is ``LabelName Confidence EncodedMask``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import zlib
+
+import numpy as np
+import pandas as pd
+from pycocotools import mask as mask_utils
+
+from stages.errors import InputError
+from stages.formats.openimages import SEG_SUBMISSION_COLUMNS, _read_csv
+from stages.formats.tables import conform
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """Binary [h, w] mask -> EncodedMask text."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return base64.b64encode(zlib.compress(rle["counts"], zlib.Z_BEST_COMPRESSION)).decode()
+
+
+def decode_counts(encoded: str) -> bytes:
+    """EncodedMask text -> COCO RLE ``counts`` bytes (no pixel decoding). Raises ValueError if malformed."""
+    try:
+        return zlib.decompress(base64.b64decode(encoded, validate=True))
+    except (binascii.Error, zlib.error) as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def read_segmentation_submission(path: str | os.PathLike, *, known_labels: set[str] | None = None
+                                 ) -> pd.DataFrame:
+    """A segmentation submission -> ``masks`` table; boxes are the masks' bounding boxes (normalized)."""
+    df = _read_csv(path, SEG_SUBMISSION_COLUMNS)
+    rows: dict[str, list] = {c: [] for c in ["image_id", "label", "score", "rle", "mask_height", "mask_width"]}
+    for i, (img, w, h, ps) in enumerate(zip(df["ImageID"], df["ImageWidth"], df["ImageHeight"],
+                                            df["PredictionString"])):
+        line = i + 2
+        try:
+            w, h = int(w), int(h)
+        except ValueError as exc:
+            raise InputError("ImageWidth/ImageHeight must be integers", file=path, row=line,
+                             field="ImageWidth") from exc
+        toks = ps.split()
+        if len(toks) % 3:
+            raise InputError(f"PredictionString has {len(toks)} fields, not a multiple of 3 "
+                             "(LabelName Confidence EncodedMask)", file=path, row=line, field="PredictionString")
+        for k in range(0, len(toks), 3):
+            lab, sc, enc = toks[k:k + 3]
+            if known_labels is not None and lab not in known_labels:
+                raise InputError(f"unknown label (MID) {lab!r}", file=path, row=line, field="PredictionString")
+            try:
+                score = float(sc)
+                counts = decode_counts(enc)
+            except ValueError as exc:
+                raise InputError(f"prediction {k // 3}: bad Confidence or EncodedMask: {exc}", file=path,
+                                 row=line, field="PredictionString") from exc
+            for c, v in zip(rows, [img, lab, score, counts.decode(), h, w]):
+                rows[c].append(v)
+    out = pd.DataFrame(rows)
+    if len(out):
+        rles = [{"size": [h, w], "counts": c.encode()} for c, h, w in
+                zip(out["rle"], out["mask_height"], out["mask_width"])]
+        bb = np.asarray(mask_utils.toBbox(rles), dtype=np.float64).reshape(-1, 4)
+        W = out["mask_width"].to_numpy(np.float64)
+        H = out["mask_height"].to_numpy(np.float64)
+        out["x_min"], out["y_min"] = bb[:, 0] / W, bb[:, 1] / H
+        out["x_max"], out["y_max"] = (bb[:, 0] + bb[:, 2]) / W, (bb[:, 1] + bb[:, 3]) / H
+    else:
+        for c in ["x_min", "y_min", "x_max", "y_max"]:
+            out[c] = np.zeros(0)
+    return conform(out, "masks", source=path)
