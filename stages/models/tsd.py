@@ -1,0 +1,297 @@
+"""The Decoupling Head (TSD: "Revisiting the Sibling Head in Object Detector", Song et al., CVPR 2020) as a
+drop-in replacement of torchvision's :class:`~torchvision.models.detection.roi_heads.RoIHeads`.
+
+From the RoI feature F pooled at a shared proposal P = (x1, y1, x2, y2) with w, h:
+
+* ΔC = γ · F_c(F) · (w, h): a per-bin offset field (k × k × 2); the classification branch pools each of its
+  k × k bins at the bin's position shifted by its own offset (deformable per-bin sampling);
+* ΔR = γ · F_r(F) · (w, h): one global offset (2); the regression branch pools at P_r = P + ΔR and regresses
+  relative to P_r (so the box coder encodes targets against P_r and decodes against it at test time).
+
+F_c and F_r are three-layer FC nets whose last layer starts at zero (a fresh head pools exactly at P). Each
+branch has its own two-FC stack. The sibling head (``box_head`` + ``box_predictor``, torchvision's
+TwoMLPHead/FastRCNNPredictor) runs in training only and is tied to the decoupled one by the Controllable Margin
+Losses of :mod:`stages.models.losses`; at test time only the decoupled branches run.
+
+**Pooling.** Both branches sample with :func:`deformable_roi_pool`: s × s bilinear samples per bin
+(``torch.nn.functional.grid_sample``) on the FPN level that torchvision's ``LevelMapper`` (inside the
+``MultiScaleRoIAlign`` given as ``box_roi_pool``) picks for the shared proposal P. With zero offsets it equals
+``roi_align(..., sampling_ratio=s, aligned=False)`` (the pooling torchvision's Faster R-CNN uses); unlike
+``roi_align`` it is differentiable with respect to the sampling positions, which is how the offset nets learn.
+No ``DeformConv``/deformable-RoI-pool CUDA op is needed, so the same code runs on CPU and GPU.
+
+**Expert-model mode** (``expert_mode=True``, test time only): an RoI whose background probability beats every
+foreground probability is dropped before the regression branch runs.
+
+Loss keys in training: ``loss_classifier``/``loss_box_reg`` (decoupled branches),
+``loss_classifier_sibling``/``loss_box_reg_sibling`` (sibling head), ``loss_margin_cls``/``loss_margin_reg``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.ops import MultiScaleRoIAlign
+
+from stages.models.losses import margin_cls_loss, margin_reg_loss
+
+
+def deformable_roi_pool(features: list[Tensor], scales: list[float], levels: Tensor, rois: Tensor,
+                        offsets: Tensor, *, output_size: int, sampling_ratio: int = 2) -> Tensor:
+    """Pool ``rois`` with per-bin offsets by bilinear sampling.
+
+    features: L maps (B, C, H_l, W_l); scales: feature/image scale per map (1/stride); levels: int64 (K,) map
+    index per RoI; rois: (K, 5) rows (batch index, x1, y1, x2, y2) in image pixels; offsets: (K, k, k, 2) shift
+    (dx, dy) in image pixels of bin (row i, column j), k = ``output_size``. Each bin averages
+    ``sampling_ratio``² samples at the bin's regular positions shifted by its offset; samples outside the map
+    read zeros. Returns (K, C, k, k) in the features' dtype.
+    """
+    k, s = int(output_size), int(sampling_ratio)
+    n = rois.shape[0]
+    if offsets.shape != (n, k, k, 2):
+        raise ValueError(f"offsets must have shape ({n}, {k}, {k}, 2), got {tuple(offsets.shape)}")
+    if n == 0:
+        return features[0].new_zeros((0, features[0].shape[1], k, k))
+    ks = k * s
+    dtype = rois.dtype
+    frac = (torch.arange(ks, dtype=dtype, device=rois.device) + 0.5) / ks
+    x1, y1, x2, y2 = rois[:, 1:2], rois[:, 2:3], rois[:, 3:4], rois[:, 4:5]
+    xs = x1 + frac[None] * (x2 - x1)  # (K, ks)
+    ys = y1 + frac[None] * (y2 - y1)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (K, ks, ks, 2)
+    grid = grid + offsets.to(dtype).repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
+    out = features[0].new_zeros((n, features[0].shape[1], k, k))
+    batch = rois[:, 0].to(torch.int64)
+    for lvl, (feat, scale) in enumerate(zip(features, scales)):
+        h, w = feat.shape[-2:]
+        # roi_align (aligned=False) reads pixel i at coordinate i; grid_sample(align_corners=False) at i + 0.5
+        norm = torch.tensor([2.0 / w, 2.0 / h], dtype=dtype, device=rois.device)
+        for b in torch.unique(batch[levels == lvl]).tolist():
+            idx = torch.where((levels == lvl) & (batch == b))[0]
+            g = ((grid[idx] * scale + 0.5) * norm - 1.0).to(feat.dtype)
+            sampled = F.grid_sample(feat[b:b + 1], g.reshape(1, -1, ks, 2), mode="bilinear",
+                                    padding_mode="zeros", align_corners=False)  # (1, C, m*ks, ks)
+            sampled = sampled.reshape(feat.shape[1], idx.numel(), ks, ks).transpose(0, 1)
+            out[idx] = F.avg_pool2d(sampled, s).to(out.dtype)
+    return out
+
+
+def _offset_net(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
+    net = nn.Sequential(nn.Flatten(1), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
+                        nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
+    nn.init.zeros_(net[-1].weight)
+    nn.init.zeros_(net[-1].bias)
+    return net
+
+
+class TSDRoIHeads(RoIHeads):
+    """RoI heads with the Decoupling Head; same ``forward(features, proposals, image_shapes, targets=None)
+    -> (detections, losses)`` contract as torchvision's :class:`RoIHeads` (boxes only: no masks/keypoints).
+
+    box_roi_pool: a :class:`~torchvision.ops.MultiScaleRoIAlign` (its level mapping and output size k are
+    reused); box_head, box_predictor: the sibling head (default TwoMLPHead + FastRCNNPredictor);
+    in_channels: FPN channels; num_classes: including background; gamma: offset scale γ; margin_cls/margin_reg:
+    m_c, m_r (0 disables the loss's margin, not the loss); offset_hidden: width of F_c, F_r;
+    sampling_ratio: samples per bin side; expert_mode: drop RoIs with background winning before regression.
+    """
+
+    def __init__(
+        self,
+        box_roi_pool: MultiScaleRoIAlign,
+        box_head: Optional[nn.Module] = None,
+        box_predictor: Optional[nn.Module] = None,
+        *,
+        in_channels: int,
+        num_classes: int,
+        representation_size: int = 1024,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        bbox_reg_weights: Optional[tuple[float, float, float, float]] = None,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+        gamma: float = 0.1,
+        margin_cls: float = 0.2,
+        margin_reg: float = 0.2,
+        margin_loss_weight: float = 1.0,
+        sibling_loss_weight: float = 1.0,
+        offset_hidden: int = 256,
+        sampling_ratio: int = 2,
+        expert_mode: bool = False,
+    ):
+        if not isinstance(box_roi_pool, MultiScaleRoIAlign):
+            raise ValueError("TSDRoIHeads needs a torchvision MultiScaleRoIAlign as box_roi_pool")
+        k_h, k_w = box_roi_pool.output_size
+        if k_h != k_w:
+            raise ValueError(f"TSDRoIHeads needs a square RoI output size, got {box_roi_pool.output_size}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+        if gamma <= 0:
+            raise ValueError(f"gamma must be positive, got {gamma}")
+        if sampling_ratio < 1:
+            raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
+        k = int(k_h)
+        feat_dim = in_channels * k * k
+        if box_head is None:
+            box_head = TwoMLPHead(feat_dim, representation_size)
+        if box_predictor is None:
+            box_predictor = FastRCNNPredictor(representation_size, num_classes)
+        super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
+                         batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
+                         detections_per_img)
+        self.num_classes = num_classes
+        self.resolution = k
+        self.gamma = float(gamma)
+        self.margin_cls = float(margin_cls)
+        self.margin_reg = float(margin_reg)
+        self.margin_loss_weight = float(margin_loss_weight)
+        self.sibling_loss_weight = float(sibling_loss_weight)
+        self.sampling_ratio = int(sampling_ratio)
+        self.expert_mode = bool(expert_mode)
+        self.offset_cls = _offset_net(feat_dim, offset_hidden, k * k * 2)
+        self.offset_reg = _offset_net(feat_dim, offset_hidden, 2)
+        self.cls_head = TwoMLPHead(feat_dim, representation_size)
+        self.cls_score = nn.Linear(representation_size, num_classes)
+        self.reg_head = TwoMLPHead(feat_dim, representation_size)
+        self.bbox_pred = nn.Linear(representation_size, num_classes * 4)
+
+    @classmethod
+    def from_roi_heads(cls, roi_heads: RoIHeads, *, num_classes: int, in_channels: Optional[int] = None,
+                       **kwargs) -> "TSDRoIHeads":
+        """A TSD head that reuses ``roi_heads``' pooler, sibling head/predictor and sampling/inference settings
+        (e.g. ``model.roi_heads = TSDRoIHeads.from_roi_heads(model.roi_heads, num_classes=n)``)."""
+        pool = roi_heads.box_roi_pool
+        if in_channels is None:
+            fc6 = getattr(roi_heads.box_head, "fc6", None)
+            if fc6 is None:
+                raise ValueError("cannot infer in_channels from this box_head; pass in_channels")
+            k_h, k_w = pool.output_size
+            in_channels = fc6.in_features // (k_h * k_w)
+        settings = dict(
+            fg_iou_thresh=roi_heads.proposal_matcher.high_threshold,
+            bg_iou_thresh=roi_heads.proposal_matcher.low_threshold,
+            batch_size_per_image=roi_heads.fg_bg_sampler.batch_size_per_image,
+            positive_fraction=roi_heads.fg_bg_sampler.positive_fraction,
+            bbox_reg_weights=tuple(roi_heads.box_coder.weights),
+            score_thresh=roi_heads.score_thresh, nms_thresh=roi_heads.nms_thresh,
+            detections_per_img=roi_heads.detections_per_img,
+        )
+        rep = getattr(getattr(roi_heads.box_head, "fc7", None), "out_features", None)
+        if rep is not None:
+            settings["representation_size"] = rep
+        settings.update(kwargs)
+        return cls(pool, roi_heads.box_head, roi_heads.box_predictor, in_channels=in_channels,
+                   num_classes=num_classes, **settings)
+
+    # -- pooling ---------------------------------------------------------------------------------------------
+    def _levels(self, features: dict[str, Tensor], proposals: list[Tensor]) -> tuple[list[Tensor], list[float],
+                                                                                      Tensor]:
+        pool = self.box_roi_pool
+        maps = [v for name, v in features.items() if name in pool.featmap_names]
+        if pool.scales is None or pool.map_levels is None:
+            raise RuntimeError("box_roi_pool has not set up its scales; call it once first")
+        if len(maps) == 1:
+            levels = torch.zeros(sum(len(p) for p in proposals), dtype=torch.int64, device=maps[0].device)
+        else:
+            levels = pool.map_levels(proposals)
+        return maps, list(pool.scales), levels
+
+    def _pool(self, maps: list[Tensor], scales: list[float], levels: Tensor, rois: Tensor,
+              offsets: Tensor) -> Tensor:
+        return deformable_roi_pool(maps, scales, levels, rois, offsets, output_size=self.resolution,
+                                   sampling_ratio=self.sampling_ratio)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: Optional[list[dict[str, Tensor]]] = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if self.training:
+            if targets is None:
+                raise ValueError("targets should not be None in training")
+            for t in targets:
+                if not t["boxes"].is_floating_point():
+                    raise TypeError(f"target boxes must be of float type, got {t['boxes'].dtype}")
+                if t["labels"].dtype != torch.int64:
+                    raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+            matched_gt = []
+            for t, idx in zip(targets, matched_idxs):
+                gt = t["boxes"].to(proposals[0].dtype)
+                matched_gt.append(gt[idx] if gt.numel() else gt.new_zeros((idx.numel(), 4)))
+
+        counts = [p.shape[0] for p in proposals]
+        rois_p = torch.cat(proposals)
+        batch_idx = torch.cat([torch.full((n, 1), i, dtype=rois_p.dtype, device=rois_p.device)
+                               for i, n in enumerate(counts)])
+        shared = self.box_roi_pool(features, proposals, image_shapes)  # F at P (also sets up the level mapper)
+        maps, scales, levels = self._levels(features, proposals)
+        flat = shared.flatten(1)
+        wh = rois_p[:, 2:] - rois_p[:, :2]
+        k = self.resolution
+        n = rois_p.shape[0]
+
+        delta_c = self.gamma * self.offset_cls(flat).view(n, k, k, 2) * wh[:, None, None, :]
+        cls_feat = self._pool(maps, scales, levels, torch.cat([batch_idx, rois_p], 1), delta_c)
+        class_logits = self.cls_score(self.cls_head(cls_feat))
+
+        keep = None
+        if not self.training and self.expert_mode:
+            probs = F.softmax(class_logits, -1)
+            keep = probs[:, 1:].max(1).values >= probs[:, 0]
+            flat, rois_p, wh, levels, class_logits, batch_idx = (
+                flat[keep], rois_p[keep], wh[keep], levels[keep], class_logits[keep], batch_idx[keep])
+            counts = [int(m.sum()) for m in keep.split(counts)]
+            n = rois_p.shape[0]
+
+        delta_r = self.gamma * self.offset_reg(flat) * wh  # (N, 2)
+        rois_r = rois_p + delta_r.repeat(1, 2)  # P_r = P translated by ΔR
+        # pooling P with ΔR on every bin is pooling at P_r, differentiable with respect to ΔR
+        reg_feat = self._pool(maps, scales, levels, torch.cat([batch_idx, rois_p], 1),
+                              delta_r[:, None, None, :].expand(n, k, k, 2))
+        box_regression = self.bbox_pred(self.reg_head(reg_feat))
+
+        result: list[dict[str, Tensor]] = []
+        losses: dict[str, Tensor] = {}
+        if self.training:
+            rois_r_fixed = rois_r.detach()
+            targets_r = self.box_coder.encode(matched_gt, list(rois_r_fixed.split(counts)))
+            loss_cls, loss_reg = fastrcnn_loss(class_logits, box_regression, labels, list(targets_r))
+            sib_logits, sib_regression = self.box_predictor(self.box_head(shared))
+            loss_cls_sib, loss_reg_sib = fastrcnn_loss(sib_logits, sib_regression, labels, regression_targets)
+            labels_cat = torch.cat(labels)
+            pos = torch.where(labels_cat > 0)[0]
+            lab_pos = labels_cat[pos]
+            tsd_delta = box_regression.reshape(n, -1, 4)[pos, lab_pos]
+            sib_delta = sib_regression.reshape(n, -1, 4)[pos, lab_pos]
+            tsd_boxes = self.box_coder.decode_single(tsd_delta, rois_r[pos])
+            sib_boxes = self.box_coder.decode_single(sib_delta, rois_p[pos])
+            gt_pos = torch.cat(matched_gt)[pos]
+            losses = {
+                "loss_classifier": loss_cls,
+                "loss_box_reg": loss_reg,
+                "loss_classifier_sibling": self.sibling_loss_weight * loss_cls_sib,
+                "loss_box_reg_sibling": self.sibling_loss_weight * loss_reg_sib,
+                "loss_margin_cls": self.margin_loss_weight
+                * margin_cls_loss(class_logits, sib_logits, labels_cat, margin=self.margin_cls),
+                "loss_margin_reg": self.margin_loss_weight
+                * margin_reg_loss(tsd_boxes, sib_boxes, gt_pos, margin=self.margin_reg),
+            }
+        else:
+            boxes, scores, labels_out = self.postprocess_detections(class_logits, box_regression,
+                                                                    list(rois_r.split(counts)), image_shapes)
+            result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels_out)]
+        return result, losses
+
+
+__all__ = ["TSDRoIHeads", "deformable_roi_pool"]
