@@ -11,6 +11,14 @@ those same boxes (Cascade R-CNN's test-time ensemble; the RoI features are poole
 heads). Post-processing (score threshold, NMS per class, top-k) is torchvision's.
 
 Loss keys: ``loss_classifier_s{t}`` and ``loss_box_reg_s{t}`` for t = 0..T-1, each already weighted.
+
+**With the Decoupling Head** (``decoupled=True``): every stage gets a class-agnostic
+:class:`~stages.models.tsd.DecoupledHead` next to its plain head, which becomes the training-only sibling.
+Stage t then regresses relative to its own P_r, refines to the next stage from there, and adds the sibling and
+margin losses (``loss_classifier_sibling_s{t}``, ``loss_box_reg_sibling_s{t}``, ``loss_margin_cls_s{t}``,
+``loss_margin_reg_s{t}``, all times the stage weight). At test time only the decoupled branches run: the final
+score is the mean of the stages' decoupled classifiers on the final boxes; ``expert_mode`` drops RoIs whose
+background score wins before the last regression.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
+
+from stages.models.tsd import (DecoupledHead, check_targets_types, decoupled_losses, matched_gt_boxes,
+                               roi_levels, rois_with_batch_index)
 
 DEFAULT_IOU_THRESHOLDS = (0.5, 0.5, 0.6, 0.7)
 DEFAULT_STAGE_WEIGHTS = (0.75, 1.0, 0.25, 0.25)
@@ -73,6 +84,14 @@ class CascadeRoIHeads(RoIHeads):
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
+        decoupled: bool = False,
+        gamma: float = 0.1,
+        margin_cls: float = 0.2,
+        margin_reg: float = 0.2,
+        margin_loss_weight: float = 1.0,
+        offset_hidden: int = 256,
+        sampling_ratio: int = 2,
+        expert_mode: bool = False,
     ):
         thresholds = [float(t) for t in stage_iou_thresholds]
         weights = [float(w) for w in stage_loss_weights]
@@ -106,6 +125,19 @@ class CascadeRoIHeads(RoIHeads):
         self.stage_loss_weights = weights
         self._matchers = [det_utils.Matcher(t, t, allow_low_quality_matches=False) for t in thresholds]
         self._coders = [det_utils.BoxCoder(w) for w in reg_weights]
+        self.margin_cls = float(margin_cls)
+        self.margin_reg = float(margin_reg)
+        self.margin_loss_weight = float(margin_loss_weight)
+        self.expert_mode = bool(expert_mode)
+        self.decoupled: Optional[nn.ModuleList] = None
+        if decoupled:
+            if k_h != k_w:
+                raise ValueError(f"the decoupled cascade needs a square RoI output size, got {(k_h, k_w)}")
+            self.decoupled = nn.ModuleList(
+                DecoupledHead(in_channels=in_channels, resolution=int(k_h), num_classes=num_classes,
+                              num_reg_classes=1, representation_size=representation_size,
+                              offset_hidden=offset_hidden, gamma=gamma, sampling_ratio=sampling_ratio)
+                for _ in thresholds)
 
     @property
     def num_stages(self) -> int:
@@ -132,14 +164,6 @@ class CascadeRoIHeads(RoIHeads):
         finally:
             self.proposal_matcher, self.box_coder = saved
 
-    def _refine(self, t: int, deltas: Tensor, boxes: list[Tensor], image_shapes: list[tuple[int, int]]
-                ) -> list[Tensor]:
-        decoded = self._coders[t].decode_single(deltas.detach(), torch.cat(boxes))
-        out = []
-        for b, shape in zip(decoded.split([len(x) for x in boxes]), image_shapes):
-            out.append(box_ops.clip_boxes_to_image(b, shape))
-        return out
-
     def forward(
         self,
         features: dict[str, Tensor],
@@ -148,50 +172,90 @@ class CascadeRoIHeads(RoIHeads):
         targets: Optional[list[dict[str, Tensor]]] = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if self.training:
-            if targets is None:
-                raise ValueError("targets should not be None in training")
-            losses: dict[str, Tensor] = {}
-            boxes = proposals
-            for t in range(self.num_stages):
-                with self._stage(t):
-                    boxes, _, labels, reg_targets = self.select_training_samples(boxes, targets)
-                feats = self.box_roi_pool(features, boxes, image_shapes)
-                logits, deltas = self.box_predictor[t](self.box_head[t](feats))
-                labels_cat = torch.cat(labels)
+            check_targets_types(targets)
+            return [], self._train_losses(features, proposals, image_shapes, targets)
+        return self._detect(features, proposals, image_shapes), {}
+
+    def _train_losses(self, features: dict[str, Tensor], proposals: list[Tensor],
+                      image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        boxes = proposals
+        for t in range(self.num_stages):
+            with self._stage(t):
+                boxes, matched_idxs, labels, reg_targets = self.select_training_samples(boxes, targets)
+            shared = self.box_roi_pool(features, boxes, image_shapes)
+            logits, deltas = self.box_predictor[t](self.box_head[t](shared))
+            labels_cat = torch.cat(labels)
+            w = self.stage_loss_weights[t]
+            if self.decoupled is None:
                 reg_cat = torch.cat(reg_targets)
                 pos = torch.where(labels_cat > 0)[0]
-                loss_cls = F.cross_entropy(logits, labels_cat)
                 loss_reg = F.smooth_l1_loss(deltas[pos], reg_cat[pos], beta=1 / 9, reduction="sum")
-                loss_reg = loss_reg / max(labels_cat.numel(), 1)
-                w = self.stage_loss_weights[t]
-                losses[f"loss_classifier_s{t}"] = w * loss_cls
-                losses[f"loss_box_reg_s{t}"] = w * loss_reg
-                if t + 1 < self.num_stages:
-                    boxes = self._refine(t, deltas, boxes, image_shapes)
-            return [], losses
+                losses[f"loss_classifier_s{t}"] = w * F.cross_entropy(logits, labels_cat)
+                losses[f"loss_box_reg_s{t}"] = w * loss_reg / max(labels_cat.numel(), 1)
+                refine_from = deltas, torch.cat(boxes)
+            else:
+                maps, scales, levels = roi_levels(self.box_roi_pool, features, boxes)
+                rois = rois_with_batch_index(boxes)
+                head = self.decoupled[t]
+                d_logits = head.classify(shared, maps, scales, levels, rois)
+                d_deltas, rois_r = head.regress(shared, maps, scales, levels, rois)
+                gt = torch.cat(matched_gt_boxes(targets, matched_idxs, boxes[0].dtype))
+                parts = decoupled_losses(class_logits=d_logits, deltas=d_deltas, rois_r=rois_r,
+                                         sibling_logits=logits, sibling_deltas=deltas, rois=rois[:, 1:],
+                                         labels=labels_cat, matched_gt=gt, box_coder=self._coders[t],
+                                         margin_cls=self.margin_cls, margin_reg=self.margin_reg)
+                for key, value in parts.items():
+                    scale = w * (self.margin_loss_weight if key.startswith("margin") else 1.0)
+                    losses[f"loss_{key}_s{t}"] = scale * value
+                refine_from = d_deltas, rois_r
+            if t + 1 < self.num_stages:
+                boxes = self._refine(t, refine_from[0], refine_from[1], [len(b) for b in boxes], image_shapes)
+        return losses
 
+    def _refine(self, t: int, deltas: Tensor, rois: Tensor, counts: list[int],
+                image_shapes: list[tuple[int, int]]) -> list[Tensor]:
+        decoded = self._coders[t].decode_single(deltas.detach(), rois.detach())
+        return [box_ops.clip_boxes_to_image(b, shape) for b, shape in zip(decoded.split(counts), image_shapes)]
+
+    def _detect(self, features: dict[str, Tensor], proposals: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         boxes = proposals
+        counts = [len(b) for b in boxes]
         for t in range(self.num_stages - 1):
-            feats = self.box_roi_pool(features, boxes, image_shapes)
-            _, deltas = self.box_predictor[t](self.box_head[t](feats))
-            boxes = self._refine(t, deltas, boxes, image_shapes)
-        feats = self.box_roi_pool(features, boxes, image_shapes)
-        probs = None
-        deltas = None
-        for t in range(self.num_stages):
-            logits, d = self.box_predictor[t](self.box_head[t](feats))
-            p = F.softmax(logits, -1)
-            probs = p if probs is None else probs + p
-            deltas = d
+            shared = self.box_roi_pool(features, boxes, image_shapes)
+            if self.decoupled is None:
+                _, deltas = self.box_predictor[t](self.box_head[t](shared))
+                rois = torch.cat(boxes)
+            else:
+                maps, scales, levels = roi_levels(self.box_roi_pool, features, boxes)
+                deltas, rois = self.decoupled[t].regress(shared, maps, scales, levels, rois_with_batch_index(boxes))
+            boxes = self._refine(t, deltas, rois, counts, image_shapes)
+        shared = self.box_roi_pool(features, boxes, image_shapes)
+        probs = 0.0
+        if self.decoupled is None:
+            for t in range(self.num_stages):
+                logits, deltas = self.box_predictor[t](self.box_head[t](shared))
+                probs = probs + F.softmax(logits, -1)
+            final_rois = torch.cat(boxes)
+        else:
+            maps, scales, levels = roi_levels(self.box_roi_pool, features, boxes)
+            rois = rois_with_batch_index(boxes)
+            for head in self.decoupled:
+                probs = probs + F.softmax(head.classify(shared, maps, scales, levels, rois), -1)
+            if self.expert_mode:
+                keep = probs[:, 1:].max(1).values >= probs[:, 0]
+                shared, levels, rois, probs = shared[keep], levels[keep], rois[keep], probs[keep]
+                counts = [int(m.sum()) for m in keep.split(counts)]
+            deltas, final_rois = self.decoupled[-1].regress(shared, maps, scales, levels, rois)
         probs = probs / self.num_stages
-        # postprocess_detections applies a softmax: log of a distribution gives the distribution back
+        # postprocess_detections applies a softmax: the log of a distribution gives the distribution back
         class_logits = torch.log(probs.clamp(min=1e-12))
         box_regression = deltas.repeat(1, self.num_classes)
         with self._stage(self.num_stages - 1):
-            out_boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, boxes,
-                                                                    image_shapes)
-        result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(out_boxes, scores, labels)]
-        return result, {}
+            out_boxes, scores, labels = self.postprocess_detections(class_logits, box_regression,
+                                                                    list(final_rois.split(counts)), image_shapes)
+        return [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(out_boxes, scores, labels)]
 
 
 __all__ = ["CascadeRoIHeads", "CascadeStagePredictor", "DEFAULT_IOU_THRESHOLDS", "DEFAULT_STAGE_WEIGHTS"]

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign
 
 from stages.models.losses import margin_cls_loss, margin_reg_loss
@@ -49,7 +49,8 @@ def deformable_roi_pool(features: list[Tensor], scales: list[float], levels: Ten
     index per RoI; rois: (K, 5) rows (batch index, x1, y1, x2, y2) in image pixels; offsets: (K, k, k, 2) shift
     (dx, dy) in image pixels of bin (row i, column j), k = ``output_size``. Each bin averages
     ``sampling_ratio``² samples at the bin's regular positions shifted by its offset; samples outside the map
-    read zeros. Returns (K, C, k, k) in the features' dtype.
+    read zeros. Sampling runs in the dtype of ``rois`` (fp32 under AMP, so positions keep sub-pixel precision);
+    returns (K, C, k, k) in the features' dtype.
     """
     k, s = int(output_size), int(sampling_ratio)
     n = rois.shape[0]
@@ -73,8 +74,8 @@ def deformable_roi_pool(features: list[Tensor], scales: list[float], levels: Ten
         norm = torch.tensor([2.0 / w, 2.0 / h], dtype=dtype, device=rois.device)
         for b in torch.unique(batch[levels == lvl]).tolist():
             idx = torch.where((levels == lvl) & (batch == b))[0]
-            g = ((grid[idx] * scale + 0.5) * norm - 1.0).to(feat.dtype)
-            sampled = F.grid_sample(feat[b:b + 1], g.reshape(1, -1, ks, 2), mode="bilinear",
+            g = (grid[idx] * scale + 0.5) * norm - 1.0  # kept in the boxes' precision (fp32 under AMP)
+            sampled = F.grid_sample(feat[b:b + 1].to(g.dtype), g.reshape(1, -1, ks, 2), mode="bilinear",
                                     padding_mode="zeros", align_corners=False)  # (1, C, m*ks, ks)
             sampled = sampled.reshape(feat.shape[1], idx.numel(), ks, ks).transpose(0, 1)
             out[idx] = F.avg_pool2d(sampled, s).to(out.dtype)
@@ -89,6 +90,142 @@ def _offset_net(in_features: int, hidden: int, out_features: int) -> nn.Sequenti
     return net
 
 
+def roi_levels(box_roi_pool: MultiScaleRoIAlign, features: dict[str, Tensor], proposals: list[Tensor]
+               ) -> tuple[list[Tensor], list[float], Tensor]:
+    """The maps, their scales and each proposal's level, as ``box_roi_pool`` (already called once) pools them."""
+    maps = [v for name, v in features.items() if name in box_roi_pool.featmap_names]
+    if box_roi_pool.scales is None or box_roi_pool.map_levels is None:
+        raise RuntimeError("box_roi_pool has not set up its scales; call it once first")
+    if len(maps) == 1:
+        levels = torch.zeros(sum(len(p) for p in proposals), dtype=torch.int64, device=maps[0].device)
+    else:
+        levels = box_roi_pool.map_levels(proposals)
+    return maps, list(box_roi_pool.scales), levels
+
+
+def rois_with_batch_index(proposals: list[Tensor]) -> Tensor:
+    """(sum N_i, 5) rows (image index, x1, y1, x2, y2) from per-image (N_i, 4) boxes."""
+    ref = proposals[0]
+    idx = [torch.full((len(p), 1), i, dtype=ref.dtype, device=ref.device) for i, p in enumerate(proposals)]
+    return torch.cat([torch.cat(idx), torch.cat(proposals)], 1)
+
+
+def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
+    """torchvision's Fast R-CNN box loss (smooth L1, beta 1/9, summed over positives / number of RoIs) for
+    class-specific (N, C*4) or class-agnostic (N, 4) ``deltas``; targets (N, 4); labels int64 (N,)."""
+    n = labels.numel()
+    pos = torch.where(labels > 0)[0]
+    d = deltas.reshape(n, -1, 4)
+    d = d[pos, labels[pos]] if d.shape[1] > 1 else d[pos, 0]
+    return F.smooth_l1_loss(d, targets[pos], beta=1 / 9, reduction="sum") / max(n, 1)
+
+
+def select_deltas(deltas: Tensor, labels: Tensor) -> Tensor:
+    """The (N, 4) deltas of class ``labels`` from class-specific (N, C*4) or class-agnostic (N, 4) ``deltas``."""
+    d = deltas.reshape(labels.numel(), -1, 4)
+    if d.shape[1] == 1:
+        return d[:, 0]
+    return d[torch.arange(labels.numel(), device=labels.device), labels]
+
+
+class DecoupledHead(nn.Module):
+    """The decoupled classification and regression branches of TSD for one set of shared proposals.
+
+    ``num_reg_classes`` is ``num_classes`` for class-specific boxes (TSD as published) or 1 for class-agnostic
+    boxes (a cascade stage). ``shared`` is the RoI feature F at P, (N, C, k, k); ``rois`` (N, 5) rows
+    (image index, x1, y1, x2, y2); ``maps``/``scales``/``levels`` from :func:`roi_levels`.
+    """
+
+    def __init__(self, *, in_channels: int, resolution: int, num_classes: int, num_reg_classes: int,
+                 representation_size: int = 1024, offset_hidden: int = 256, gamma: float = 0.1,
+                 sampling_ratio: int = 2):
+        super().__init__()
+        if gamma <= 0:
+            raise ValueError(f"gamma must be positive, got {gamma}")
+        if sampling_ratio < 1:
+            raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
+        k = int(resolution)
+        feat_dim = in_channels * k * k
+        self.resolution = k
+        self.gamma = float(gamma)
+        self.sampling_ratio = int(sampling_ratio)
+        self.offset_cls = _offset_net(feat_dim, offset_hidden, k * k * 2)
+        self.offset_reg = _offset_net(feat_dim, offset_hidden, 2)
+        self.cls_head = TwoMLPHead(feat_dim, representation_size)
+        self.cls_score = nn.Linear(representation_size, num_classes)
+        self.reg_head = TwoMLPHead(feat_dim, representation_size)
+        self.bbox_pred = nn.Linear(representation_size, num_reg_classes * 4)
+
+    def _pool(self, maps: list[Tensor], scales: list[float], levels: Tensor, rois: Tensor,
+              offsets: Tensor) -> Tensor:
+        return deformable_roi_pool(maps, scales, levels, rois, offsets, output_size=self.resolution,
+                                   sampling_ratio=self.sampling_ratio)
+
+    def classify(self, shared: Tensor, maps: list[Tensor], scales: list[float], levels: Tensor,
+                 rois: Tensor) -> Tensor:
+        """Class logits (N, num_classes) from bins pooled at P + ΔC."""
+        n, k = rois.shape[0], self.resolution
+        wh = rois[:, 3:] - rois[:, 1:3]
+        delta_c = self.gamma * self.offset_cls(shared).view(n, k, k, 2) * wh[:, None, None, :]
+        return self.cls_score(self.cls_head(self._pool(maps, scales, levels, rois, delta_c)))
+
+    def regress(self, shared: Tensor, maps: list[Tensor], scales: list[float], levels: Tensor,
+                rois: Tensor) -> tuple[Tensor, Tensor]:
+        """(deltas (N, num_reg_classes*4) relative to P_r, P_r (N, 4)) with P_r = P + ΔR."""
+        n, k = rois.shape[0], self.resolution
+        wh = rois[:, 3:] - rois[:, 1:3]
+        delta_r = self.gamma * self.offset_reg(shared) * wh  # (N, 2)
+        rois_r = rois[:, 1:] + delta_r.repeat(1, 2)
+        # pooling P with ΔR on every bin is pooling at P_r, differentiable with respect to ΔR
+        feat = self._pool(maps, scales, levels, rois, delta_r[:, None, None, :].expand(n, k, k, 2))
+        return self.bbox_pred(self.reg_head(feat)), rois_r
+
+
+def decoupled_losses(*, class_logits: Tensor, deltas: Tensor, rois_r: Tensor, sibling_logits: Tensor,
+                     sibling_deltas: Tensor, rois: Tensor, labels: Tensor, matched_gt: Tensor, box_coder,
+                     margin_cls: float, margin_reg: float) -> dict[str, Tensor]:
+    """The six TSD losses of one set of sampled RoIs (all tensors concatenated over images).
+
+    rois_r: P_r (N, 4), attached to ΔR (the regression targets use it detached, the IoU margin loss attached);
+    rois: P (N, 4); labels int64 (N,); matched_gt (N, 4); box_coder: the coder of this head.
+    Keys: classifier, box_reg, classifier_sibling, box_reg_sibling, margin_cls, margin_reg.
+    """
+    targets_r = box_coder.encode_single(matched_gt, rois_r.detach())
+    targets_p = box_coder.encode_single(matched_gt, rois)
+    pos = torch.where(labels > 0)[0]
+    lab_pos = labels[pos]
+    tsd_boxes = box_coder.decode_single(select_deltas(deltas[pos], lab_pos), rois_r[pos])
+    sib_boxes = box_coder.decode_single(select_deltas(sibling_deltas[pos], lab_pos), rois[pos])
+    return {
+        "classifier": F.cross_entropy(class_logits, labels),
+        "box_reg": box_regression_loss(deltas, targets_r, labels),
+        "classifier_sibling": F.cross_entropy(sibling_logits, labels),
+        "box_reg_sibling": box_regression_loss(sibling_deltas, targets_p, labels),
+        "margin_cls": margin_cls_loss(class_logits, sibling_logits, labels, margin=margin_cls),
+        "margin_reg": margin_reg_loss(tsd_boxes, sib_boxes, matched_gt[pos], margin=margin_reg),
+    }
+
+
+def matched_gt_boxes(targets: list[dict[str, Tensor]], matched_idxs: list[Tensor], dtype: torch.dtype
+                     ) -> list[Tensor]:
+    """Per image, the ground-truth box each sampled proposal was matched to (zeros for images without boxes)."""
+    out = []
+    for t, idx in zip(targets, matched_idxs):
+        gt = t["boxes"].to(dtype)
+        out.append(gt[idx] if gt.numel() else gt.new_zeros((idx.numel(), 4)))
+    return out
+
+
+def check_targets_types(targets: Optional[list[dict[str, Tensor]]]) -> None:
+    if targets is None:
+        raise ValueError("targets should not be None in training")
+    for t in targets:
+        if not t["boxes"].is_floating_point():
+            raise TypeError(f"target boxes must be of float type, got {t['boxes'].dtype}")
+        if t["labels"].dtype != torch.int64:
+            raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
+
+
 class TSDRoIHeads(RoIHeads):
     """RoI heads with the Decoupling Head; same ``forward(features, proposals, image_shapes, targets=None)
     -> (detections, losses)`` contract as torchvision's :class:`RoIHeads` (boxes only: no masks/keypoints).
@@ -98,6 +235,7 @@ class TSDRoIHeads(RoIHeads):
     in_channels: FPN channels; num_classes: including background; gamma: offset scale γ; margin_cls/margin_reg:
     m_c, m_r (0 disables the loss's margin, not the loss); offset_hidden: width of F_c, F_r;
     sampling_ratio: samples per bin side; expert_mode: drop RoIs with background winning before regression.
+    The decoupled branches live in ``self.decoupled`` (:class:`DecoupledHead`).
     """
 
     def __init__(
@@ -133,12 +271,7 @@ class TSDRoIHeads(RoIHeads):
             raise ValueError(f"TSDRoIHeads needs a square RoI output size, got {box_roi_pool.output_size}")
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
-        if gamma <= 0:
-            raise ValueError(f"gamma must be positive, got {gamma}")
-        if sampling_ratio < 1:
-            raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
-        k = int(k_h)
-        feat_dim = in_channels * k * k
+        feat_dim = in_channels * k_h * k_w
         if box_head is None:
             box_head = TwoMLPHead(feat_dim, representation_size)
         if box_predictor is None:
@@ -147,20 +280,14 @@ class TSDRoIHeads(RoIHeads):
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
                          detections_per_img)
         self.num_classes = num_classes
-        self.resolution = k
-        self.gamma = float(gamma)
         self.margin_cls = float(margin_cls)
         self.margin_reg = float(margin_reg)
         self.margin_loss_weight = float(margin_loss_weight)
         self.sibling_loss_weight = float(sibling_loss_weight)
-        self.sampling_ratio = int(sampling_ratio)
         self.expert_mode = bool(expert_mode)
-        self.offset_cls = _offset_net(feat_dim, offset_hidden, k * k * 2)
-        self.offset_reg = _offset_net(feat_dim, offset_hidden, 2)
-        self.cls_head = TwoMLPHead(feat_dim, representation_size)
-        self.cls_score = nn.Linear(representation_size, num_classes)
-        self.reg_head = TwoMLPHead(feat_dim, representation_size)
-        self.bbox_pred = nn.Linear(representation_size, num_classes * 4)
+        self.decoupled = DecoupledHead(in_channels=in_channels, resolution=int(k_h), num_classes=num_classes,
+                                       num_reg_classes=num_classes, representation_size=representation_size,
+                                       offset_hidden=offset_hidden, gamma=gamma, sampling_ratio=sampling_ratio)
 
     @classmethod
     def from_roi_heads(cls, roi_heads: RoIHeads, *, num_classes: int, in_channels: Optional[int] = None,
@@ -190,25 +317,6 @@ class TSDRoIHeads(RoIHeads):
         return cls(pool, roi_heads.box_head, roi_heads.box_predictor, in_channels=in_channels,
                    num_classes=num_classes, **settings)
 
-    # -- pooling ---------------------------------------------------------------------------------------------
-    def _levels(self, features: dict[str, Tensor], proposals: list[Tensor]) -> tuple[list[Tensor], list[float],
-                                                                                      Tensor]:
-        pool = self.box_roi_pool
-        maps = [v for name, v in features.items() if name in pool.featmap_names]
-        if pool.scales is None or pool.map_levels is None:
-            raise RuntimeError("box_roi_pool has not set up its scales; call it once first")
-        if len(maps) == 1:
-            levels = torch.zeros(sum(len(p) for p in proposals), dtype=torch.int64, device=maps[0].device)
-        else:
-            levels = pool.map_levels(proposals)
-        return maps, list(pool.scales), levels
-
-    def _pool(self, maps: list[Tensor], scales: list[float], levels: Tensor, rois: Tensor,
-              offsets: Tensor) -> Tensor:
-        return deformable_roi_pool(maps, scales, levels, rois, offsets, output_size=self.resolution,
-                                   sampling_ratio=self.sampling_ratio)
-
-    # -- forward ---------------------------------------------------------------------------------------------
     def forward(
         self,
         features: dict[str, Tensor],
@@ -217,81 +325,45 @@ class TSDRoIHeads(RoIHeads):
         targets: Optional[list[dict[str, Tensor]]] = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if self.training:
-            if targets is None:
-                raise ValueError("targets should not be None in training")
-            for t in targets:
-                if not t["boxes"].is_floating_point():
-                    raise TypeError(f"target boxes must be of float type, got {t['boxes'].dtype}")
-                if t["labels"].dtype != torch.int64:
-                    raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
-            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
-            matched_gt = []
-            for t, idx in zip(targets, matched_idxs):
-                gt = t["boxes"].to(proposals[0].dtype)
-                matched_gt.append(gt[idx] if gt.numel() else gt.new_zeros((idx.numel(), 4)))
+            check_targets_types(targets)
+            proposals, matched_idxs, labels, _ = self.select_training_samples(proposals, targets)
+            matched_gt = matched_gt_boxes(targets, matched_idxs, proposals[0].dtype)
 
         counts = [p.shape[0] for p in proposals]
-        rois_p = torch.cat(proposals)
-        batch_idx = torch.cat([torch.full((n, 1), i, dtype=rois_p.dtype, device=rois_p.device)
-                               for i, n in enumerate(counts)])
+        rois = rois_with_batch_index(proposals)
         shared = self.box_roi_pool(features, proposals, image_shapes)  # F at P (also sets up the level mapper)
-        maps, scales, levels = self._levels(features, proposals)
-        flat = shared.flatten(1)
-        wh = rois_p[:, 2:] - rois_p[:, :2]
-        k = self.resolution
-        n = rois_p.shape[0]
+        maps, scales, levels = roi_levels(self.box_roi_pool, features, proposals)
+        class_logits = self.decoupled.classify(shared, maps, scales, levels, rois)
 
-        delta_c = self.gamma * self.offset_cls(flat).view(n, k, k, 2) * wh[:, None, None, :]
-        cls_feat = self._pool(maps, scales, levels, torch.cat([batch_idx, rois_p], 1), delta_c)
-        class_logits = self.cls_score(self.cls_head(cls_feat))
-
-        keep = None
         if not self.training and self.expert_mode:
             probs = F.softmax(class_logits, -1)
             keep = probs[:, 1:].max(1).values >= probs[:, 0]
-            flat, rois_p, wh, levels, class_logits, batch_idx = (
-                flat[keep], rois_p[keep], wh[keep], levels[keep], class_logits[keep], batch_idx[keep])
+            shared, rois, levels, class_logits = shared[keep], rois[keep], levels[keep], class_logits[keep]
             counts = [int(m.sum()) for m in keep.split(counts)]
-            n = rois_p.shape[0]
 
-        delta_r = self.gamma * self.offset_reg(flat) * wh  # (N, 2)
-        rois_r = rois_p + delta_r.repeat(1, 2)  # P_r = P translated by ΔR
-        # pooling P with ΔR on every bin is pooling at P_r, differentiable with respect to ΔR
-        reg_feat = self._pool(maps, scales, levels, torch.cat([batch_idx, rois_p], 1),
-                              delta_r[:, None, None, :].expand(n, k, k, 2))
-        box_regression = self.bbox_pred(self.reg_head(reg_feat))
+        box_regression, rois_r = self.decoupled.regress(shared, maps, scales, levels, rois)
 
-        result: list[dict[str, Tensor]] = []
-        losses: dict[str, Tensor] = {}
         if self.training:
-            rois_r_fixed = rois_r.detach()
-            targets_r = self.box_coder.encode(matched_gt, list(rois_r_fixed.split(counts)))
-            loss_cls, loss_reg = fastrcnn_loss(class_logits, box_regression, labels, list(targets_r))
             sib_logits, sib_regression = self.box_predictor(self.box_head(shared))
-            loss_cls_sib, loss_reg_sib = fastrcnn_loss(sib_logits, sib_regression, labels, regression_targets)
-            labels_cat = torch.cat(labels)
-            pos = torch.where(labels_cat > 0)[0]
-            lab_pos = labels_cat[pos]
-            tsd_delta = box_regression.reshape(n, -1, 4)[pos, lab_pos]
-            sib_delta = sib_regression.reshape(n, -1, 4)[pos, lab_pos]
-            tsd_boxes = self.box_coder.decode_single(tsd_delta, rois_r[pos])
-            sib_boxes = self.box_coder.decode_single(sib_delta, rois_p[pos])
-            gt_pos = torch.cat(matched_gt)[pos]
+            parts = decoupled_losses(class_logits=class_logits, deltas=box_regression, rois_r=rois_r,
+                                     sibling_logits=sib_logits, sibling_deltas=sib_regression, rois=rois[:, 1:],
+                                     labels=torch.cat(labels), matched_gt=torch.cat(matched_gt),
+                                     box_coder=self.box_coder, margin_cls=self.margin_cls,
+                                     margin_reg=self.margin_reg)
             losses = {
-                "loss_classifier": loss_cls,
-                "loss_box_reg": loss_reg,
-                "loss_classifier_sibling": self.sibling_loss_weight * loss_cls_sib,
-                "loss_box_reg_sibling": self.sibling_loss_weight * loss_reg_sib,
-                "loss_margin_cls": self.margin_loss_weight
-                * margin_cls_loss(class_logits, sib_logits, labels_cat, margin=self.margin_cls),
-                "loss_margin_reg": self.margin_loss_weight
-                * margin_reg_loss(tsd_boxes, sib_boxes, gt_pos, margin=self.margin_reg),
+                "loss_classifier": parts["classifier"],
+                "loss_box_reg": parts["box_reg"],
+                "loss_classifier_sibling": self.sibling_loss_weight * parts["classifier_sibling"],
+                "loss_box_reg_sibling": self.sibling_loss_weight * parts["box_reg_sibling"],
+                "loss_margin_cls": self.margin_loss_weight * parts["margin_cls"],
+                "loss_margin_reg": self.margin_loss_weight * parts["margin_reg"],
             }
-        else:
-            boxes, scores, labels_out = self.postprocess_detections(class_logits, box_regression,
-                                                                    list(rois_r.split(counts)), image_shapes)
-            result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels_out)]
-        return result, losses
+            return [], losses
+
+        boxes, scores, labels_out = self.postprocess_detections(class_logits, box_regression,
+                                                                list(rois_r.split(counts)), image_shapes)
+        return [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels_out)], {}
 
 
-__all__ = ["TSDRoIHeads", "deformable_roi_pool"]
+__all__ = ["DecoupledHead", "TSDRoIHeads", "box_regression_loss", "decoupled_losses", "deformable_roi_pool",
+           "roi_levels", "rois_with_batch_index", "select_deltas"]

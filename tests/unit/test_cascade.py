@@ -117,3 +117,55 @@ def test_bad_configuration_rejected():
                         stage_loss_weights=(1.0,))
     with pytest.raises(ValueError):
         CascadeRoIHeads(pool, in_channels=4, num_classes=3, stage_iou_thresholds=(1.5,), stage_loss_weights=(1,))
+
+
+def test_decoupled_cascade_trains_and_detects():
+    model = _cascade_model(decoupled=True, offset_hidden=16, stage_iou_thresholds=(0.5, 0.6),
+                           stage_loss_weights=(1.0, 0.5))
+    model.train()
+    torch.manual_seed(1)
+    losses = model(*tiny_batch())
+    keys = {f"loss_{k}_s{t}" for t in range(2) for k in ("classifier", "box_reg", "classifier_sibling",
+                                                          "box_reg_sibling", "margin_cls", "margin_reg")}
+    assert keys <= set(losses) and len(losses) == len(keys) + 2
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    rh = model.roi_heads
+    for t in range(2):
+        assert rh.decoupled[t].offset_cls[-1].weight.grad.abs().sum() > 0
+        assert rh.decoupled[t].bbox_pred.weight.grad.abs().sum() > 0
+        assert rh.box_predictor[t].cls_score.weight.grad.abs().sum() > 0  # sibling trained by its own losses
+    model.eval()
+    calls = []
+    rh.box_head[0].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        out = model(tiny_batch()[0])
+    assert not calls  # siblings do not run at test time
+    assert len(out) == 2 and all(d["boxes"].shape[1] == 4 for d in out)
+
+
+def test_decoupled_cascade_mean_score_and_expert_mode():
+    torch.manual_seed(0)
+    heads = CascadeRoIHeads(MultiScaleRoIAlign(["0"], 7, 2), in_channels=4, num_classes=3, representation_size=8,
+                            stage_iou_thresholds=(0.5, 0.6), stage_loss_weights=(1.0, 1.0), score_thresh=0.0,
+                            nms_thresh=1.0, decoupled=True, offset_hidden=8)
+    heads.eval()
+    with torch.no_grad():
+        for h in heads.decoupled:
+            h.cls_score.weight.zero_()
+            h.bbox_pred.weight.zero_()
+            h.bbox_pred.bias.zero_()
+        heads.decoupled[0].cls_score.bias.copy_(torch.tensor([0.0, math.log(3.0), 0.0]))
+        heads.decoupled[1].cls_score.bias.zero_()
+    feats = {"0": torch.randn(1, 4, 16, 16)}
+    proposals = [torch.tensor([[8.0, 8.0, 28.0, 48.0]])]
+    with torch.no_grad():
+        (det,), _ = heads(feats, proposals, [(64, 64)])
+        by_label = dict(zip(det["labels"].tolist(), det["scores"].tolist()))
+        assert by_label[1] == pytest.approx((0.6 + 1 / 3) / 2, abs=1e-5)
+        assert torch.allclose(det["boxes"], proposals[0].expand(2, 4), atol=1e-4)
+        heads.expert_mode = True
+        for h in heads.decoupled:
+            h.cls_score.bias.copy_(torch.tensor([2.0, 0.0, 0.0]))
+        (det,), _ = heads(feats, proposals, [(64, 64)])
+    assert det["boxes"].shape == (0, 4)

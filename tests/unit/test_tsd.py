@@ -75,8 +75,8 @@ def test_train_mode_losses_and_gradient_flow():
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
     sum(losses.values()).backward()
     rh = model.roi_heads
-    for name, p in [("offset_cls", rh.offset_cls[-1].weight), ("offset_reg", rh.offset_reg[-1].weight),
-                    ("cls_score", rh.cls_score.weight), ("bbox_pred", rh.bbox_pred.weight),
+    for name, p in [("offset_cls", rh.decoupled.offset_cls[-1].weight), ("offset_reg", rh.decoupled.offset_reg[-1].weight),
+                    ("cls_score", rh.decoupled.cls_score.weight), ("bbox_pred", rh.decoupled.bbox_pred.weight),
                     ("sibling", rh.box_predictor.cls_score.weight), ("backbone", model.backbone.fpn.inner_blocks[0][0].weight)]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -90,7 +90,7 @@ def test_margin_losses_do_not_reach_the_sibling_head():
     rh = model.roi_heads
     for p in list(rh.box_head.parameters()) + list(rh.box_predictor.parameters()):
         assert p.grad is None or p.grad.abs().sum() == 0
-    assert rh.cls_score.weight.grad.abs().sum() > 0
+    assert rh.decoupled.cls_score.weight.grad.abs().sum() > 0
 
 
 def test_two_sgd_iterations_stay_finite():
@@ -136,11 +136,11 @@ def _direct_heads(**kw):
 def test_regression_is_relative_to_the_translated_proposal():
     heads, feats, proposals = _direct_heads(gamma=0.1)
     with torch.no_grad():
-        heads.offset_reg[-1].bias.copy_(torch.tensor([1.0, -2.0]))  # ΔR = 0.1 * (1, -2) * (w, h)
-        heads.bbox_pred.weight.zero_()
-        heads.bbox_pred.bias.zero_()
-        heads.cls_score.weight.zero_()
-        heads.cls_score.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+        heads.decoupled.offset_reg[-1].bias.copy_(torch.tensor([1.0, -2.0]))  # ΔR = 0.1 * (1, -2) * (w, h)
+        heads.decoupled.bbox_pred.weight.zero_()
+        heads.decoupled.bbox_pred.bias.zero_()
+        heads.decoupled.cls_score.weight.zero_()
+        heads.decoupled.cls_score.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
     (det,), losses = heads(feats, proposals, [(64, 64)])
     assert losses == {}
     p = proposals[0]
@@ -154,17 +154,17 @@ def test_regression_is_relative_to_the_translated_proposal():
 def test_expert_mode_drops_background_rois_before_regression():
     heads, feats, proposals = _direct_heads(expert_mode=True)
     calls = []
-    heads.reg_head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    heads.decoupled.reg_head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     with torch.no_grad():
-        heads.cls_score.weight.zero_()
-        heads.cls_score.bias.copy_(torch.tensor([3.0, 0.0, 0.0]))  # background wins everywhere
+        heads.decoupled.cls_score.weight.zero_()
+        heads.decoupled.cls_score.bias.copy_(torch.tensor([3.0, 0.0, 0.0]))  # background wins everywhere
         (det,), _ = heads(feats, proposals, [(64, 64)])
         assert det["boxes"].shape == (0, 4) and calls == [0]
         heads.expert_mode = False
         (det,), _ = heads(feats, proposals, [(64, 64)])
         assert det["boxes"].shape[0] == 4 and calls[-1] == 2  # 2 RoIs x 2 foreground classes
         heads.expert_mode = True
-        heads.cls_score.bias.copy_(torch.tensor([0.0, math.log(4.0), 0.0]))
+        heads.decoupled.cls_score.bias.copy_(torch.tensor([0.0, math.log(4.0), 0.0]))
         heads(feats, proposals, [(64, 64)])
         assert calls[-1] == 2
 
@@ -174,3 +174,19 @@ def test_bad_configuration_rejected():
         TSDRoIHeads(MultiScaleRoIAlign(["0"], (7, 5), 2), in_channels=4, num_classes=3)
     with pytest.raises(ValueError):
         TSDRoIHeads(MultiScaleRoIAlign(["0"], 7, 2), in_channels=4, num_classes=1)
+
+
+def test_box_regression_loss_matches_torchvision():
+    from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+    from stages.models.tsd import box_regression_loss
+
+    torch.manual_seed(0)
+    logits, deltas, targets = torch.randn(6, 3), torch.randn(6, 12), torch.randn(6, 4)
+    labels = torch.tensor([0, 1, 2, 2, 0, 1])
+    _, ref = fastrcnn_loss(logits, deltas, [labels], [targets])
+    assert torch.allclose(box_regression_loss(deltas, targets, labels), ref)
+    agnostic = box_regression_loss(deltas[:, :4], targets, labels)
+    pos = labels > 0
+    ref_agn = torch.nn.functional.smooth_l1_loss(deltas[pos, :4], targets[pos], beta=1 / 9, reduction="sum") / 6
+    assert torch.allclose(agnostic, ref_agn)
