@@ -229,7 +229,8 @@ class CascadeRoIHeads(RoIHeads):
                 rois = torch.cat(boxes)
             else:
                 maps, scales, levels = roi_levels(self.box_roi_pool, features, boxes)
-                deltas, rois = self.decoupled[t].regress(shared, maps, scales, levels, rois_with_batch_index(boxes))
+                deltas, rois = self.decoupled[t].regress(shared, maps, scales, levels,
+                                                         rois_with_batch_index(boxes))
             boxes = self._refine(t, deltas, rois, counts, image_shapes)
         shared = self.box_roi_pool(features, boxes, image_shapes)
         probs = 0.0

@@ -9,6 +9,8 @@ from stages.models.backbones import build_backbone
 
 NUM_CLASSES = 3
 
+torch.set_num_threads(1)  # the test machine's cores are shared
+
 
 def tiny_faster_rcnn(seed: int = 0) -> FasterRCNN:
     torch.manual_seed(seed)
@@ -23,7 +25,8 @@ def tiny_batch(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     images = [torch.rand(3, 64, 64, generator=g) for _ in range(2)]
     targets = [
-        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 20.0, 60.0, 50.0]]), "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 20.0, 60.0, 50.0]]),
+         "labels": torch.tensor([1, 2])},
         {"boxes": torch.tensor([[10.0, 10.0, 50.0, 30.0]]), "labels": torch.tensor([2])},
     ]
     return images, targets

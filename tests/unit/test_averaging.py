@@ -23,7 +23,8 @@ def test_average_of_two_checkpoints(tmp_path):
     for k in ("0.weight", "0.bias", "1.running_mean", "1.running_var"):
         assert torch.allclose(avg[k], (sa[k] + sb[k]) / 2)
     assert avg["2.weight"].dtype == torch.float16
-    assert torch.allclose(avg["2.weight"].float(), ((sa["2.weight"].double() + sb["2.weight"].double()) / 2).float(),
+    mean_half = ((sa["2.weight"].double() + sb["2.weight"].double()) / 2).float()
+    assert torch.allclose(avg["2.weight"].float(), mean_half,
                           atol=1e-3)
     assert avg["1.num_batches_tracked"].item() == 11
     assert avg["1.num_batches_tracked"].dtype == torch.int64

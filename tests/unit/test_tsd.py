@@ -75,9 +75,11 @@ def test_train_mode_losses_and_gradient_flow():
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
     sum(losses.values()).backward()
     rh = model.roi_heads
-    for name, p in [("offset_cls", rh.decoupled.offset_cls[-1].weight), ("offset_reg", rh.decoupled.offset_reg[-1].weight),
-                    ("cls_score", rh.decoupled.cls_score.weight), ("bbox_pred", rh.decoupled.bbox_pred.weight),
-                    ("sibling", rh.box_predictor.cls_score.weight), ("backbone", model.backbone.fpn.inner_blocks[0][0].weight)]:
+    dec = rh.decoupled
+    for name, p in [("offset_cls", dec.offset_cls[-1].weight), ("offset_reg", dec.offset_reg[-1].weight),
+                    ("cls_score", dec.cls_score.weight), ("bbox_pred", dec.bbox_pred.weight),
+                    ("sibling", rh.box_predictor.cls_score.weight),
+                    ("backbone", model.backbone.fpn.inner_blocks[0][0].weight)]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
