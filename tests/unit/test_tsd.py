@@ -15,31 +15,34 @@ def _rois():
     return torch.tensor([[0, 3.0, 5.0, 20.0, 17.0], [1, 10.5, 2.0, 40.0, 30.0], [0, 8.0, 8.0, 12.0, 28.0]])
 
 
-def test_zero_offsets_equal_roi_align():
+@pytest.mark.parametrize("method", ["grid", "bins"])
+def test_zero_offsets_equal_roi_align(method):
     torch.manual_seed(0)
     feat = torch.randn(2, 4, 16, 16)
     rois = _rois()
     levels = torch.zeros(3, dtype=torch.int64)
     out = deformable_roi_pool([feat], [0.25], levels, rois, torch.zeros(3, 7, 7, 2), output_size=7,
-                              sampling_ratio=2)
+                              sampling_ratio=2, method=method)
     ref = roi_align(feat, rois, output_size=7, spatial_scale=0.25, sampling_ratio=2)
     assert out.shape == (3, 4, 7, 7)
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_constant_offset_equals_translated_roi_and_per_bin_offset_moves_one_bin():
+@pytest.mark.parametrize("method", ["grid", "bins"])
+def test_constant_offset_equals_translated_roi_and_per_bin_offset_moves_one_bin(method):
     torch.manual_seed(0)
     feat = torch.randn(2, 4, 16, 16)
     rois = _rois()
     levels = torch.zeros(3, dtype=torch.int64)
     shift = torch.tensor([3.0, -2.0])
-    out = deformable_roi_pool([feat], [0.25], levels, rois, shift.expand(3, 7, 7, 2).clone(), output_size=7)
+    out = deformable_roi_pool([feat], [0.25], levels, rois, shift.expand(3, 7, 7, 2).clone(), output_size=7,
+                              method=method)
     moved = rois.clone()
     moved[:, 1:] += shift.repeat(2)
     assert torch.allclose(out, roi_align(feat, moved, 7, 0.25, 2), atol=1e-5)
     off = torch.zeros(3, 7, 7, 2)
     off[0, 2, 3] = torch.tensor([5.0, 5.0])
-    out2 = deformable_roi_pool([feat], [0.25], levels, rois, off, output_size=7)
+    out2 = deformable_roi_pool([feat], [0.25], levels, rois, off, output_size=7, method=method)
     base = roi_align(feat, rois, 7, 0.25, 2)
     changed = (out2 - base).abs().amax(1) > 1e-4
     assert changed[0, 2, 3] and changed.sum() == 1
@@ -57,6 +60,22 @@ def test_multi_level_uses_the_level_mapper():
     out = deformable_roi_pool(list(feats.values()), pool.scales, levels, rois, torch.zeros(2, 7, 7, 2),
                               output_size=7)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_grid_and_bins_agree_on_random_offsets_tiny_rois_and_outside_samples():
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
+    rois = torch.tensor([[0, 3.0, 5.0, 20.0, 17.0], [1, 10.5, 2.0, 40.0, 30.0], [0, 8.0, 8.0, 9.5, 9.0],
+                         [1, 0.0, 0.0, 6.0, 60.0], [0, 50.0, 50.0, 64.0, 64.0]])
+    levels = torch.tensor([0, 1, 0, 1, 0])
+    offsets = torch.randn(5, 7, 7, 2) * 6.0  # some samples land beyond the map, some within 1 px of it
+    grid = deformable_roi_pool(feats, [0.25, 0.125], levels, rois, offsets, output_size=7, method="grid")
+    bins = deformable_roi_pool(feats, [0.25, 0.125], levels, rois, offsets, output_size=7, method="bins")
+    assert torch.allclose(grid, bins, atol=1e-5)
+    offsets.requires_grad_(True)
+    out = deformable_roi_pool(feats, [0.25, 0.125], levels, rois, offsets, output_size=7)  # auto -> grid
+    out.square().sum().backward()
+    assert offsets.grad.abs().sum() > 0
 
 
 def _tsd_model(**kw):
