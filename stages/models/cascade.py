@@ -215,7 +215,8 @@ class CascadeRoIHeads(RoIHeads):
 
     def _refine(self, t: int, deltas: Tensor, rois: Tensor, counts: list[int],
                 image_shapes: list[tuple[int, int]]) -> list[Tensor]:
-        decoded = self._coders[t].decode_single(deltas.detach(), rois.detach())
+        # decode in fp32: torchvision's BoxCoder casts the boxes to the deltas' dtype (fp16/bf16 under AMP)
+        decoded = self._coders[t].decode_single(deltas.detach().float(), rois.detach().float())
         return [box_ops.clip_boxes_to_image(b, shape) for b, shape in zip(decoded.split(counts), image_shapes)]
 
     def _detect(self, features: dict[str, Tensor], proposals: list[Tensor],
@@ -233,17 +234,17 @@ class CascadeRoIHeads(RoIHeads):
                                                          rois_with_batch_index(boxes))
             boxes = self._refine(t, deltas, rois, counts, image_shapes)
         shared = self.box_roi_pool(features, boxes, image_shapes)
-        probs = 0.0
+        probs = torch.zeros(())
         if self.decoupled is None:
             for t in range(self.num_stages):
                 logits, deltas = self.box_predictor[t](self.box_head[t](shared))
-                probs = probs + F.softmax(logits, -1)
+                probs = probs + F.softmax(logits.float(), -1)
             final_rois = torch.cat(boxes)
         else:
             maps, scales, levels = roi_levels(self.box_roi_pool, features, boxes)
             rois = rois_with_batch_index(boxes)
             for head in self.decoupled:
-                probs = probs + F.softmax(head.classify(shared, maps, scales, levels, rois), -1)
+                probs = probs + F.softmax(head.classify(shared, maps, scales, levels, rois).float(), -1)
             if self.expert_mode:
                 keep = probs[:, 1:].max(1).values >= probs[:, 0]
                 shared, levels, rois, probs = shared[keep], levels[keep], rois[keep], probs[keep]
@@ -252,7 +253,7 @@ class CascadeRoIHeads(RoIHeads):
         probs = probs / self.num_stages
         # postprocess_detections applies a softmax: the log of a distribution gives the distribution back
         class_logits = torch.log(probs.clamp(min=1e-12))
-        box_regression = deltas.repeat(1, self.num_classes)
+        box_regression = deltas.float().repeat(1, self.num_classes)
         with self._stage(self.num_stages - 1):
             out_boxes, scores, labels = self.postprocess_detections(class_logits, box_regression,
                                                                     list(final_rois.split(counts)), image_shapes)

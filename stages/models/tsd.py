@@ -240,8 +240,10 @@ def decoupled_losses(*, class_logits: Tensor, deltas: Tensor, rois_r: Tensor, si
     targets_p = box_coder.encode_single(matched_gt, rois)
     pos = torch.where(labels > 0)[0]
     lab_pos = labels[pos]
-    tsd_boxes = box_coder.decode_single(select_deltas(deltas[pos], lab_pos), rois_r[pos])
-    sib_boxes = box_coder.decode_single(select_deltas(sibling_deltas[pos], lab_pos), rois[pos])
+    # decode in fp32: torchvision's BoxCoder casts the boxes to the deltas' dtype (fp16/bf16 under AMP)
+    tsd_boxes = box_coder.decode_single(select_deltas(deltas[pos], lab_pos).float(), rois_r[pos].float())
+    sib_boxes = box_coder.decode_single(select_deltas(sibling_deltas[pos], lab_pos).float(), rois[pos].float())
+    matched_gt = matched_gt.float()
     return {
         "classifier": F.cross_entropy(class_logits, labels),
         "box_reg": box_regression_loss(deltas, targets_r, labels),
@@ -406,7 +408,8 @@ class TSDRoIHeads(RoIHeads):
             }
             return [], losses
 
-        boxes, scores, labels_out = self.postprocess_detections(class_logits, box_regression,
+        # decode in fp32: torchvision's BoxCoder casts the boxes to the deltas' dtype (fp16/bf16 under AMP)
+        boxes, scores, labels_out = self.postprocess_detections(class_logits.float(), box_regression.float(),
                                                                 list(rois_r.split(counts)), image_shapes)
         return [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels_out)], {}
 
