@@ -211,3 +211,15 @@ def test_box_regression_loss_matches_torchvision():
     pos = labels > 0
     ref_agn = torch.nn.functional.smooth_l1_loss(deltas[pos, :4], targets[pos], beta=1 / 9, reduction="sum") / 6
     assert torch.allclose(agnostic, ref_agn)
+
+
+def test_bf16_autocast_trains_and_returns_fp32_boxes():
+    model = _tsd_model()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(*tiny_batch())
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tiny_batch()[0])
+    assert all(d["boxes"].dtype == torch.float32 and len(d["boxes"]) > 0 for d in out)
