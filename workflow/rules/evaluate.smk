@@ -20,7 +20,7 @@ rule evaluate:
     shell:
         "python -m stages.evaluate --boxes {input.boxes:q} --image-labels {input.labels:q}"
         " --hierarchy {input.hierarchy:q} --classes {input.classes:q} --predictions {input.dets:q}"
-        " --splits {input.splits:q} --split {wildcards.val} --out {output.json:q} > {log:q} 2>&1"
+        " --split-ids {input.splits:q} --split {wildcards.val} --out {output.json:q} > {log:q} 2>&1"
 
 
 use rule evaluate as evaluate_merge with:
