@@ -157,9 +157,10 @@ def format_summary(s: Summary, *, width: int = 40) -> str:
     if s.score_counts:
         lines.append(f"scores: min {s.score_min:.4f}, max {s.score_max:.4f}")
         peak = max(s.score_counts) or 1
-        for lo, hi, c in zip(s.score_bins[:-1], s.score_bins[1:], s.score_counts):
+        n = len(s.score_counts)
+        for i, (lo, hi, c) in enumerate(zip(s.score_bins[:-1], s.score_bins[1:], s.score_counts)):
             bar = "#" * int(round(width * c / peak))
-            lines.append(f"  [{lo:5.2f}, {hi:5.2f}) {c:>9d} {bar}")
+            lines.append(f"  [{lo:5.2f}, {hi:5.2f}{']' if i == n - 1 else ')'} {c:>9d} {bar}")
     for col, counts in s.groups.items():
         lines.append(f"by {col}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     if s.top_classes:
@@ -282,8 +283,11 @@ def draw_detections(image: Image.Image, dets: pd.DataFrame, *, names: Mapping[st
 
 
 def render_image(*, image_id: str, images: pd.DataFrame, dets: pd.DataFrame, names: Mapping[str, str] | None,
-                 score_thr: float, gt: pd.DataFrame | None = None, source: object = None) -> Image.Image:
-    """Open ``image_id`` (path from the ``images`` table) and draw its rows of ``dets`` (and ``gt``) on it."""
+                 score_thr: float, gt: pd.DataFrame | None = None, min_side: int = 0,
+                 source: object = None) -> Image.Image:
+    """Open ``image_id`` (path from the ``images`` table) and draw its rows of ``dets`` (and ``gt``) on it.
+
+    Images whose shorter side is below ``min_side`` pixels are upscaled first so that the tags stay legible."""
     row = images[images["image_id"] == image_id]
     if row.empty:
         raise InputError(f"unknown image id {image_id!r}: not in the images table", file=source,
@@ -293,6 +297,9 @@ def render_image(*, image_id: str, images: pd.DataFrame, dets: pd.DataFrame, nam
         with Image.open(path) as im:
             im.load()
             image = im.convert("RGB")
+        if 0 < min(image.size) < min_side:
+            f = min_side / min(image.size)
+            image = image.resize((round(image.size[0] * f), round(image.size[1] * f)), Image.BILINEAR)
     except (FileNotFoundError, OSError) as exc:
         raise InputError(f"cannot open image {image_id!r} at {path}: {exc}", file=source, field="path") from exc
     mine = dets[dets["image_id"] == image_id]
@@ -314,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--boxes", type=Path, help="ground-truth boxes table: draw them dashed")
     p.add_argument("--score-thr", type=float, default=0.3, help="draw only rows scoring at least this")
     p.add_argument("--out", type=Path, help="PNG to write the drawing to")
+    p.add_argument("--min-side", type=int, default=480, help="upscale smaller images to this (0: never)")
     a = p.parse_args(argv)
     if a.file.suffix.lower() != ".parquet":
         raise InputError("not a parquet file (expected a .parquet canonical table)", file=a.file)
@@ -330,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     images = pd.concat([read_table(x, "images") for x in a.images], ignore_index=True)
     gt = read_table(a.boxes, "boxes") if a.boxes else None
     img = render_image(image_id=a.image, images=images, dets=df, names=names, score_thr=a.score_thr, gt=gt,
-                       source=", ".join(map(str, a.images)))
+                       min_side=a.min_side, source=", ".join(map(str, a.images)))
     with atomic_path(a.out) as tmp:
         img.save(tmp, format="PNG")
     n = int(((df["image_id"] == a.image) & (df["score"] >= a.score_thr if "score" in df else True)).sum())
