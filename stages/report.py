@@ -1,17 +1,61 @@
-"""Collect metric JSONs (results/evaluate/<stage>/<name>/<split>.json) into one table: JSON and Markdown."""
+"""Collect metric JSONs (results/evaluate/<stage>/<name>/<split>.json) into one table (JSON and Markdown) and,
+with ``--out-html``, a self-contained HTML report: mAP per model and stage on val_a / val_b (table and chart),
+ablation tables, per-class AP plots and sample images with their detections (images embedded as base64 PNG).
+
+    python -m stages.report --metrics results/evaluate/*/*/*.json results/evaluate/merge/*.json \\
+        [--out-json results/metrics.json] [--out-md results/metrics.md] \\
+        [--out-html results/report.html --detections results/merge/val_a.parquet results/merge/test.parquet \\
+         --images results/ingest/images.parquet results/ingest/test_images.parquet \\
+         --boxes results/ingest/boxes.parquet --classes results/ingest/classes.parquet \\
+         --ablation ablation/nms.tsv ablation/heads.json]
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
+import html
+import io
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 
 from stages.cli import stage_main
 from stages.errors import InputError
-from stages.formats.io import write_json, write_text
+from stages.formats.io import read_table, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+VAL_SPLITS = ("val_a", "val_b")
+
+
+# ----- metric files -----------------------------------------------------------------------------------------
+def _metric_key(p: Path) -> tuple[str, str, str]:
+    """(stage, name, split) from results/evaluate/<stage>/<name...>/<split>.json (name = stage when absent)."""
+    parts = p.with_suffix("").parts
+    i = parts.index("evaluate") if "evaluate" in parts else len(parts) - 3
+    rest = parts[i + 1:]
+    return rest[0], "/".join(rest[1:-1]) or rest[0], rest[-1]
+
+
+def _read_metric(p: Path) -> dict:
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"unreadable metrics JSON: {exc}", file=p) from exc
+    if not isinstance(m, dict) or "mAP" not in m:
+        raise InputError("no 'mAP' key", file=p, field="mAP")
+    return m
+
+
+def _float(v: object) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def metrics_frame(paths: Sequence[Path]) -> pd.DataFrame:
@@ -19,19 +63,28 @@ def metrics_frame(paths: Sequence[Path]) -> pd.DataFrame:
     rows = []
     for p in paths:
         p = Path(p)
-        try:
-            m = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"unreadable metrics JSON: {exc}", file=p) from exc
-        if "mAP" not in m:
-            raise InputError("no 'mAP' key", file=p, field="mAP")
-        parts = p.with_suffix("").parts
-        i = parts.index("evaluate") if "evaluate" in parts else len(parts) - 3
-        rest = parts[i + 1:]
-        stage, name, split = (rest[0], "/".join(rest[1:-1]) or rest[0], rest[-1])
-        rows.append({"stage": stage, "name": name, "split": split, "mAP": float(m["mAP"])})
+        m = _read_metric(p)
+        stage, name, split = _metric_key(p)
+        rows.append({"stage": stage, "name": name, "split": split, "mAP": _float(m["mAP"])})
     df = pd.DataFrame(rows)
     return df.pivot_table(index=["stage", "name"], columns="split", values="mAP").reset_index()
+
+
+def per_class_frame(paths: Sequence[Path]) -> pd.DataFrame:
+    """Long table of per-class results: stage, name, split, label, class_name, ap (NaN: no ground truth),
+    n_gt, n_det, n_tp — one row per class of each metric file's ``per_class``."""
+    rows = []
+    for p in paths:
+        p = Path(p)
+        m = _read_metric(p)
+        stage, name, split = _metric_key(p)
+        for label, c in (m.get("per_class") or {}).items():
+            rows.append({"stage": stage, "name": name, "split": split, "label": label,
+                         "class_name": c.get("name", label), "ap": _float(c.get("ap")),
+                         "n_gt": int(c.get("n_gt", 0)), "n_det": int(c.get("n_det", 0)),
+                         "n_tp": int(c.get("n_tp", 0))})
+    cols = ["stage", "name", "split", "label", "class_name", "ap", "n_gt", "n_det", "n_tp"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -42,16 +95,275 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_name(stage: str, name: str) -> str:
+    """How a (stage, name) row is called in the report: ``merge`` or ``postprocess/r50``."""
+    return stage if stage == name else f"{stage}/{name}"
+
+
+def best_run(metrics: pd.DataFrame) -> str | None:
+    """The non-merge run with the highest mean mAP over the validation splits present (None if there is none)."""
+    splits = [s for s in VAL_SPLITS if s in metrics] or [c for c in metrics if c not in ("stage", "name")]
+    cand = metrics[metrics["stage"] != "merge"]
+    if cand.empty or not splits:
+        return None
+    mean = cand[splits].mean(axis=1, skipna=True)
+    if mean.isna().all():
+        return None
+    r = cand.loc[mean.idxmax()]
+    return run_name(r["stage"], r["name"])
+
+
+def class_ap_table(per_class: pd.DataFrame) -> pd.DataFrame:
+    """Per class (rows: label, class_name, n_gt) the AP of each run averaged over its splits (columns: runs).
+
+    Classes without ground truth anywhere are dropped; ``n_gt`` is the largest count over the files."""
+    pc = per_class.dropna(subset=["ap"])
+    if pc.empty:
+        return pd.DataFrame(columns=["label", "class_name", "n_gt"])
+    pc = pc.assign(run=[run_name(s, n) for s, n in zip(pc["stage"], pc["name"])])
+    ap = pc.pivot_table(index="label", columns="run", values="ap", aggfunc="mean")
+    info = pc.groupby("label").agg(class_name=("class_name", "first"), n_gt=("n_gt", "max"))
+    out = info.join(ap).reset_index()
+    out.columns.name = None
+    return out
+
+
+def read_ablation(path: Path) -> pd.DataFrame:
+    """An ablation table from TSV/CSV (header row) or JSON (a list of records, a dict of columns, or a dict of
+    row name -> record)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".json":
+            obj = json.loads(path.read_text())
+            if isinstance(obj, list):
+                return pd.DataFrame(obj)
+            if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
+                return pd.DataFrame.from_dict(obj, orient="index").rename_axis("name").reset_index()
+            if isinstance(obj, dict):
+                return pd.DataFrame(obj)
+            raise InputError("expected a list of records or a dict", file=path)
+        sep = "," if path.suffix.lower() == ".csv" else "\t"
+        return pd.read_csv(path, sep=sep)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise InputError(f"unreadable ablation table: {exc}", file=path) from exc
+
+
+# ----- plots (matplotlib without pyplot: no global state) ---------------------------------------------------
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def map_chart(metrics: pd.DataFrame) -> bytes:
+    """Grouped horizontal bars: mAP of each run on each validation split. PNG bytes."""
+    from matplotlib.figure import Figure
+
+    splits = [s for s in VAL_SPLITS if s in metrics] or [c for c in metrics if c not in ("stage", "name")]
+    runs = [run_name(s, n) for s, n in zip(metrics["stage"], metrics["name"])]
+    fig = Figure(figsize=(8, 1.0 + 0.45 * len(runs) * max(1, len(splits)) / 2))
+    ax = fig.add_subplot()
+    y = np.arange(len(runs))
+    h = 0.8 / max(1, len(splits))
+    for k, s in enumerate(splits):
+        v = metrics[s].to_numpy(np.float64)
+        bars = ax.barh(y + (k - (len(splits) - 1) / 2) * h, np.nan_to_num(v), height=h, label=s)
+        ax.bar_label(bars, labels=[f"{x:.3f}" if np.isfinite(x) else "n/a" for x in v], fontsize=7, padding=2)
+    ax.set_yticks(y, runs)
+    ax.invert_yaxis()
+    ax.set_xlabel("mAP")
+    ax.set_xlim(0, max(1e-3, float(np.nanmax(metrics[splits].to_numpy(np.float64), initial=0.0))) * 1.15)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("mAP per model and stage")
+    return _png(fig)
+
+
+def class_ap_chart(table: pd.DataFrame, runs: Sequence[str], *, max_classes: int = 50) -> tuple[bytes, str]:
+    """Grouped horizontal bars of per-class AP for ``runs`` (columns of :func:`class_ap_table`), sorted by the
+    first run's AP. With more than ``max_classes`` classes, the lowest and highest halves are shown.
+    Returns (PNG bytes, a caption saying which classes are shown)."""
+    from matplotlib.figure import Figure
+
+    t = table.sort_values(runs[0], ascending=False, na_position="last", kind="stable")
+    caption = f"{len(t)} classes, sorted by {runs[0]} AP"
+    if len(t) > max_classes:
+        half = max_classes // 2
+        t = pd.concat([t.head(half), t.tail(max_classes - half)])
+        caption = (f"the {half} highest and {max_classes - half} lowest of {len(table)} classes by "
+                   f"{runs[0]} AP")
+    labels = [f"{n} ({g})" for n, g in zip(t["class_name"], t["n_gt"])]
+    fig = Figure(figsize=(8, 1.2 + 0.22 * len(t) * max(1, len(runs)) ** 0.5))
+    ax = fig.add_subplot()
+    y = np.arange(len(t))
+    h = 0.8 / len(runs)
+    for k, r in enumerate(runs):
+        ax.barh(y + (k - (len(runs) - 1) / 2) * h, np.nan_to_num(t[r].to_numpy(np.float64)), height=h, label=r)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("AP (mean over validation splits); class (ground-truth boxes)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.set_title("Per-class AP")
+    return _png(fig), caption
+
+
+# ----- sample images ----------------------------------------------------------------------------------------
+def sample_ids(dets: pd.DataFrame, images: pd.DataFrame, *, n: int, score_thr: float) -> list[str]:
+    """Up to ``n`` image ids evenly spread over the sorted ids that have a detection >= ``score_thr`` and a row in
+    the images table (deterministic)."""
+    ids = np.array(sorted(set(dets.loc[dets["score"] >= score_thr, "image_id"]) & set(images["image_id"])),
+                   dtype=object)
+    if len(ids) <= n:
+        return list(ids)
+    return list(ids[np.unique(np.linspace(0, len(ids) - 1, n).round().astype(int))])
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One detections file's sample drawings: title, provenance and (image id, caption, image) triples."""
+
+    title: str
+    provenance: dict
+    images: list[tuple[str, str, Image.Image]] = field(default_factory=list)
+
+
+def draw_samples(*, title: str, dets: pd.DataFrame, images: pd.DataFrame, provenance: Mapping | None = None,
+                 gt: pd.DataFrame | None = None, names: Mapping[str, str] | None = None, n: int = 6,
+                 score_thr: float = 0.3, min_side: int = 384, source: object = None) -> Samples:
+    """Draw ``n`` sample images of a detections table (with ground truth when given) for the report."""
+    from stages.inspect import render_image
+
+    out = []
+    for image_id in sample_ids(dets, images, n=n, score_thr=score_thr):
+        img = render_image(image_id=image_id, images=images, dets=dets, names=names, score_thr=score_thr,
+                           gt=gt, min_side=min_side, source=source)
+        mine = dets[dets["image_id"] == image_id]
+        caption = f"{image_id}: {int((mine['score'] >= score_thr).sum())} of {len(mine)} detections ≥ {score_thr}"
+        if gt is not None:
+            caption += f", {int((gt['image_id'] == image_id).sum())} ground-truth boxes (dashed)"
+        out.append((image_id, caption, img))
+    return Samples(title=title, provenance=dict(provenance or {}), images=out)
+
+
+# ----- HTML -------------------------------------------------------------------------------------------------
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px}
+th{background:#f2f2f2}td{text-align:right}td:first-child,td:nth-child(2){text-align:left}
+figure{display:inline-block;margin:6px;vertical-align:top;max-width:420px}figcaption{font-size:12px}
+figure img{max-width:400px}.prov{font-size:12px;color:#555}details{margin:1em 0}"""
+
+
+def img_tag(data: bytes | Image.Image, alt: str) -> str:
+    """An ``<img>`` with the PNG embedded as a base64 data URI."""
+    if isinstance(data, Image.Image):
+        buf = io.BytesIO()
+        data.save(buf, format="PNG")
+        data = buf.getvalue()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _table(df: pd.DataFrame, cls: str) -> str:
+    return df.to_html(index=False, escape=True, na_rep="–", float_format=lambda v: f"{v:.4f}", classes=cls,
+                      border=0)
+
+
+def build_html(*, metrics: pd.DataFrame, per_class: pd.DataFrame,
+               ablations: Mapping[str, pd.DataFrame] | None = None, samples: Sequence[Samples] = (),
+               title: str = "Orchard report", max_classes: int = 50) -> str:
+    """The report as one self-contained HTML page (charts and images inline)."""
+    e = html.escape
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"]
+    parts.append("<h2 id='map'>mAP per model and stage</h2>")
+    m = metrics.copy()
+    m.columns.name = None
+    m.insert(0, "run", [run_name(s, n) for s, n in zip(m["stage"], m["name"])])
+    parts.append(_table(m.drop(columns=["stage", "name"]), "metrics"))
+    if len(m):
+        parts.append(img_tag(map_chart(metrics), "mAP per model and stage"))
+
+    if ablations:
+        parts.append("<h2 id='ablations'>Ablations</h2>")
+        for name, df in ablations.items():
+            parts.append(f"<h3>{e(name)}</h3>" + _table(df, "ablation"))
+
+    table = class_ap_table(per_class)
+    if len(table):
+        parts.append("<h2 id='per-class'>Per-class AP</h2>")
+        runs = [c for c in table.columns if c not in ("label", "class_name", "n_gt")]
+        best = best_run(metrics)
+        shown = [r for r in (best, "merge") if r in runs] or runs[:1]
+        png, caption = class_ap_chart(table, shown, max_classes=max_classes)
+        parts.append(f"<figure style='max-width:none'>{img_tag(png, 'per-class AP')}"
+                     f"<figcaption>{e(caption)}</figcaption></figure>")
+        order = [r for r in shown] + [r for r in runs if r not in shown]
+        full = table[["class_name", "label", "n_gt", *order]].sort_values(order[0], ascending=False,
+                                                                          na_position="last")
+        parts.append(f"<details><summary>AP of every class and run ({len(full)} classes)</summary>"
+                     f"{_table(full, 'per-class')}</details>")
+
+    if samples:
+        parts.append("<h2 id='samples'>Sample images</h2>")
+        for s in samples:
+            parts.append(f"<h3>{e(s.title)}</h3>")
+            prov = {k: v for k, v in s.provenance.items() if k != "columns"}
+            if prov:
+                parts.append(f"<p class='prov'>{e(json.dumps(prov, default=str))}</p>")
+            for image_id, caption, img in s.images:
+                parts.append(f"<figure>{img_tag(img, image_id)}<figcaption>{e(caption)}</figcaption></figure>")
+            if not s.images:
+                parts.append("<p>no image with a detection above the score threshold</p>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
 @stage_main
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--metrics", type=Path, nargs="+", required=True)
-    p.add_argument("--out-json", type=Path, required=True)
-    p.add_argument("--out-md", type=Path, required=True)
+    p.add_argument("--out-json", type=Path)
+    p.add_argument("--out-md", type=Path)
+    p.add_argument("--out-html", type=Path)
+    p.add_argument("--ablation", type=Path, nargs="*", default=[], help="ablation tables (TSV, CSV or JSON)")
+    p.add_argument("--detections", type=Path, nargs="*", default=[], help="detection files to draw samples of")
+    p.add_argument("--images", type=Path, nargs="*", default=[], help="images tables (labelled and test)")
+    p.add_argument("--boxes", type=Path, help="ground-truth boxes table (drawn dashed on the samples)")
+    p.add_argument("--classes", type=Path, help="classes table or CSV (display names on the samples)")
+    p.add_argument("--samples", type=int, default=6, help="sample images per detections file")
+    p.add_argument("--score-thr", type=float, default=0.3, help="draw detections scoring at least this")
+    p.add_argument("--max-classes", type=int, default=50, help="classes in the per-class AP chart")
+    p.add_argument("--title", default="Orchard report")
     a = p.parse_args(argv)
+    if not (a.out_json or a.out_md or a.out_html):
+        p.error("give at least one of --out-json, --out-md, --out-html")
     df = metrics_frame(a.metrics)
-    write_json(a.out_json, df.to_dict(orient="records"))
-    write_text(a.out_md, to_markdown(df))
+    if a.out_json:
+        write_json(a.out_json, df.to_dict(orient="records"))
+    if a.out_md:
+        write_text(a.out_md, to_markdown(df))
+    if a.out_html:
+        from stages.inspect import read_canonical, read_class_names
+
+        if a.detections and not a.images:
+            raise InputError("--detections needs --images to find the image files", field="--images")
+        images = (pd.concat([read_table(x, "images") for x in a.images], ignore_index=True)
+                  if a.images else None)
+        gt = read_table(a.boxes, "boxes") if a.boxes else None
+        names = read_class_names(a.classes) if a.classes else {}
+        samples = []
+        for path in a.detections:
+            table, dets, prov = read_canonical(path)
+            if "score" not in dets:
+                raise InputError(f"a {table!r} table has no scores: not detections", file=path)
+            samples.append(draw_samples(title=str(path), dets=dets, images=images, provenance=prov, gt=gt,
+                                        names=names, n=a.samples, score_thr=a.score_thr,
+                                        source=", ".join(map(str, a.images))))
+        ablations = {x.stem: read_ablation(x) for x in a.ablation}
+        page = build_html(metrics=df, per_class=per_class_frame(a.metrics), ablations=ablations,
+                          samples=samples, title=a.title, max_classes=a.max_classes)
+        write_text(a.out_html, page)
+        log.info("wrote %s (%d KiB)", a.out_html, len(page) // 1024)
     print(to_markdown(df))
 
 
