@@ -1,0 +1,157 @@
+"""Report: metric JSONs computed by the real evaluator on the tiny dataset -> the metrics table (old CLI kept)
+and a self-contained HTML page with the tables, charts and sample drawings embedded as base64 PNG."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import pandas as pd
+import pytest
+
+from stages import evaluate, ingest, report
+from stages.formats.io import read_table, write_table
+from tests.conftest import ingest_args, write_tiny_dataset
+
+SPLITS = {"img0": "val_a", "img1": "val_a", "img2": "val_b", "img3": "val_b"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    """Ingested tiny dataset; detections of two models (a: the ground truth, b: a worse copy) and the merge;
+    their metric JSONs under results/evaluate/<stage>/<name>/<split>.json."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    ing = tmp_path / "ingest"
+    assert ingest.main(ingest_args(write_tiny_dataset(tmp_path / "oid"), ing)) == 0
+    boxes = read_table(ing / "boxes.parquet", "boxes")
+    splits = pd.DataFrame({"image_id": list(SPLITS), "split": list(SPLITS.values())})
+    write_table(tmp_path / "splits.parquet", splits, "splits")
+    good = boxes.drop(columns=["is_group_of"]).assign(score=[0.9, 0.8, 0.7, 0.6, 0.5])
+    # b misses img0's cat and boxes img1's dog in the wrong place
+    bad = good.iloc[1:].reset_index(drop=True)
+    bad.loc[0 if bad.loc[0, "image_id"] == "img1" else 1, ["x_min", "x_max"]] = [0.0, 0.05]
+    runs = {"postprocess/a": good, "postprocess/b": bad, "merge": good}
+    metrics = []
+    for run, dets in runs.items():
+        for split in ("val_a", "val_b"):
+            det_path = tmp_path / "results" / run / f"{split}.parquet"
+            write_table(det_path, dets, "detections", provenance={"stage": run.split("/")[0]})
+            out = tmp_path / "results" / "evaluate" / run / f"{split}.json"
+            assert evaluate.main(["--boxes", str(ing / "boxes.parquet"),
+                                  "--image-labels", str(ing / "image_labels.parquet"),
+                                  "--hierarchy", str(ing / "hierarchy.parquet"),
+                                  "--classes", str(ing / "classes.parquet"), "--predictions", str(det_path),
+                                  "--split-ids", str(tmp_path / "splits.parquet"), "--split", split,
+                                  "--out", str(out)]) == 0
+            metrics.append(out)
+    return {"ingest": ing, "metrics": metrics, "merge_val": tmp_path / "results/merge/val_a.parquet"}
+
+
+def test_metrics_and_per_class_frames(results):
+    df = report.metrics_frame(results["metrics"])
+    mAP = {p: json.loads(p.read_text())["mAP"] for p in results["metrics"]}
+    row = df.set_index(["stage", "name"])
+    for p, v in mAP.items():
+        stage, name, split = report._metric_key(p)
+        assert row.loc[(stage, name), split] == pytest.approx(v)
+    # a finds every box; the parent class Animal (from the hierarchy) has ground truth but no detection
+    assert row.loc[("postprocess", "a"), "val_a"] == pytest.approx(0.75)
+    assert row.loc[("postprocess", "b"), "val_a"] == pytest.approx(0.25)  # b: only img0's car is right
+    assert report.best_run(df) == "postprocess/a"
+
+    pc = report.per_class_frame(results["metrics"])
+    assert set(pc["name"]) == {"a", "b", "merge"} and len(pc) == 6 * 4  # 6 files x 4 classes
+    table = report.class_ap_table(pc)
+    assert set(table.columns) == {"label", "class_name", "n_gt", "postprocess/a", "postprocess/b", "merge"}
+    cat = table.set_index("label").loc["/m/cat"]
+    assert cat["class_name"] == "Cat" and cat["postprocess/a"] == 1.0 and cat["postprocess/b"] < 1.0
+
+
+def test_old_cli_unchanged(results, tmp_path, capsys):
+    out_json, out_md = tmp_path / "m.json", tmp_path / "m.md"
+    assert report.main(["--metrics", *map(str, results["metrics"]), "--out-json", str(out_json),
+                        "--out-md", str(out_md)]) == 0
+    recs = json.loads(out_json.read_text())
+    assert {(r["stage"], r["name"]) for r in recs} == {("postprocess", "a"), ("postprocess", "b"),
+                                                       ("merge", "merge")}
+    assert "| postprocess | b | 0.2500 | 0.6667 |" in out_md.read_text()
+
+
+def _imgs(page: str) -> list[tuple[str, bytes]]:
+    found = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)
+    return [(alt, base64.b64decode(b)) for alt, b in found]
+
+
+def test_html_report(results, tmp_path):
+    ing = results["ingest"]
+    (tmp_path / "nms.tsv").write_text("variant\tval_a\tval_b\nnms\t0.51\t0.50\nsoft_nms\t0.53\t0.52\n")
+    (tmp_path / "heads.json").write_text(json.dumps({"tsd": {"val_a": 0.55}, "plain": {"val_a": 0.25}}))
+    out = tmp_path / "report.html"
+    rc = report.main(["--metrics", *map(str, results["metrics"]), "--out-html", str(out),
+                      "--ablation", str(tmp_path / "nms.tsv"), str(tmp_path / "heads.json"),
+                      "--detections", str(results["merge_val"]), "--images", str(ing / "images.parquet"),
+                      str(ing / "test_images.parquet"), "--boxes", str(ing / "boxes.parquet"),
+                      "--classes", str(ing / "classes.parquet"), "--samples", "3", "--score-thr", "0.3"])
+    assert rc == 0
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "src=\"http" not in page and "<script" not in page  # self-contained
+    imgs = _imgs(page)
+    assert [alt for alt, _ in imgs[:2]] == ["mAP per model and stage", "per-class AP"]
+    assert all(data.startswith(b"\x89PNG\r\n\x1a\n") for _, data in imgs)
+    # samples: evenly spread over the 4 labelled images with a detection >= 0.3
+    assert [alt for alt, _ in imgs[2:]] == ["img0", "img2", "img3"]
+    assert "<td>postprocess/a</td>" in page and "<td>merge</td>" in page
+    assert "<h3>nms</h3>" in page and "<td>soft_nms</td>" in page and "<td>0.5300</td>" in page
+    assert "<h3>heads</h3>" in page and "<td>tsd</td>" in page
+    assert "<td>Cat</td>" in page  # the per-class table
+    assert "img0: 2 of 2 detections" in page and "ground-truth boxes (dashed)" in page
+    assert "sorted by postprocess/a AP" in page
+
+
+def test_sample_ids_even_and_deterministic():
+    dets = pd.DataFrame({"image_id": [f"i{k:02d}" for k in range(10)] + ["low"], "score": [0.9] * 10 + [0.1]})
+    images = pd.DataFrame({"image_id": [f"i{k:02d}" for k in range(9)] + ["low"]})  # i09 has no image
+    assert report.sample_ids(dets, images, n=3, score_thr=0.3) == ["i00", "i04", "i08"]
+    assert report.sample_ids(dets, images, n=20, score_thr=0.3) == [f"i{k:02d}" for k in range(9)]
+
+
+def test_read_ablation_forms(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"x": 1, "y": 2}, {"x": 3, "y": 4}]))
+    (tmp_path / "b.json").write_text(json.dumps({"x": [1, 3], "y": [2, 4]}))
+    assert report.read_ablation(tmp_path / "a.json").equals(report.read_ablation(tmp_path / "b.json"))
+    (tmp_path / "c.csv").write_text("x,y\n1,2\n")
+    assert report.read_ablation(tmp_path / "c.csv").to_dict("records") == [{"x": 1, "y": 2}]
+
+
+@pytest.mark.parametrize("case", ["bad_json", "no_map", "dets_without_images", "bad_ablation", "not_detections"])
+def test_bad_input_exits_2(results, tmp_path, capsys, case):
+    argv = ["--metrics", *map(str, results["metrics"]), "--out-html", str(tmp_path / "r.html")]
+    if case == "bad_json":
+        (tmp_path / "x.json").write_text("{")
+        argv[1:1] = [str(tmp_path / "x.json")]
+        msg = "unreadable metrics JSON"
+    elif case == "no_map":
+        (tmp_path / "x.json").write_text("{}")
+        argv[1:1] = [str(tmp_path / "x.json")]
+        msg = "no 'mAP' key"
+    elif case == "dets_without_images":
+        argv += ["--detections", str(results["merge_val"])]
+        msg = "--detections needs --images"
+    elif case == "bad_ablation":
+        (tmp_path / "abl.json").write_text("[1,")
+        argv += ["--ablation", str(tmp_path / "abl.json")]
+        msg = "unreadable ablation table"
+    else:
+        argv += ["--detections", str(results["ingest"] / "boxes.parquet"),
+                 "--images", str(results["ingest"] / "images.parquet")]
+        msg = "has no scores"
+    assert report.main(argv) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_needs_an_output(results):
+    with pytest.raises(SystemExit) as e:
+        report.main(["--metrics", str(results["metrics"][0])])
+    assert e.value.code == 2
