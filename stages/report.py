@@ -198,6 +198,8 @@ def class_ap_chart(table: pd.DataFrame, runs: Sequence[str], *, max_classes: int
     h = 0.8 / len(runs)
     for k, r in enumerate(runs):
         ax.barh(y + (k - (len(runs) - 1) / 2) * h, np.nan_to_num(t[r].to_numpy(np.float64)), height=h, label=r)
+    if len(t) < len(table):  # mark where the highest half ends and the lowest begins
+        ax.axhline(max_classes // 2 - 0.5, color="grey", linestyle="--", linewidth=0.8)
     ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
@@ -248,7 +250,7 @@ def draw_samples(*, title: str, dets: pd.DataFrame, images: pd.DataFrame, proven
 # ----- HTML -------------------------------------------------------------------------------------------------
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px}
-th{background:#f2f2f2}td{text-align:right}td:first-child,td:nth-child(2){text-align:left}
+th{background:#f2f2f2}td{text-align:right}td:first-child,.per-class td:nth-child(2){text-align:left}
 figure{display:inline-block;margin:6px;vertical-align:top;max-width:420px}figcaption{font-size:12px}
 figure img{max-width:400px}.prov{font-size:12px;color:#555}details{margin:1em 0}"""
 
