@@ -20,6 +20,7 @@ include: "workflow/rules/infer.smk"
 include: "workflow/rules/postprocess.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/submit.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -27,3 +28,4 @@ rule all:
     input:
         rules.submit.output.csv,
         rules.metrics_table.output.json,
+        rules.report.output.html,

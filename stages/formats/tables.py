@@ -70,7 +70,8 @@ def conform(df: pd.DataFrame, name: str, *, source: object = None) -> pd.DataFra
             row = int(np.flatnonzero(s.isna().to_numpy())[0])
             raise InputError(f"empty value in table {name!r}", file=source, row=f"row {row}", field=col)
         try:
-            out[col] = s.astype(dtype) if dtype != "object" else s.astype(str).astype(object)
+            s = s.astype(dtype) if dtype != "object" else s.astype(str).astype(object)
+            out[col] = s.to_numpy()  # positional: the input's index (e.g. after filtering) is irrelevant
         except (TypeError, ValueError) as exc:
             raise InputError(f"cannot read as {dtype}: {exc}", file=source, field=col) from exc
     return pd.DataFrame(out, index=pd.RangeIndex(len(df)))

@@ -53,3 +53,21 @@ def test_real_2019_hierarchy():
     assert max(len(h.ancestors(lab)) for lab in h.labels) <= 5
     leaves = [lab for lab in h.labels if not h.descendants(lab)]
     assert len(leaves) == 443
+
+
+def test_conform_ignores_the_input_index_and_atomic_files_are_readable(tmp_path):
+    import os
+    import stat
+
+    import pandas as pd
+
+    from stages.formats.io import read_table, write_table
+
+    df = pd.DataFrame({"image_id": ["a", "b", "c"], "label": ["x", "y", "z"], "score": [0.1, 0.2, 0.3],
+                       "x_min": 0.0, "y_min": 0.0, "x_max": 1.0, "y_max": 1.0})
+    filtered = df[df["score"] > 0.15]          # index [1, 2]
+    write_table(tmp_path / "d.parquet", filtered, "detections")
+    back = read_table(tmp_path / "d.parquet", "detections")
+    assert back["image_id"].tolist() == ["b", "c"]
+    mode = stat.S_IMODE(os.stat(tmp_path / "d.parquet").st_mode)
+    assert mode & stat.S_IRGRP, oct(mode)
