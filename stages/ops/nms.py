@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from stages.formats.tables import BOX_COLUMNS
-from stages.ops.boxes import box_iou, iou_one_to_many
+from stages.ops.boxes import box_iou
 
 #: elements (groups x group size) per padded block; bounds memory independently of the input size
 BLOCK_ELEMS = 1 << 19
@@ -126,27 +126,25 @@ def soft_nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, method: str = "ga
         raise ValueError(f"sigma must be > 0, not {sigma}")
     out = scores.clone()
     keep = []
-    for idx in group_blocks(groups, scores):
+    for idx in group_blocks(groups, scores, square=True):
         g, n = idx.shape
         cur = scores[idx]
         if n > 1:
             b = boxes[idx]
-            x1, y1, x2, y2 = (b[..., i].contiguous() for i in range(4))
-            area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+            o = box_iou(b, b)                                   # [G, N, N]
+            if method == "gaussian":
+                w = torch.exp(o.mul_(o).div_(-sigma))
+            else:
+                w = torch.where(o > iou_thr, 1.0 - o, torch.ones_like(o))
             done = torch.zeros((g, n), dtype=torch.bool, device=boxes.device)
             neg = torch.tensor(float("-inf"), dtype=cur.dtype, device=cur.device)
             for _ in range(n):
                 best_s, best = torch.where(done, neg, cur).max(1)
-                live = best_s > score_thr
-                if not bool(live.any()):
+                if not bool((best_s > score_thr).any()):
                     break   # every box left is <= score_thr: it is dropped, and it could only decay lower ones
                 done.scatter_(1, best[:, None], True)
-                o = iou_one_to_many(x1, y1, x2, y2, area, best)
-                if method == "gaussian":
-                    w = torch.exp(o.mul_(o).div_(-sigma))
-                else:
-                    w = torch.where(o > iou_thr, 1.0 - o, torch.ones_like(o))
-                cur = torch.where(done | ~live[:, None], cur, cur * w)
+                wi = w.gather(1, best[:, None, None].expand(g, 1, n)).squeeze(1)
+                cur = torch.where(done, cur, cur * wi)
         out[idx] = cur
         keep.append(idx[cur > score_thr])
     if not keep:
