@@ -90,7 +90,7 @@ class TableWriter:
     def write(self, df: pd.DataFrame) -> None:
         if len(df) == 0:
             return
-        df = conform(df, self.name, source=self.path)
+        df = conform(df.reset_index(drop=True), self.name, source=self.path)
         df = df.sort_values("image_id", kind="stable").reset_index(drop=True)
         table = pa.Table.from_pandas(df, preserve_index=False)
         if self._writer is None:
