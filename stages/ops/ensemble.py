@@ -9,7 +9,8 @@ others are scaled down in proportion. Where the factor is undefined it is 1: the
 model's AP file or its AP is NaN (no evidence about that model: no change), or every model has AP 0.
 
 Top-k voting: each box ``P`` of the pooled set (same image and class) looks at the ``k`` boxes ``P_i`` *of the
-other models* with the highest IoU to it (IoU > ``min_iou``; ties: earlier pooled row first) and becomes
+other models* with the highest IoU to it (IoU > ``min_iou``; which of several boxes tied
+at the k-th place votes is unspecified) and becomes
 
     S = S_P + score_weight * sum_i S_Pi                         (score_weight = 0.05)
     B = box_weight * B_P + (1 - box_weight) / k' * sum_i B_Pi   (box_weight = 0.7, k' = neighbours found <= k)
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from stages.formats.tables import BOX_COLUMNS
 from stages.ops.boxes import box_iou
-from stages.ops.nms import _default_device, group_blocks, group_ids, suppress
+from stages.ops.nms import _default_device, _sorted, group_blocks, group_ids, suppress_tensors
 
 
 def ap_factors(ap_per_model: Sequence[Mapping[str, float | None]]) -> list[dict[str, float]]:
@@ -63,10 +64,8 @@ def _ap(v: object) -> float | None:
 
 def reweight(dets: pd.DataFrame, factors: Mapping[str, float]) -> pd.DataFrame:
     """``score * factors[label]`` (1 for labels without a factor)."""
-    out = dets.copy()
-    f = out["label"].map(dict(factors)).astype(np.float64).fillna(1.0).to_numpy()
-    out["score"] = out["score"].to_numpy(np.float64) * f
-    return out
+    f = dets["label"].map(dict(factors)).astype(np.float64).fillna(1.0).to_numpy()
+    return dets.assign(score=dets["score"].to_numpy(np.float64) * f)
 
 
 def topk_vote(boxes: Tensor, scores: Tensor, groups: Tensor, sources: Tensor, *, k: int = 4,
@@ -88,9 +87,8 @@ def topk_vote(boxes: Tensor, scores: Tensor, groups: Tensor, sources: Tensor, *,
         src = sources[idx]
         iou = box_iou(b, b)
         iou = iou.masked_fill(src[:, :, None] == src[:, None, :], -1.0)    # self and same model: no vote
-        kk = min(k, n)
-        vals, nb = torch.sort(iou, dim=-1, descending=True, stable=True)
-        vals, nb = vals[..., :kk], nb[..., :kk]                              # [G, N, k]
+        vals, nb = torch.topk(iou, min(k, n), dim=-1)                        # [G, N, k]
+        kk = vals.shape[-1]
         valid = (vals > min_iou).to(b.dtype)
         cnt = valid.sum(-1)                                                  # [G, N]
         s = scores[idx]
@@ -139,6 +137,20 @@ def naive_ensemble(dets_per_model: Sequence[pd.DataFrame], *,
         frames = [reweight(d, f) for d, f in zip(frames, ap_factors(ap_per_model))]
     sources = np.concatenate([np.full(len(d), i, dtype=np.int64) for i, d in enumerate(frames)])
     pooled = pd.concat(frames, ignore_index=True)
-    pooled = vote(pooled, sources, k=k, score_weight=score_weight, box_weight=box_weight, min_iou=min_iou,
-                  device=device)
-    return suppress(pooled, method=method, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr, device=device)
+    if len(pooled) == 0:
+        return pooled
+    dev = torch.device(device) if device is not None else _default_device()
+    boxes = torch.from_numpy(pooled[list(BOX_COLUMNS)].to_numpy(np.float64)).to(dev)
+    scores = torch.from_numpy(pooled["score"].to_numpy(np.float64)).to(dev)
+    groups = torch.from_numpy(group_ids(pooled["image_id"], pooled["label"])).to(dev)
+    if k > 0:
+        boxes, scores = topk_vote(boxes, scores, groups, torch.from_numpy(sources).to(dev), k=k,
+                                  score_weight=score_weight, box_weight=box_weight, min_iou=min_iou)
+    keep, new = suppress_tensors(boxes, scores, groups, method=method, iou_thr=iou_thr, sigma=sigma,
+                                 score_thr=score_thr)
+    keep_np = keep.cpu().numpy()
+    out = pooled.iloc[keep_np].reset_index(drop=True)
+    for i, col in enumerate(BOX_COLUMNS):
+        out[col] = boxes[keep, i].cpu().numpy()
+    out["score"] = new.cpu().numpy()
+    return _sorted(out)

@@ -185,17 +185,29 @@ def suppress(dets: pd.DataFrame, *, method: str = "adj_nms", iou_thr: float = 0.
     boxes = torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64)).to(dev)
     scores = torch.from_numpy(dets["score"].to_numpy(np.float64)).to(dev)
     groups = torch.from_numpy(group_ids(dets["image_id"], dets["label"])).to(dev)
-    if method == "nms":
-        keep = nms(boxes, scores, groups, iou_thr=iou_thr)
-        new = scores[keep]
-    elif method == "adj_nms":
-        keep, new = adj_nms(boxes, scores, groups, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr)
-    else:
-        keep, new = soft_nms(boxes, scores, groups, method="linear" if method == "soft_nms_linear" else "gaussian",
-                             iou_thr=iou_thr, sigma=sigma, score_thr=score_thr)
+    keep, new = suppress_tensors(boxes, scores, groups, method=method, iou_thr=iou_thr, sigma=sigma,
+                                 score_thr=score_thr)
     out = dets.iloc[keep.cpu().numpy()].reset_index(drop=True)
     out["score"] = new.cpu().numpy()
     return _sorted(out)
+
+
+def suppress_tensors(boxes: Tensor, scores: Tensor, groups: Tensor, *, method: str, iou_thr: float = 0.5,
+                     sigma: float = 0.5, score_thr: float = 0.001) -> tuple[Tensor, Tensor]:
+    """Dispatch one of :data:`METHODS` on tensors; returns ``(keep, new_scores)``."""
+    if method == "none":
+        keep = torch.nonzero(scores > score_thr).view(-1)
+        keep = _by_score(keep, scores)
+        return keep, scores[keep]
+    if method == "nms":
+        keep = nms(boxes, scores, groups, iou_thr=iou_thr)
+        return keep, scores[keep]
+    if method == "adj_nms":
+        return adj_nms(boxes, scores, groups, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr)
+    if method in ("soft_nms", "soft_nms_linear"):
+        return soft_nms(boxes, scores, groups, method="linear" if method == "soft_nms_linear" else "gaussian",
+                        iou_thr=iou_thr, sigma=sigma, score_thr=score_thr)
+    raise ValueError(f"method must be one of {METHODS}, not {method!r}")
 
 
 def top_per_image(dets: pd.DataFrame, *, max_per_image: int) -> pd.DataFrame:
