@@ -23,7 +23,8 @@ def expand_hierarchy(dets: pd.DataFrame, hierarchy: Hierarchy) -> pd.DataFrame:
     anc["label"] = anc.pop("expanded")
     out = pd.concat([dets, anc], ignore_index=True)
     key = ["image_id", "label", *BOX_COLUMNS]
-    order = np.lexsort((-out["score"].to_numpy(), out["image_id"].to_numpy().astype(str)))
+    img, _ = pd.factorize(out["image_id"].to_numpy(), sort=True)
+    order = np.lexsort((-out["score"].to_numpy(np.float64), img))
     out = out.iloc[order]
     out = out[~out.duplicated(subset=key, keep="first")]
     return out.reset_index(drop=True)

@@ -222,7 +222,8 @@ def top_per_image(dets: pd.DataFrame, *, max_per_image: int) -> pd.DataFrame:
 def _sorted(dets: pd.DataFrame) -> pd.DataFrame:
     if len(dets) == 0:
         return dets.reset_index(drop=True)
-    order = np.lexsort((-dets["score"].to_numpy(), dets["image_id"].to_numpy().astype(str)))
+    img, _ = pd.factorize(dets["image_id"].to_numpy(), sort=True)
+    order = np.lexsort((-dets["score"].to_numpy(np.float64), img))
     return dets.iloc[order].reset_index(drop=True)
 
 
