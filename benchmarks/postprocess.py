@@ -64,11 +64,13 @@ def run_cli(args: list[str]) -> tuple[float, str]:
 
 
 def peak_rss_mb(module: str, argv: list[str]) -> float:
-    code = ("import resource, sys, torch; torch.set_num_threads(1); "
+    """Peak RSS of a fresh interpreter running ``module.main(argv)``: VmHWM of its own address space (unlike
+    ``ru_maxrss``, which a child inherits from the forking parent across exec)."""
+    code = ("import torch; torch.set_num_threads(1); "
             f"from {module} import main; rc = main({argv!r}); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     _, out = run_cli(["-c", code])
-    return float(out.splitlines()[-1])
+    return float(out.splitlines()[-1]) / 1024
 
 
 def main() -> None:
