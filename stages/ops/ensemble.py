@@ -33,7 +33,7 @@ from torch import Tensor
 
 from stages.formats.tables import BOX_COLUMNS
 from stages.ops.boxes import box_iou
-from stages.ops.nms import _default_device, _sorted, group_blocks, group_ids, suppress_tensors
+from stages.ops.nms import _codes, _default_device, group_blocks, group_ids, suppress_tensors, take_sorted
 
 
 def ap_factors(ap_per_model: Sequence[Mapping[str, float | None]]) -> list[dict[str, float]]:
@@ -142,15 +142,11 @@ def naive_ensemble(dets_per_model: Sequence[pd.DataFrame], *,
     dev = torch.device(device) if device is not None else _default_device()
     boxes = torch.from_numpy(pooled[list(BOX_COLUMNS)].to_numpy(np.float64)).to(dev)
     scores = torch.from_numpy(pooled["score"].to_numpy(np.float64)).to(dev)
-    groups = torch.from_numpy(group_ids(pooled["image_id"], pooled["label"])).to(dev)
+    img, gid = _codes(pooled)
+    groups = torch.from_numpy(gid).to(dev)
     if k > 0:
         boxes, scores = topk_vote(boxes, scores, groups, torch.from_numpy(sources).to(dev), k=k,
                                   score_weight=score_weight, box_weight=box_weight, min_iou=min_iou)
     keep, new = suppress_tensors(boxes, scores, groups, method=method, iou_thr=iou_thr, sigma=sigma,
                                  score_thr=score_thr)
-    keep_np = keep.cpu().numpy()
-    out = pooled.iloc[keep_np].reset_index(drop=True)
-    for i, col in enumerate(BOX_COLUMNS):
-        out[col] = boxes[keep, i].cpu().numpy()
-    out["score"] = new.cpu().numpy()
-    return _sorted(out)
+    return take_sorted(pooled, img, keep.cpu().numpy(), new.cpu().numpy(), boxes[keep].cpu().numpy())

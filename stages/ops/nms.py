@@ -178,18 +178,39 @@ def suppress(dets: pd.DataFrame, *, method: str = "adj_nms", iou_thr: float = 0.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    if method == "none" or len(dets) == 0:
-        out = dets[dets["score"].to_numpy() > score_thr] if method == "none" else dets
-        return _sorted(out.reset_index(drop=True))
+    if len(dets) == 0:
+        return dets.reset_index(drop=True)
     dev = torch.device(device) if device is not None else _default_device()
     boxes = torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64)).to(dev)
     scores = torch.from_numpy(dets["score"].to_numpy(np.float64)).to(dev)
-    groups = torch.from_numpy(group_ids(dets["image_id"], dets["label"])).to(dev)
-    keep, new = suppress_tensors(boxes, scores, groups, method=method, iou_thr=iou_thr, sigma=sigma,
-                                 score_thr=score_thr)
-    out = dets.iloc[keep.cpu().numpy()].reset_index(drop=True)
-    out["score"] = new.cpu().numpy()
-    return _sorted(out)
+    img, groups = _codes(dets)
+    keep, new = suppress_tensors(boxes, scores, torch.from_numpy(groups).to(dev), method=method, iou_thr=iou_thr,
+                                 sigma=sigma, score_thr=score_thr)
+    return take_sorted(dets, img, keep.cpu().numpy(), new.cpu().numpy())
+
+
+def _codes(dets: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(image codes in sorted image-id order, group ids per (image_id, label))."""
+    img, _ = pd.factorize(dets["image_id"].to_numpy(), sort=True)
+    lab, lab_u = pd.factorize(dets["label"].to_numpy())
+    return img, img.astype(np.int64) * max(len(lab_u), 1) + lab
+
+
+def take_sorted(dets: pd.DataFrame, img: np.ndarray, keep: np.ndarray, scores: np.ndarray,
+                boxes: np.ndarray | None = None) -> pd.DataFrame:
+    """Rows ``keep`` of ``dets`` with new ``scores`` (and ``boxes [len(keep), 4]``), sorted by image id then
+    score descending (ties: the order of ``keep``), in one take."""
+    order = np.lexsort((-scores, img[keep]))
+    rows = keep[order]
+    cols = {}
+    for c in dets.columns:
+        if c == "score":
+            cols[c] = scores[order]
+        elif boxes is not None and c in BOX_COLUMNS:
+            cols[c] = boxes[order, BOX_COLUMNS.index(c)]
+        else:
+            cols[c] = dets[c].to_numpy()[rows]
+    return pd.DataFrame(cols)
 
 
 def suppress_tensors(boxes: Tensor, scores: Tensor, groups: Tensor, *, method: str, iou_thr: float = 0.5,
