@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stages.formats.io import write_table  # noqa: E402
-from stages.ops.nms import soft_nms, suppress  # noqa: E402
+from stages.ops.nms import adj_nms, soft_nms, suppress  # noqa: E402
 
 
 def make(rng: np.random.Generator, images: int, boxes: int, classes: int, *, offset: int = 0):
@@ -104,6 +104,9 @@ def main() -> None:
         t = time.perf_counter()
         keep, new = soft_nms(B, S, G, method="gaussian", sigma=0.5, score_thr=0.001)
         t_ours = time.perf_counter() - t
+        t = time.perf_counter()
+        adj_nms(B, S, G, iou_thr=0.5, sigma=0.5, score_thr=0.001)
+        t_adj = time.perf_counter() - t
         df = frame(b, s, lab)
         t = time.perf_counter()
         suppress(df, method="soft_nms", sigma=0.5, score_thr=0.001)
@@ -123,6 +126,7 @@ def main() -> None:
         note = "" if n_ref == a.images else f" (timed on {n_ref} images, extrapolated x{a.images / n_ref:.1f})"
         print(f"  ensemble_boxes.soft_nms(method=2): {ref_all:8.2f} s{note}")
         print(f"  stages.ops.nms.soft_nms (tensors): {t_ours:8.2f} s   speed-up x{ref_all / t_ours:.1f}")
+        print(f"  stages.ops.nms.adj_nms (tensors, NMS 0.5 + gaussian re-weighting): {t_adj:8.2f} s")
         print(f"  stages.ops.nms.suppress (frame, incl. grouping by image/label strings): {t_frame:8.2f} s   "
               f"speed-up x{ref_all / t_frame:.1f}")
         print(f"  kept boxes on the {n_ref} compared images: ours {len(our_keys)}, ensemble_boxes {len(ref_keys)}, "

@@ -81,6 +81,40 @@ def _by_score(keep: Tensor, scores: Tensor) -> Tensor:
     return keep[torch.argsort(-scores[keep], stable=True)]
 
 
+def _nms_mask(o: Tensor, iou_thr: float) -> Tensor:
+    """Kept mask ``[G, N]`` of hard NMS given the IoUs ``o [G, N, N]`` of score-sorted groups."""
+    g, n = o.shape[:2]
+    over = o > iou_thr
+    suppressed = torch.zeros((g, n), dtype=torch.bool, device=o.device)
+    kept = torch.zeros((g, n), dtype=torch.bool, device=o.device)
+    for i in range(n):
+        k = ~suppressed[:, i]
+        kept[:, i] = k
+        suppressed |= over[:, i, :] & k[:, None]
+    return kept
+
+
+def _soft_steps(cur: Tensor, done: Tensor, w: Tensor, score_thr: float) -> Tensor:
+    """Soft-NMS selection over rows of ``cur [G, N]`` (boxes with ``done`` take no part) with pairwise
+    weights ``w [G, N, N]``; returns the decayed scores. Ties: the lower column first."""
+    g, n = cur.shape
+    neg = torch.tensor(float("-inf"), dtype=cur.dtype, device=cur.device)
+    for _ in range(n):
+        best_s, best = torch.where(done, neg, cur).max(1)
+        if not bool((best_s > score_thr).any()):
+            break   # every box left is <= score_thr: it is dropped, and it could only decay lower ones
+        done.scatter_(1, best[:, None], True)
+        wi = w.gather(1, best[:, None, None].expand(g, 1, n)).squeeze(1)
+        cur = torch.where(done, cur, cur * wi)
+    return cur
+
+
+def _weights(o: Tensor, method: str, iou_thr: float, sigma: float) -> Tensor:
+    if method == "gaussian":
+        return torch.exp(o.mul_(o).div_(-sigma))
+    return torch.where(o > iou_thr, 1.0 - o, torch.ones_like(o))
+
+
 def nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, iou_thr: float = 0.5) -> Tensor:
     """Hard NMS per group: drop every box whose IoU with a higher-scoring kept box of its group is > ``iou_thr``.
 
@@ -90,19 +124,11 @@ def nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, iou_thr: float = 0.5) 
     """
     keep = []
     for idx in group_blocks(groups, scores, square=True):
-        g, n = idx.shape
-        if n == 1:
+        if idx.shape[1] == 1:
             keep.append(idx.view(-1))
             continue
         b = boxes[idx]
-        over = box_iou(b, b) > iou_thr                     # [G, N, N]
-        suppressed = torch.zeros((g, n), dtype=torch.bool, device=boxes.device)
-        kept = torch.zeros((g, n), dtype=torch.bool, device=boxes.device)
-        for i in range(n):
-            k = ~suppressed[:, i]
-            kept[:, i] = k
-            suppressed |= over[:, i, :] & k[:, None]
-        keep.append(idx[kept])
+        keep.append(idx[_nms_mask(box_iou(b, b), iou_thr)])
     if not keep:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     return _by_score(torch.cat(keep), scores)
@@ -120,6 +146,25 @@ def soft_nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, method: str = "ga
     by decreasing decayed score, and those decayed scores (``new_scores[i]`` belongs to ``keep[i]``). The
     scores are never raised. See the module docstring for the difference to ``ensemble_boxes.soft_nms``.
     """
+    return _soft(boxes, scores, groups, method=method, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr,
+                 nms_first=None)
+
+
+def adj_nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, iou_thr: float = 0.5, sigma: float = 0.5,
+            score_thr: float = 0.001) -> tuple[Tensor, Tensor]:
+    """adj-NMS (MMfruit): hard NMS at ``iou_thr``, then gaussian soft-NMS re-weighting of the survivors,
+    ``w = exp(-IoU**2 / sigma)``, dropping those whose decayed score is <= ``score_thr``.
+
+    Same result as ``soft_nms`` (gaussian) on the boxes :func:`nms` keeps, computed in one pass (the IoUs of a
+    group are built once). Returns ``(keep, new_scores)`` like :func:`soft_nms`; ``keep`` is always a subset of
+    :func:`nms`'s.
+    """
+    return _soft(boxes, scores, groups, method="gaussian", iou_thr=iou_thr, sigma=sigma, score_thr=score_thr,
+                 nms_first=iou_thr)
+
+
+def _soft(boxes: Tensor, scores: Tensor, groups: Tensor, *, method: str, iou_thr: float, sigma: float,
+          score_thr: float, nms_first: float | None) -> tuple[Tensor, Tensor]:
     if method not in ("gaussian", "linear"):
         raise ValueError(f"method must be 'gaussian' or 'linear', not {method!r}")
     if method == "gaussian" and sigma <= 0:
@@ -129,40 +174,19 @@ def soft_nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, method: str = "ga
     for idx in group_blocks(groups, scores, square=True):
         g, n = idx.shape
         cur = scores[idx]
+        live = torch.ones((g, n), dtype=torch.bool, device=boxes.device)
         if n > 1:
             b = boxes[idx]
             o = box_iou(b, b)                                   # [G, N, N]
-            if method == "gaussian":
-                w = torch.exp(o.mul_(o).div_(-sigma))
-            else:
-                w = torch.where(o > iou_thr, 1.0 - o, torch.ones_like(o))
-            done = torch.zeros((g, n), dtype=torch.bool, device=boxes.device)
-            neg = torch.tensor(float("-inf"), dtype=cur.dtype, device=cur.device)
-            for _ in range(n):
-                best_s, best = torch.where(done, neg, cur).max(1)
-                if not bool((best_s > score_thr).any()):
-                    break   # every box left is <= score_thr: it is dropped, and it could only decay lower ones
-                done.scatter_(1, best[:, None], True)
-                wi = w.gather(1, best[:, None, None].expand(g, 1, n)).squeeze(1)
-                cur = torch.where(done, cur, cur * wi)
+            if nms_first is not None:
+                live = _nms_mask(o, nms_first)
+            cur = _soft_steps(cur, ~live, _weights(o, method, iou_thr, sigma), score_thr)
         out[idx] = cur
-        keep.append(idx[cur > score_thr])
+        keep.append(idx[live & (cur > score_thr)])
     if not keep:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device), scores[:0]
     k = _by_score(torch.cat(keep), out)
     return k, out[k]
-
-
-def adj_nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, iou_thr: float = 0.5, sigma: float = 0.5,
-            score_thr: float = 0.001) -> tuple[Tensor, Tensor]:
-    """adj-NMS (MMfruit): hard NMS at ``iou_thr``, then gaussian soft-NMS re-weighting of the survivors,
-    ``w = exp(-IoU**2 / sigma)``, dropping those whose decayed score is <= ``score_thr``.
-
-    Returns ``(keep, new_scores)`` like :func:`soft_nms`; ``keep`` is always a subset of :func:`nms`'s.
-    """
-    k1 = nms(boxes, scores, groups, iou_thr=iou_thr)
-    k2, s2 = soft_nms(boxes[k1], scores[k1], groups[k1], method="gaussian", sigma=sigma, score_thr=score_thr)
-    return k1[k2], s2
 
 
 METHODS = ("nms", "soft_nms", "soft_nms_linear", "adj_nms", "none")
