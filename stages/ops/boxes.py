@@ -32,10 +32,11 @@ def box_area(boxes: ArrayLike) -> ArrayLike:
 
 def _inter(a: Tensor, b: Tensor) -> Tensor:
     """Pairwise intersection area of ``a [..., N, 4]`` and ``b [..., M, 4]`` -> ``[..., N, M]``."""
-    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    return wh[..., 0] * wh[..., 1]
+    ax1, ay1, ax2, ay2 = (v[..., :, None] for v in a.unbind(-1))
+    bx1, by1, bx2, by2 = (v[..., None, :] for v in b.unbind(-1))
+    iw = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1)).clamp_(min=0)
+    ih = torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1)).clamp_(min=0)
+    return iw.mul_(ih)
 
 
 def box_intersection(a: ArrayLike, b: ArrayLike) -> ArrayLike:
@@ -54,8 +55,8 @@ def box_iou(a: ArrayLike, b: ArrayLike) -> ArrayLike:
     ta, np_ = _t(a)
     tb, _ = _t(b)
     inter = _inter(ta, tb)
-    union = box_area(ta)[..., :, None] + box_area(tb)[..., None, :] - inter
-    iou = torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
+    union = (box_area(ta)[..., :, None] + box_area(tb)[..., None, :]).sub_(inter)
+    iou = torch.where(union > 0, inter / union, torch.zeros((), dtype=inter.dtype, device=inter.device))
     return _back(iou, np_)
 
 
@@ -71,19 +72,3 @@ def box_ioa(a: ArrayLike, b: ArrayLike) -> ArrayLike:
     area = box_area(ta)[..., :, None]
     ioa = torch.where(area > 0, inter / area.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
     return _back(ioa, np_)
-
-
-def iou_one_to_many(x1: Tensor, y1: Tensor, x2: Tensor, y2: Tensor, area: Tensor, sel: Tensor) -> Tensor:
-    """IoU of one selected box per row with every box of that row.
-
-    ``x1 .. area``: ``[G, N]`` coordinates and areas of padded groups; ``sel``: ``[G]`` column of the selected
-    box in each row. Returns ``[G, N]``. The inner loop of soft-NMS: a handful of vector ops over all groups.
-    """
-    s = sel[:, None]
-    ix1 = torch.maximum(x1, x1.gather(1, s))
-    iy1 = torch.maximum(y1, y1.gather(1, s))
-    ix2 = torch.minimum(x2, x2.gather(1, s))
-    iy2 = torch.minimum(y2, y2.gather(1, s))
-    inter = (ix2 - ix1).clamp_(min=0).mul_((iy2 - iy1).clamp_(min=0))
-    union = area + area.gather(1, s) - inter
-    return torch.where(union > 0, inter / union, torch.zeros_like(inter))
