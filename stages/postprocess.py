@@ -89,7 +89,8 @@ def add_suppress_args(p: argparse.ArgumentParser, *, method: str = "adj_nms") ->
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stages.postprocess", description=__doc__.split("\n\n")[0])
-    p.add_argument("--detections", required=True, type=Path)
+    p.add_argument("--detections", required=True, type=Path, nargs="+",
+                   help="one or more detections files (image shards, scales or models), processed together")
     p.add_argument("--out", required=True, type=Path)
     add_suppress_args(p)
     p.add_argument("--expand-hierarchy", type=Path, default=None, metavar="JSON_OR_PARQUET")
@@ -112,14 +113,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     relations = load_relations(a.relations) if a.relations else None
     rp = RescoreParams(conf_thr=a.conf_thr, cooc_weight=a.cooc_weight, surround_thr=a.surround_thr,
                        min_support=a.min_support, boost=a.boost, penalty=a.penalty)
-    prov = {"stage": "postprocess", "input": str(a.detections), "method": a.method, "iou_thr": a.iou_thr,
+    prov = {"stage": "postprocess", "input": [str(d) for d in a.detections], "method": a.method, "iou_thr": a.iou_thr,
             "sigma": a.sigma, "score_thr": a.score_thr, "max_per_image": a.max_per_image,
             "expand_hierarchy": str(a.expand_hierarchy) if a.expand_hierarchy else None,
             "relations": str(a.relations) if a.relations else None, "rescore": asdict(rp) if relations else None}
     n_in = 0
     with TableWriter(a.out, "detections", provenance=prov) as w:
-        for first, last in image_shards([a.detections], rows_per_shard=a.rows_per_shard):
-            dets = read_shard(a.detections, "detections", first, last)
+        for first, last in image_shards(a.detections, rows_per_shard=a.rows_per_shard):
+            dets = pd.concat([read_shard(d, "detections", first, last) for d in a.detections], ignore_index=True)
             n_in += len(dets)
             w.write(postprocess(dets, method=a.method, iou_thr=a.iou_thr, sigma=a.sigma, score_thr=a.score_thr,
                                 max_per_image=a.max_per_image, hierarchy=hierarchy, relations=relations,

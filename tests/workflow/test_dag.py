@@ -68,7 +68,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_end_to_end(tmp_path, tiny_config):
-    r = snakemake(tmp_path, "--configfile", str(tiny_config), "submission.csv", "results/metrics.json")
+    r = snakemake(tmp_path, "submission.csv", "results/metrics.json", "--configfile", str(tiny_config))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     sub = pd.read_csv(tmp_path / "submission.csv", keep_default_na=False)
     assert list(sub.columns) == ["ImageId", "PredictionString"]
@@ -88,6 +88,6 @@ def test_tiny_end_to_end(tmp_path, tiny_config):
     # shards were written and gathered
     assert (tmp_path / "results/infer/tiny_a/test/shard1.parquet").exists()
     # nothing left to do
-    again = snakemake(tmp_path, "--configfile", str(tiny_config), "-n", "submission.csv", "results/metrics.json")
+    again = snakemake(tmp_path, "-n", "submission.csv", "results/metrics.json", "--configfile", str(tiny_config))
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
