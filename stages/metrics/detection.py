@@ -446,7 +446,9 @@ def evaluate_detections(*, gt: PreparedGroundTruth, detections: pd.DataFrame,
     per_class = pd.DataFrame({"label": gt.labels, "name": gt.names, "ap": ap, "n_gt": gt.num_gt.astype(np.int64),
                               "n_det": n_det.astype(np.int64), "n_tp": ntp})
     with_gt = gt.num_gt > 0
-    m = float(np.mean(ap[with_gt])) if with_gt.any() else float("nan")
+    # the official evaluator takes np.nanmean over all classes (NaN = no ground truth): summing the same values
+    # over the subset instead can differ in the last bit
+    m = float(np.nanmean(ap)) if with_gt.any() else float("nan")
     counts = {"n_images": len(gt.image_ids), "n_classes": gt.n_classes, "n_classes_with_gt": int(with_gt.sum()),
               "n_gt": int(gt.num_gt.sum()), "n_gt_group_of": len(gt.group_key), "n_det_input": d.n_input,
               "n_det_scored": n, "n_det_in_group_of": int(in_group.sum()), "n_tp": int(ntp.sum())}
