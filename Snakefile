@@ -18,6 +18,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/infer.smk"
 include: "workflow/rules/postprocess.smk"
+include: "workflow/rules/ensemble.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/submit.smk"
 include: "workflow/rules/report.smk"
@@ -29,3 +30,4 @@ rule all:
         rules.submit.output.csv,
         rules.metrics_table.output.json,
         rules.report.output.html,
+        expand(rules.ablation_table.output.md, kind=["postprocess", "ensemble"]),

@@ -54,6 +54,23 @@ def validate_config(config: dict[str, Any], *, source: object = "config") -> dic
                              field=f"models/{name}/lr_steps")
         if m["min_size"] > m["max_size"]:
             raise InputError("min_size > max_size", file=source, field=f"models/{name}/min_size")
+    models = sorted(config.get("models", {}))
+    ens = config.setdefault("ensemble", {})
+    ens.setdefault("groups", {"all": models})
+    for g, members in ens["groups"].items():
+        unknown = sorted(set(members) - set(models))
+        if unknown:
+            raise InputError(f"unknown model(s) {unknown}; models are {models}", file=source,
+                             field=f"ensemble/groups/{g}")
+    abl = config.setdefault("ablation", {})
+    abl.setdefault("model", models[0] if models else None)
+    if abl["model"] not in models:
+        raise InputError(f"unknown model {abl['model']!r}", file=source, field="ablation/model")
+    for key, field in ((abl.get("group"), "ablation/group"), (config.get("submit", {}).get("ensemble"),
+                                                                 "submit/ensemble")):
+        if key is not None and key not in ens["groups"]:
+            raise InputError(f"unknown ensemble group {key!r}; groups are {sorted(ens['groups'])}", file=source,
+                             field=field)
     fr = config.get("split", {}).get("fractions")
     if fr is not None and abs(sum(fr) - 1.0) > 1e-6:
         raise InputError(f"fractions {fr} must sum to 1", file=source, field="split/fractions")

@@ -68,7 +68,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_end_to_end(tmp_path, tiny_config):
-    r = snakemake(tmp_path, "submission.csv", "results/metrics.json", "--configfile", str(tiny_config))
+    r = snakemake(tmp_path, "--configfile", str(tiny_config))   # the default target: everything
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     sub = pd.read_csv(tmp_path / "submission.csv", keep_default_na=False)
     assert list(sub.columns) == ["ImageId", "PredictionString"]
@@ -80,14 +80,19 @@ def test_tiny_end_to_end(tmp_path, tiny_config):
     assert dets["score"].between(0, 1).all()
     metrics = json.loads((tmp_path / "results/metrics.json").read_text())
     names = {(m["stage"], m["name"]) for m in metrics}
-    assert {("postprocess", "tiny_a"), ("postprocess", "tiny_b"), ("merge", "merge")} <= names
+    assert {("postprocess", "tiny_a"), ("postprocess", "tiny_b"), ("ensemble", "all")} <= names
     for m in metrics:
         assert 0.0 <= m["val_a"] <= 1.0 and 0.0 <= m["val_b"] <= 1.0
-    per_class = json.loads((tmp_path / "results/evaluate/merge/val_a.json").read_text())["per_class"]
+    per_class = json.loads((tmp_path / "results/evaluate/ensemble/all/val_a.json").read_text())["per_class"]
     assert len(per_class) > 0
+    # the ablation tables and the report were written
+    abl = json.loads((tmp_path / "results/ablation/postprocess.json").read_text())
+    assert {m["name"] for m in abl} == {"nms", "soft_nms", "adj_nms", "adj_nms_relations"}
+    assert (tmp_path / "results/ablation/ensemble.md").exists()
+    assert "<img" in (tmp_path / "results/report.html").read_text()
     # shards were written and gathered
     assert (tmp_path / "results/infer/tiny_a/test/shard1.parquet").exists()
     # nothing left to do
-    again = snakemake(tmp_path, "-n", "submission.csv", "results/metrics.json", "--configfile", str(tiny_config))
+    again = snakemake(tmp_path, "-n", "--configfile", str(tiny_config))
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -17,7 +17,11 @@ MODELS = sorted(config["models"])
 VAL_SPLITS = ["val_a", "val_b"]
 SPLITS = VAL_SPLITS + ["test"]
 SHARDS = config["infer"]["shards"]
-SUBMIT_MODELS = config["submit"].get("models") or MODELS
+ENSEMBLE_GROUPS = sorted(config["ensemble"]["groups"])
+# PFDet re-weighting of a split uses each model's AP on the other validation split
+AP_SOURCE = {"val_a": "val_b", "val_b": "val_a", "test": "val_a"}
+ABLATION_MODEL = config["ablation"]["model"]
+ABLATION_GROUP = config["ensemble"]["groups"][config["ablation"]["group"]]
 
 
 wildcard_constraints:
@@ -54,3 +58,30 @@ def images_for(wildcards):
     if wildcards.split == "test":
         return rules.ingest.output.test_images
     return rules.ingest.output.images
+
+
+def postprocess_flags(spec):
+    """Suppression flags of a post-processing spec (the `postprocess` section, or an ablation variant)."""
+    s = {**config["postprocess"], **spec}
+    return (
+        f"--method {s['method']} --iou-thr {s['iou_thr']} --sigma {s['sigma']}"
+        f" --score-thr {s['score_thr']} --max-per-image {s['max_per_image']}"
+    )
+
+
+def ensemble_inputs(models, split):
+    return {
+        "dets": expand(rules.gather.output.dets, model=models, split=split),
+        "aps": expand(
+            "results/evaluate/postprocess/{model}/{val}.json", model=models, val=AP_SOURCE[split]
+        ),
+    }
+
+
+def ensemble_flags(spec):
+    s = {**config["ensemble"], **spec}
+    flags = [postprocess_flags({"method": s["method"]})]
+    flags.append("--no-reweight" if not s["reweight"] else "")
+    flags.append("--no-vote" if not s["vote"] else "")
+    flags.append(f"--k {s['k']} --score-weight {s['score_weight']} --box-weight {s['box_weight']}")
+    return " ".join(f for f in flags if f)

@@ -1,4 +1,5 @@
-# The OpenImages Challenge metric on val_a and val_b after every model and after the merge.
+# The OpenImages Challenge metric on val_a and val_b after every model, post-processing step and ensemble,
+# and the tables that collect them.
 
 
 rule evaluate:
@@ -14,7 +15,7 @@ rule evaluate:
     log:
         "logs/evaluate/{stage}/{name}/{val}.log",
     wildcard_constraints:
-        stage="postprocess",
+        stage="postprocess|ensemble|ablation_postprocess|ablation_ensemble",
     conda:
         ENV
     shell:
@@ -23,24 +24,10 @@ rule evaluate:
         " --split-ids {input.splits:q} --split {wildcards.val} --out {output.json:q} > {log:q} 2>&1"
 
 
-use rule evaluate as evaluate_merge with:
-    input:
-        dets="results/merge/{val}.parquet",
-        boxes=rules.ingest.output.boxes,
-        labels=rules.ingest.output.image_labels,
-        hierarchy=rules.ingest.output.hierarchy,
-        classes=rules.ingest.output.classes,
-        splits=rules.split.output.splits,
-    output:
-        json="results/evaluate/merge/{val}.json",
-    log:
-        "logs/evaluate/merge/{val}.log",
-
-
 rule metrics_table:
     input:
         models=expand("results/evaluate/postprocess/{model}/{val}.json", model=MODELS, val=VAL_SPLITS),
-        merged=expand(rules.evaluate_merge.output.json, val=VAL_SPLITS),
+        ensembles=expand("results/evaluate/ensemble/{group}/{val}.json", group=ENSEMBLE_GROUPS, val=VAL_SPLITS),
     output:
         json="results/metrics.json",
         md="results/metrics.md",
@@ -49,5 +36,26 @@ rule metrics_table:
     conda:
         ENV
     shell:
-        "python -m stages.report --metrics {input.models:q} {input.merged:q} --out-json {output.json:q}"
+        "python -m stages.report --metrics {input.models:q} {input.ensembles:q} --out-json {output.json:q}"
         " --out-md {output.md:q} > {log:q} 2>&1"
+
+
+rule ablation_table:
+    input:
+        lambda wc: expand(
+            "results/evaluate/ablation_{kind}/{variant}/{val}.json",
+            kind=wc.kind,
+            variant=config["ablation"][wc.kind],
+            val=VAL_SPLITS,
+        ),
+    output:
+        json="results/ablation/{kind}.json",
+        md="results/ablation/{kind}.md",
+    log:
+        "logs/ablation_table/{kind}.log",
+    wildcard_constraints:
+        kind="postprocess|ensemble",
+    conda:
+        ENV
+    shell:
+        "python -m stages.report --metrics {input:q} --out-json {output.json:q} --out-md {output.md:q} > {log:q} 2>&1"

@@ -1,9 +1,9 @@
-# The Kaggle detection submission from the merged test detections.
+# The Kaggle detection submission from the configured ensemble's test detections.
 
 
 rule submit:
     input:
-        dets="results/merge/test.parquet",
+        dets=expand(rules.ensemble.output.dets, group=config["submit"]["ensemble"], split="test"),
         images=rules.ingest.output.test_images,
     output:
         csv="submission.csv",
