@@ -91,9 +91,11 @@ SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 DefMemPerCPU=${DEF_MEM_PER_CPU}
-# sacct must work: the snakemake slurm executor polls job states through it.
+# sacct must work: the snakemake slurm executor polls job states through it. job_comment keeps the executor's
+# --comment (rule_<name>_wildcards_...) in sacct's Comment column, so tests can tell which rule each job ran.
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
+AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
 # Finished jobs leave slurmctld's memory quickly; sacct (slurmdbd) keeps them.
 MinJobAge=30
@@ -175,7 +177,9 @@ done
 say "cluster ${CLUSTER} registered"
 
 # ---------------------------------------------------------------- slurmctld, slurmd
-if ! scontrol ping 2>/dev/null | grep -q "is UP"; then
+if scontrol ping 2>/dev/null | grep -q "is UP"; then
+    scontrol reconfigure                    # already running: pick up the configuration written above
+else
     slurmctld
     wait_for "slurmctld (scontrol ping)" bash -c 'scontrol ping | grep -q "is UP"'
 fi
