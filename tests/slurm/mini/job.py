@@ -28,8 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("mode", choices=["square", "gather"])
     parser.add_argument("--shard", type=int)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--min-mem-mb", type=int, default=0, help="fail unless the Slurm job has this much")
     parser.add_argument("--inputs", nargs="*", type=Path, default=[])
     args = parser.parse_args(argv)
+    granted = int(os.environ.get("SLURM_MEM_PER_NODE", "0"))
+    if granted < args.min_mem_mb:
+        raise SystemExit(f"job.py: needs {args.min_mem_mb} MB, the Slurm job has {granted} MB")
     if args.mode == "square":
         payload = {"shard": args.shard, "value": args.shard**2}
     else:
