@@ -44,6 +44,7 @@ class SacctJob:
     name: str
     state: str
     comment: str
+    alloc_tres: str  # e.g. "billing=1,cpu=1,gres/gpu=1,mem=300M,node=1"
 
     @property
     def rule(self) -> str:
@@ -98,13 +99,13 @@ def sacct_jobs(run_id: str) -> list[SacctJob]:
     """The jobs `sacct` lists under one executor run ID (allocations only, no job steps), in job order."""
     out = subprocess.run(
         ["sacct", "-X", "--parsable2", "--noheader", "--starttime", "now-2days", "--name", run_id,
-         "--format=JobIDRaw,JobName,State,Comment"],
+         "--format=JobIDRaw,JobName,State,AllocTRES,Comment"],
         capture_output=True, text=True, check=True, timeout=60,
     )
     jobs = []
     for line in out.stdout.splitlines():
-        job_id, name, state, comment = line.split("|", 3)
-        jobs.append(SacctJob(job_id=job_id, name=name, state=state, comment=comment))
+        job_id, name, state, tres, comment = line.split("|", 4)
+        jobs.append(SacctJob(job_id=job_id, name=name, state=state, comment=comment, alloc_tres=tres))
     return sorted(jobs, key=lambda job: int(job.job_id))
 
 

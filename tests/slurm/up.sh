@@ -7,13 +7,16 @@
 # Installs Debian's slurmctld slurmd slurm-client munge slurmdbd mariadb-server (skipped when present), writes
 # /etc/slurm/slurm.conf and /etc/slurm/slurmdbd.conf, and starts munged, mariadb, slurmdbd, slurmctld and slurmd
 # as plain daemons (no systemd needed). Idempotent: rerunning it restarts nothing that is already up.
-# Environment: SLURM_UP_TIMEOUT (s, default 60) bounds every wait; ORCHARD_SLURM_CLUSTER (default orchard).
+# Environment: SLURM_UP_TIMEOUT (s, default 60) bounds every wait; ORCHARD_SLURM_CLUSTER (default orchard);
+# ORCHARD_SLURM_GPUS (default 2, at most 5): fake GPUs the node advertises, so jobs asking `--gpus=N` (a rule's
+# `gpu=N`) are scheduled here (with CUDA_VISIBLE_DEVICES set) and then run on the CPU.
 set -euo pipefail
 
 [[ $(id -u) -eq 0 ]] || { echo "up.sh: must run as root (installs packages, writes /etc/slurm)" >&2; exit 1; }
 
 TIMEOUT=${SLURM_UP_TIMEOUT:-60}
 CLUSTER=${ORCHARD_SLURM_CLUSTER:-orchard}
+GPUS=${ORCHARD_SLURM_GPUS:-2}
 DB_PASS=orchard-slurmdbd
 LOG_DIR=/var/log/slurm
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
@@ -29,6 +32,7 @@ wait_for() {
         if (( $(date +%s) >= deadline )); then
             echo "up.sh: timed out after ${TIMEOUT}s waiting for ${what}; logs in ${LOG_DIR} and /var/log/mysql:" >&2
             tail -n 20 "$LOG_DIR"/*.log /var/log/mysql/error.log >&2 2>/dev/null || true
+            sinfo -N -o '%N %t %E' >&2 2>/dev/null || true
             exit 1
         fi
         sleep 0.2
@@ -57,6 +61,8 @@ TOPOLOGY=$(grep -o 'Boards=[0-9]* SocketsPerBoard=[0-9]* CoresPerSocket=[0-9]* T
 MEM=$(( MEM * 95 / 100 ))                    # keep a margin, so the node never drains for "low RealMemory"
 DEF_MEM_PER_CPU=$(( MEM / CPUS ))
 if (( DEF_MEM_PER_CPU > 2048 )); then DEF_MEM_PER_CPU=2048; fi
+
+NODE_GRES=""; if (( GPUS > 0 )); then NODE_GRES="Gres=gpu:${GPUS}"; fi
 
 mkdir -p /etc/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd "$LOG_DIR" /run/slurm /run/munge
 chown slurm:slurm /var/lib/slurm/slurmctld "$LOG_DIR" /run/slurm
@@ -97,14 +103,28 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
+# GPUs as generic resources backed by stand-in devices (gres.conf): `--gpus=N` is accepted and scheduled, and
+# sacct's AllocTRES shows gres/gpu.
+GresTypes=gpu
+AccountingStorageTRES=gres/gpu
 # Finished jobs leave slurmctld's memory quickly; sacct (slurmdbd) keeps them.
 MinJobAge=30
 InactiveLimit=0
 KillWait=10
 Waittime=0
-NodeName=${HOST} NodeAddr=127.0.0.1 NodeHostname=${HOST} CPUs=${CPUS} ${TOPOLOGY} RealMemory=${MEM} State=UNKNOWN
+NodeName=${HOST} NodeAddr=127.0.0.1 NodeHostname=${HOST} CPUs=${CPUS} ${TOPOLOGY} RealMemory=${MEM} ${NODE_GRES} State=UNKNOWN
 PartitionName=main Nodes=${HOST} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
+
+# Fake GPUs: Slurm wants a character device per GPU; any will do, as task/none never restricts devices. Jobs get
+# CUDA_VISIBLE_DEVICES=<index> and, on a machine without CUDA, torch simply runs on the CPU.
+FAKE_DEVICES=(/dev/null /dev/zero /dev/full /dev/random /dev/urandom)
+(( GPUS >= 0 && GPUS <= ${#FAKE_DEVICES[@]} )) || { echo "up.sh: ORCHARD_SLURM_GPUS must be 0..${#FAKE_DEVICES[@]}" >&2; exit 1; }
+{
+    echo "# Written by tests/slurm/up.sh: ${GPUS} fake GPUs (character devices stand in for GPU devices)."
+    echo "AutoDetect=off"
+    for (( i = 0; i < GPUS; i++ )); do echo "NodeName=${HOST} Name=gpu File=${FAKE_DEVICES[i]}"; done
+} > /etc/slurm/gres.conf
 
 cat > /etc/slurm/slurmdbd.conf <<CONF
 # Written by tests/slurm/up.sh
@@ -123,7 +143,7 @@ StorageLoc=slurm_acct_db
 CONF
 chown slurm:slurm /etc/slurm/slurmdbd.conf
 chmod 600 /etc/slurm/slurmdbd.conf
-say "wrote /etc/slurm/slurm.conf (node ${HOST}: CPUs=${CPUS} RealMemory=${MEM} DefMemPerCPU=${DEF_MEM_PER_CPU})"
+say "wrote /etc/slurm/slurm.conf (node ${HOST}: CPUs=${CPUS} RealMemory=${MEM} DefMemPerCPU=${DEF_MEM_PER_CPU} gpu:${GPUS})"
 
 # ---------------------------------------------------------------- munge
 if [[ ! -s /etc/munge/munge.key ]]; then
@@ -183,13 +203,15 @@ else
     slurmctld
     wait_for "slurmctld (scontrol ping)" bash -c 'scontrol ping | grep -q "is UP"'
 fi
-if [[ ! -s /run/slurm/slurmd.pid ]] || ! kill -0 "$(cat /run/slurm/slurmd.pid)" 2>/dev/null; then
+if [[ -s /run/slurm/slurmd.pid ]] && kill -0 "$(cat /run/slurm/slurmd.pid)" 2>/dev/null; then
+    scontrol update NodeName="$HOST" State=RESUME >/dev/null 2>&1 || true   # clears a drain from an old config
+else
     slurmd -N "$HOST"
 fi
 say "slurmctld and slurmd started"
 
 node_idle() { sinfo -h -N -n "$HOST" -o '%t' | grep -Eq '^(idle|mix|alloc)$'; }
-wait_for "node ${HOST} to be idle (sinfo shows: $(sinfo -h -N -o '%N %t %E' 2>&1))" node_idle
+wait_for "node ${HOST} to be idle" node_idle
 state=$(sinfo -h -N -n "$HOST" -o '%t')
 say "node ${HOST} is ${state}; Slurm is ready"
 sinfo

@@ -24,7 +24,7 @@ def test_profile_links_resolve_from_repo_root() -> None:
 @pytest.mark.timeout(480)
 def test_mini_workflow_runs_through_sbatch_and_retries_with_more_memory(tmp_path: Path) -> None:
     require_slurm()
-    proc, jobs = run_snakemake_slurm(tmp_path, ["all"], ["--config", "shards=3", "shard0_min_mem_mb=600"],
+    proc, jobs = run_snakemake_slurm(tmp_path, ["all"], ["--config", "shards=3", "shard0_min_mem_mb=600", "gather_gpus=1"],
                                      timeout=360, snakefile=MINI_SNAKEFILE)
     assert proc.returncode == 0, proc_report(proc)
 
@@ -44,6 +44,10 @@ def test_mini_workflow_runs_through_sbatch_and_retries_with_more_memory(tmp_path
     assert [s["slurm_mem_per_node"] for s in shards] == ["600", "300", "300"]
     assert int(shards[0]["slurm_job_id"]) > int(failed.job_id)
 
+    # The gather asked for gpu=1 and cpus_per_gpu=1: Slurm allocated one (fake) GPU and one CPU to it.
+    gather = next(job for job in jobs if job.rule == "gather")
     total = json.loads((tmp_path / "total.json").read_text())
     assert total["total"] == 5 and total["shards"] == [0, 1, 2]
-    assert total["slurm_job_id"] == next(job.job_id for job in jobs if job.rule == "gather")
+    assert total["slurm_job_id"] == gather.job_id
+    assert "gres/gpu=1" in gather.alloc_tres.split(",") and "cpu=1" in gather.alloc_tres.split(","), gather
+    assert total["cuda_visible_devices"] != ""

@@ -12,6 +12,7 @@ def slurm_context() -> dict:
     return {
         "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         "slurm_mem_per_node": os.environ.get("SLURM_MEM_PER_NODE", ""),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "host": socket.gethostname(),
     }
 
