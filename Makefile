@@ -10,7 +10,7 @@ run:            ## the whole default DAG: submission.csv + results/metrics.{json
 	$(ENV) snakemake submission.csv results/metrics.json
 
 test:           ## the whole test suite (unit, property, stage, workflow incl. a tiny end-to-end DAG run)
-	$(ENV) python -m pytest -q
+	bash tests/run.sh
 
 test-fast:      ## everything but the slow tests
 	$(ENV) python -m pytest -q -m "not slow and not slurm"
