@@ -54,6 +54,13 @@ def validate_config(config: dict[str, Any], *, source: object = "config") -> dic
                              field=f"models/{name}/lr_steps")
         if m["min_size"] > m["max_size"]:
             raise InputError("min_size > max_size", file=source, field=f"models/{name}/min_size")
+        if len(m["cascade_weights"]) != len(m["cascade_iou"]):
+            raise InputError(f"cascade_weights {m['cascade_weights']} needs one weight per cascade_iou entry "
+                             f"{m['cascade_iou']}", file=source, field=f"models/{name}/cascade_weights")
+        avg = m["average_epochs"]
+        if avg is not None and not 1 <= avg[0] <= avg[1] <= m["epochs"]:
+            raise InputError(f"average_epochs {avg} must satisfy 1 <= a <= b <= epochs {m['epochs']}", file=source,
+                             field=f"models/{name}/average_epochs")
     fr = config.get("split", {}).get("fractions")
     if fr is not None and abs(sum(fr) - 1.0) > 1e-6:
         raise InputError(f"fractions {fr} must sum to 1", file=source, field="split/fractions")
