@@ -2,10 +2,10 @@
 
 Given a class c drawn by the sampler and an image that holds c:
 
-1. rotate the image by an angle ~ N(0, σ) degrees about its centre, σ larger for classes of extreme aspect
-   ratio (long thin objects are where rotation adds the most variety); boxes become the axis-aligned boxes
-   enclosing their rotated corners, clipped to the image;
-2. pick one box of class c and crop a window that contains it, at a scale r drawn from the dataset's
+1. pick one box of class c and rotate the image by an angle ~ N(0, σ) degrees about that box's centre, σ
+   larger for classes of extreme aspect ratio (long thin objects are where rotation adds the most variety);
+   boxes become the axis-aligned boxes enclosing their rotated corners, clipped to the image;
+2. crop a window that contains it, at a scale r drawn from the dataset's
    distribution of box-to-image size (sqrt(box area / image area)): the window's side is sqrt(box area) / r,
    with the image's aspect ratio, capped so that it holds at most ``max_pixels`` pixels (the memory budget;
    the detector then resizes the crop to its training size, so a small crop zooms in);
@@ -54,15 +54,16 @@ def augment_stats(*, box_wh: np.ndarray, image_wh: np.ndarray, labels: np.ndarra
     return AugmentStats(size_ratios=np.sort(np.clip(ratios, 1e-3, 1.0)), extreme=extreme)
 
 
-def rotate_boxes(boxes: Tensor, angle: float, *, width: int, height: int) -> Tensor:
-    """Boxes (N, 4) xyxy after rotating their image by ``angle`` degrees counter-clockwise about its centre
-    (torchvision's ``rotate`` convention, no expansion): the enclosing axis-aligned box of the rotated corners,
-    clipped to the image."""
+def rotate_boxes(boxes: Tensor, angle: float, *, width: int, height: int,
+                 center: tuple[float, float] | None = None) -> Tensor:
+    """Boxes (N, 4) xyxy after rotating their image by ``angle`` degrees counter-clockwise about ``center``
+    (default: the image's centre; torchvision's ``rotate`` convention, no expansion): the enclosing axis-aligned
+    box of the rotated corners, clipped to the image."""
     if boxes.numel() == 0:
         return boxes.reshape(0, 4).clone()
     a = math.radians(angle)
     cos, sin = math.cos(a), math.sin(a)
-    cx, cy = width / 2.0, height / 2.0
+    cx, cy = (width / 2.0, height / 2.0) if center is None else (float(center[0]), float(center[1]))
     x = boxes[:, [0, 2, 2, 0]] - cx
     y = boxes[:, [1, 1, 3, 3]] - cy
     # y points down: a counter-clockwise turn on screen maps (x, y) -> (x cos + y sin, -x sin + y cos)
@@ -81,8 +82,8 @@ def _area(b: Tensor) -> Tensor:
 def crop_window(box: Sequence[float], *, ratio: float, width: int, height: int, max_pixels: int,
                 rng: np.random.Generator) -> tuple[int, int, int, int]:
     """Integer window (x0, y0, x1, y1) inside the image that contains ``box`` (xyxy) and has side
-    sqrt(box area) / ``ratio`` with the image's aspect, at most ``max_pixels`` pixels unless the box itself is
-    larger; placed uniformly among the positions that keep the box inside."""
+    sqrt(box area) / ``ratio`` with the image's aspect, at most ``max_pixels`` pixels (rounding aside) unless the
+    box itself is larger; placed uniformly among the positions that keep the box inside."""
     bx1, by1, bx2, by2 = (float(v) for v in box)
     need_w = math.ceil(bx2) - math.floor(bx1)
     need_h = math.ceil(by2) - math.floor(by1)
@@ -92,6 +93,10 @@ def crop_window(box: Sequence[float], *, ratio: float, width: int, height: int, 
     if cw * ch > max_pixels:
         shrink = math.sqrt(max_pixels / (cw * ch))
         cw, ch = cw * shrink, ch * shrink
+    cw, ch = max(cw, need_w), max(ch, need_h)
+    if cw * ch > max_pixels:  # the box forced one side up: take the budget back from the other
+        ch = max(need_h, max_pixels / cw)
+        cw = max(need_w, max_pixels / ch)
     cw = int(min(max(round(cw), need_w, 1), width))
     ch = int(min(max(round(ch), need_h, 1), height))
     x_lo, x_hi = max(0, math.ceil(bx2) - cw), min(math.floor(bx1), width - cw)
@@ -115,17 +120,23 @@ def elaborate_augment(image: Tensor, boxes: Tensor, labels: Tensor, *, cls: int,
     boxes = boxes.reshape(-1, 4).float()
     std = rotate_std[1] if cls in stats.extreme else rotate_std[0]
     angle = float(rng.normal(0.0, std)) if std > 0 else 0.0
-    if abs(angle) >= 0.05:
-        image = rotate(image, angle, interpolation=InterpolationMode.BILINEAR)
-        boxes = rotate_boxes(boxes, angle, width=width, height=height)
-        ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
-        boxes, labels = boxes[ok], labels[ok]
     if len(boxes) == 0:
+        if abs(angle) >= 0.05:
+            image = rotate(image, angle, interpolation=InterpolationMode.BILINEAR)
         return image, boxes, labels
     candidates = torch.where(labels == cls)[0]
     if len(candidates) == 0:
         candidates = torch.arange(len(boxes))
     k = int(candidates[int(rng.integers(len(candidates)))])
+    if abs(angle) >= 0.05:
+        # about the chosen box's centre, so the rotation never carries it out of the image
+        cx, cy = float(boxes[k, 0] + boxes[k, 2]) / 2, float(boxes[k, 1] + boxes[k, 3]) / 2
+        image = rotate(image, angle, interpolation=InterpolationMode.BILINEAR, center=[cx, cy])
+        boxes = rotate_boxes(boxes, angle, width=width, height=height, center=(cx, cy))
+        ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+        ok[k] = True
+        k = int(ok[:k].sum())
+        boxes, labels = boxes[ok], labels[ok]
     ratio = float(stats.size_ratios[int(rng.integers(len(stats.size_ratios)))])
     x0, y0, x1, y1 = crop_window(boxes[k].tolist(), ratio=ratio, width=width, height=height,
                                  max_pixels=max_pixels, rng=rng)
