@@ -25,28 +25,18 @@ rule anchors:
         " --max-size {params.max_size} --seed {params.seed} --out {output.anchors:q} > {log:q} 2>&1"
 
 
-def train_anchors(wildcards):
-    """The k-means anchors file when the model asks for it (none otherwise)."""
-    if model_cfg(wildcards.model)["anchors"] == "kmeans":
-        return expand(rules.anchors.output.anchors, model=wildcards.model)
-    return []
-
-
-def train_launcher(wildcards):
-    """torchrun with one process per GPU when the model asks for more than one, else plain python."""
-    gpus = model_cfg(wildcards.model)["gpus"]
-    if gpus > 1:
-        return f"torchrun --standalone --nproc_per_node {gpus}"
-    return "python"
-
-
 rule train:
     input:
         images=rules.ingest.output.images,
         boxes=rules.ingest.output.boxes,
         splits=rules.split.output.splits,
         sampling=lambda wc: expand(rules.sample.output.weights, method=model_cfg(wc.model)["sampling"]),
-        anchors=train_anchors,
+        # the k-means anchors file when the model asks for it (none otherwise)
+        anchors=lambda wc: (
+            expand(rules.anchors.output.anchors, model=wc.model)
+            if model_cfg(wc.model)["anchors"] == "kmeans"
+            else []
+        ),
     output:
         model="results/train/{model}/model.pt",
     log:
@@ -58,7 +48,12 @@ rule train:
         ckpt=lambda wc: f"results/train/{wc.model}/ckpt",
         metrics=lambda wc: f"results/train/{wc.model}/metrics.jsonl",
         device=config["device"],
-        launch=train_launcher,
+        # torchrun with one process per GPU when the model asks for more than one
+        launch=lambda wc: (
+            f"torchrun --standalone --nproc_per_node {model_cfg(wc.model)['gpus']}"
+            if model_cfg(wc.model)["gpus"] > 1
+            else "python"
+        ),
         anchors=lambda wc, input: f"--anchors {input.anchors}" if input.anchors else "",
     threads: lambda wc: model_cfg(wc.model)["threads"]
     resources:
