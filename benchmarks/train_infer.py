@@ -64,7 +64,7 @@ def timed(fn: Callable[[], None], *, iters: int, warmup: int, device: torch.devi
 def throughput(model: torch.nn.Module, *, images, targets, device: torch.device, amp: bool, iters: int,
                warmup: int, train: bool) -> float:
     """Images/s of training steps (forward + backward + SGD step) or of inference."""
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     if train:
         model.train()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -102,10 +102,10 @@ def cpu_rows(models: dict[str, dict], *, iters: int, batch_size: int) -> list[tu
     return rows
 
 
-def cuda_rows(*, size: int, iters: int, batch_size: int) -> list[tuple]:
+def r50_rows(*, device: torch.device, size: int, iters: int, batch_size: int) -> list[tuple]:
+    """The R50-FPN comparison (meant for CUDA; ``--r50`` runs it on the CPU too, e.g. at a small --size)."""
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
-    device = torch.device("cuda")
     h, w = size, int(size * 4 / 3)
     images, targets = batch(batch_size, h, w, device)
     r50 = {"backbone": "resnet50", "fpn_channels": 256, "norm": "frozen_bn", "trainable_layers": 3,
@@ -134,7 +134,8 @@ def cuda_rows(*, size: int, iters: int, batch_size: int) -> list[tuple]:
         rows.append((name, f"{h}x{w}", tr, inf))
         print(f"  {name:32s} train {tr:7.2f} img/s  infer {inf:7.2f} img/s", flush=True)
         del model
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -155,20 +156,26 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--size", type=int, default=800, help="CUDA: shorter image side")
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--r50", action="store_true", help="run the R50-FPN comparison (the CUDA default) on this "
+                    "device")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = a.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: CUDA is not available")
-        torch.backends.cudnn.benchmark = True
-        print(f"device: {torch.cuda.get_device_name(0)} (torch {torch.__version__})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    if device == "cuda" or a.r50:
+        if device == "cuda":
+            torch.backends.cudnn.benchmark = True
+            print(f"device: {torch.cuda.get_device_name(0)} (torch {torch.__version__})")
+        else:
+            print(f"device: cpu ({torch.get_num_threads()} thread(s), torch {torch.__version__})")
         iters = a.iters or (5 if a.quick else 20)
-        rows = cuda_rows(size=a.size, iters=iters, batch_size=a.batch_size or 4)
-        report(rows, f"CUDA, {a.size} px, batch {a.batch_size or 4}, {iters} iterations")
+        bs = a.batch_size or 4
+        rows = r50_rows(device=torch.device(device), size=a.size, iters=iters, batch_size=bs)
+        report(rows, f"{device}, {a.size} px, batch {bs}, {iters} iterations")
         tsd_amp, base, sib_amp = rows[4][3], rows[0][3], rows[2][3]
         print(f"\nTSD AMP+CL inference vs torchvision fp32: {tsd_amp / base:.2f}x (goal >= 2x); "
               f"TSD cost over sibling (AMP+CL): {sib_amp / tsd_amp:.2f}x (goal <= 1.25x)")
