@@ -94,7 +94,8 @@ def infer(*, model: torch.nn.Module, labels: Sequence[str], images: pd.DataFrame
         done = min(start + batch_size, n)
         if done % log_every < batch_size or done == n:
             rate = done / max(time.time() - t0, 1e-9)
-            log.info("infer %s: %d/%d images (%.1f img/s, ETA %.0fs)", model_name, done, n, rate, (n - done) / rate)
+            log.info("infer %s: %d/%d images (%.1f img/s, ETA %.0fs)", model_name, done, n, rate,
+                     (n - done) / rate)
     if not out:
         return empty("detections", optional=True)
     return pd.concat(out, ignore_index=True)

@@ -63,7 +63,8 @@ def test_config_with_every_new_key_validates():
     defaults = validate_config({"models": {"m": {}}})["models"]["m"]
     assert defaults["head"] == "sibling" and defaults["cascade"] is False and defaults["norm"] == "bn"
     assert defaults["cascade_iou"] == [0.5, 0.5, 0.6, 0.7] and defaults["cascade_weights"] == [0.75, 1, 0.25, 0.25]
-    assert defaults["anchors"] == "default" and defaults["augment"] == "basic" and defaults["average_epochs"] is None
+    assert defaults["anchors"] == "default" and defaults["augment"] == "basic"
+    assert defaults["average_epochs"] is None
     for bad, field in (({"cascade_iou": [0.5], "cascade_weights": [1, 1]}, "cascade_weights"),
                        ({"average_epochs": [2, 9], "epochs": 3, "lr_steps": [2]}, "average_epochs"),
                        ({"head": "tsdx"}, "head"), ({"augment": "fancy"}, "augment")):
