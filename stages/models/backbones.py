@@ -169,7 +169,8 @@ def build_backbone(name: str, *, trainable_layers: int = 3, weights_path: str | 
     weights_path: local trunk or backbone state dict (never a download); dcn: 3x3 convs of ``dcn_layers``
     become :class:`DeformableConv3x3`; returned_layers: ResNet stages (1..4) fed to the FPN, giving feature maps
     "0".."n-1" plus "pool"; norm: "frozen_bn" (default, for fine-tuning with small batches) or "bn"
-    (trainable BatchNorm, what training from scratch needs; ``build_detector`` defaults to it); width: stem channels of "resnet_small" (ignored by the other trunks).
+    (trainable BatchNorm, what training from scratch needs; ``build_detector`` defaults to it);
+    width: stem channels of "resnet_small" (ignored by the other trunks).
     """
     name = _ALIASES.get(name, name)
     if norm not in _NORMS:
