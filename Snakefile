@@ -30,4 +30,4 @@ rule all:
         rules.submit.output.csv,
         rules.metrics_table.output.json,
         rules.report.output.html,
-        expand(rules.ablation_table.output.md, kind=["postprocess", "ensemble"]),
+        expand(rules.ablation_table.output.md, kind=ABLATIONS),

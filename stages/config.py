@@ -54,6 +54,13 @@ def validate_config(config: dict[str, Any], *, source: object = "config") -> dic
                              field=f"models/{name}/lr_steps")
         if m["min_size"] > m["max_size"]:
             raise InputError("min_size > max_size", file=source, field=f"models/{name}/min_size")
+        if len(m["cascade_weights"]) != len(m["cascade_iou"]):
+            raise InputError(f"cascade_weights {m['cascade_weights']} needs one weight per cascade_iou entry "
+                             f"{m['cascade_iou']}", file=source, field=f"models/{name}/cascade_weights")
+        avg = m["average_epochs"]
+        if avg is not None and not 1 <= avg[0] <= avg[1] <= m["epochs"]:
+            raise InputError(f"average_epochs {avg} must satisfy 1 <= a <= b <= epochs {m['epochs']}", file=source,
+                             field=f"models/{name}/average_epochs")
     models = sorted(config.get("models", {}))
     ens = config.setdefault("ensemble", {})
     ens.setdefault("groups", {"all": models})
@@ -64,6 +71,10 @@ def validate_config(config: dict[str, Any], *, source: object = "config") -> dic
                              field=f"ensemble/groups/{g}")
     abl = config.setdefault("ablation", {})
     abl.setdefault("model", models[0] if models else None)
+    abl.setdefault("models", models)
+    unknown = sorted(set(abl["models"]) - set(models))
+    if unknown:
+        raise InputError(f"unknown model(s) {unknown}", file=source, field="ablation/models")
     if abl["model"] not in models:
         raise InputError(f"unknown model {abl['model']!r}", file=source, field="ablation/model")
     for key, field in ((abl.get("group"), "ablation/group"), (config.get("submit", {}).get("ensemble"),

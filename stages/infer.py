@@ -21,7 +21,7 @@ from stages.errors import InputError
 from stages.formats.io import read_table, write_table
 from stages.formats.tables import empty
 from stages.models.data import load_image
-from stages.models.detector import build_detector, select_device
+from stages.models.detector import build_detector, select_device, set_expert_mode
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,14 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, list[
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as exc:
         raise InputError(f"cannot load model checkpoint: {exc}", file=path) from exc
-    model = build_detector(ckpt["config"], num_classes=len(ckpt["labels"]), anchors=ckpt.get("anchors"))
+    cfg = ckpt["config"]
+    model = build_detector({**cfg, "weights": None, "backbone_weights": None}, num_classes=len(ckpt["labels"]),
+                           anchors=ckpt.get("anchors"))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), list(ckpt["labels"]), ckpt["config"]
+    model = model.to(device).eval()
+    if device.type == "cuda" and cfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    return model, list(ckpt["labels"]), cfg
 
 
 def shard(images: pd.DataFrame, index: int, count: int) -> pd.DataFrame:
@@ -46,8 +51,16 @@ def shard(images: pd.DataFrame, index: int, count: int) -> pd.DataFrame:
 @torch.inference_mode()
 def infer(*, model: torch.nn.Module, labels: Sequence[str], images: pd.DataFrame, scales: Sequence[int],
           flip: bool, device: torch.device, batch_size: int = 4, score_thr: float = 0.01,
-          max_per_image: int = 100, model_name: str = "model", log_every: int = 20) -> pd.DataFrame:
-    """Detections of ``model`` on ``images`` at every scale (and flipped when ``flip``), normalized xyxy."""
+          max_per_image: int = 100, model_name: str = "model", log_every: int = 20, amp: bool = False,
+          expert: bool | None = None) -> pd.DataFrame:
+    """Detections of ``model`` on ``images`` at every scale (and flipped when ``flip``), normalized xyxy.
+
+    amp: autocast (bf16 where supported, else fp16) on CUDA, ignored on CPU; expert: switch the RoI head's
+    expert-model mode (None keeps the model's)."""
+    if expert is not None:
+        set_expert_mode(model, expert)
+    use_amp = amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     model.roi_heads.score_thresh = score_thr
     model.roi_heads.detections_per_img = max_per_image
     lab = np.asarray(labels, dtype=object)
@@ -62,7 +75,8 @@ def infer(*, model: torch.nn.Module, labels: Sequence[str], images: pd.DataFrame
             model.transform.max_size = max(int(scale), int(round(scale * 1333 / 800)))
             for flipped in ([False, True] if flip else [False]):
                 batch = [im.flip(-1) for im in imgs] if flipped else imgs
-                preds = model(batch)
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                    preds = model(batch)
                 for (_, r), im, pr in zip(rows.iterrows(), imgs, preds):
                     h, w = im.shape[-2:]
                     b = pr["boxes"].float().cpu().numpy().astype(np.float64)
@@ -80,7 +94,8 @@ def infer(*, model: torch.nn.Module, labels: Sequence[str], images: pd.DataFrame
         done = min(start + batch_size, n)
         if done % log_every < batch_size or done == n:
             rate = done / max(time.time() - t0, 1e-9)
-            log.info("infer %s: %d/%d images (%.1f img/s, ETA %.0fs)", model_name, done, n, rate, (n - done) / rate)
+            log.info("infer %s: %d/%d images (%.1f img/s, ETA %.0fs)", model_name, done, n, rate,
+                     (n - done) / rate)
     if not out:
         return empty("detections", optional=True)
     return pd.concat(out, ignore_index=True)
@@ -95,7 +110,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--splits", type=Path, help="splits table; with --split selects images")
     p.add_argument("--split", default=None)
     p.add_argument("--scales", type=int, nargs="+", default=None, help="default: the model's test_scales")
-    p.add_argument("--flip", action="store_true")
+    p.add_argument("--flip", action="store_true", help="also infer on flipped images (the rule passes it when "
+                   "the model's test_flip is true)")
+    p.add_argument("--expert", choices=["config", "on", "off"], default="config",
+                   help="expert-model mode: the model's config (default), or forced on/off")
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=4)
@@ -120,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     scales = a.scales or cfg.get("test_scales", [cfg["min_size"]])
     t0 = time.time()
     dets = infer(model=model, labels=labels, images=images, scales=scales, flip=a.flip, device=device,
-                 batch_size=a.batch_size, score_thr=a.score_thr, max_per_image=a.max_per_image, model_name=name)
+                 batch_size=a.batch_size, score_thr=a.score_thr, max_per_image=a.max_per_image, model_name=name,
+                 amp=bool(cfg.get("amp")), expert=None if a.expert == "config" else a.expert == "on")
     write_table(a.out, dets, "detections",
                 provenance={"stage": "infer", "model": name, "split": a.split, "scales": scales, "flip": a.flip,
                             "shard": f"{a.shard}/{a.shards}", "config": json.dumps(cfg, sort_keys=True)})

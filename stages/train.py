@@ -3,6 +3,11 @@
 Progress (epoch, iteration, loss, images/s, ETA) goes to the log every ``--log-every`` iterations and one
 JSON line per logged step to ``metrics.jsonl``. A killed run resumes from its last complete epoch checkpoint
 (checkpoints whose config hash differs are ignored, so a changed config never resumes stale weights).
+
+The same command trains on N processes under ``torchrun --nproc_per_node N`` (gloo on CPU, NCCL on GPU,
+DistributedDataParallel): every rank plans the same per-epoch sample from the seed and takes its share of each
+global batch (``batch_size`` images per process); only rank 0 writes checkpoints, metrics and the output.
+With ``average_epochs: [a, b]`` the output model is the parameter average of the checkpoints of epochs a..b.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -20,11 +26,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from stages.cli import stage_main
 from stages.config import validate_config
 from stages.errors import InputError
 from stages.formats.io import atomic_path, config_hash, read_table
+from stages.models.augment import AugmentStats, augment_stats, elaborate_augment
+from stages.models.averaging import average_checkpoints
 from stages.models.data import DetectionDataset, collate, hflip
 from stages.models.detector import build_detector, select_device
 
@@ -69,17 +78,75 @@ def find_resume(out_dir: Path, chash: str) -> Path | None:
     return None
 
 
+def plan_epoch(*, rng: np.random.Generator, n: int, batch_size: int, image_weights: np.ndarray,
+               class_images: Sequence[np.ndarray], class_weights: np.ndarray | None, class_first: bool,
+               full_class_batch: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sample of one epoch: (image indices (n,), class per sample (n,), -1 when none was drawn, flips (n,)).
+
+    Image-first (default): images drawn with ``image_weights``. Class-first (``class_first`` or
+    ``full_class_batch``): a class is drawn with ``class_weights`` (over classes that have images), then one of
+    its images uniformly; with ``full_class_batch`` each run of ``batch_size`` samples draws distinct classes
+    (as many as there are; the rest of an oversized batch is drawn with replacement).
+    """
+    if n % batch_size:
+        raise ValueError(f"n={n} is not a multiple of batch_size={batch_size}")
+    if not (class_first or full_class_batch):
+        order = rng.choice(len(image_weights), size=n, p=image_weights)
+        classes = np.full(n, -1, dtype=np.int64)
+    else:
+        usable = np.asarray([c for c, ims in enumerate(class_images) if len(ims)], dtype=np.int64)
+        if not len(usable):
+            raise ValueError("no class has a training image")
+        p = np.ones(len(usable)) if class_weights is None else np.asarray(class_weights, np.float64)[usable]
+        p = p / p.sum()
+        if full_class_batch:
+            parts = []
+            for _ in range(n // batch_size):
+                k = min(batch_size, len(usable))
+                first = rng.choice(len(usable), size=k, replace=False, p=p)
+                rest = rng.choice(len(usable), size=batch_size - k, p=p)
+                parts.append(np.concatenate([first, rest]))
+            picks = np.concatenate(parts)
+        else:
+            picks = rng.choice(len(usable), size=n, p=p)
+        classes = usable[picks]
+        order = np.asarray([class_images[c][rng.integers(len(class_images[c]))] for c in classes], dtype=np.int64)
+        classes = classes + 1  # class indices are 1-based (0 is background)
+    flips = rng.random(n) < 0.5
+    return order, classes, flips
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_finite(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank (one tiny all-reduce, so all ranks stop together)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
+    if world > 1:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
 def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, weights: pd.DataFrame | None,
           ckpt_dir: Path, device: torch.device, metrics_path: Path | None = None, log_every: int = 10,
           anchors: Mapping | None = None, stop_after_epoch: int | None = None) -> dict[str, Any]:
     """Train and return the final checkpoint dict (model state, labels, config). Writes one checkpoint per epoch
-    into ``ckpt_dir``. ``weights`` (image_id, weight) drives sampling; None means uniform."""
+    into ``ckpt_dir``. ``weights`` (image_id, weight) drives image-first sampling; None means uniform.
+
+    Under an initialised ``torch.distributed`` process group every rank calls this with the same arguments;
+    rank 0 alone writes checkpoints and metrics, and every rank returns the same result.
+    """
     cfg = model_config(cfg)
+    rank, world = _dist()
     labels = sorted(boxes.loc[boxes["image_id"].isin(images["image_id"]), "label"].unique())
     if not labels:
         raise InputError("no training boxes", field="boxes")
     label_index = {lab: i + 1 for i, lab in enumerate(labels)}
-    chash = config_hash({"cfg": cfg, "labels": labels, "n_images": len(images), "anchors": anchors})
+    chash = config_hash({"cfg": cfg, "labels": labels, "n_images": len(images), "anchors": anchors,
+                         "world": world})
     images = images.sort_values("image_id").reset_index(drop=True)
     ds = DetectionDataset(images, boxes, label_index)
     if weights is not None:
@@ -87,34 +154,56 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
         w = w / w.sum()
     else:
         w = np.full(len(images), 1.0 / len(images))
+    elaborate = cfg["augment"] == "elaborate"
+    class_first = elaborate or cfg["full_class_batch"]
+    class_images = ds.class_images(len(labels)) if class_first else []
+    class_weights = None if cfg["sampling"] == "class_aware" else np.asarray([len(x) for x in class_images], float)
+    stats: AugmentStats | None = None
+    if elaborate:
+        box_wh, image_wh, box_labels = ds.box_sizes()
+        stats = augment_stats(box_wh=box_wh, image_wh=image_wh, labels=box_labels)
 
     torch.manual_seed(cfg["seed"])
     model = build_detector(cfg, num_classes=len(labels), anchors=anchors).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = device.type == "cuda"
+    use_amp = bool(cfg["amp"]) and cuda
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    if cfg["channels_last"] and cuda:
+        model = model.to(memory_format=torch.channels_last)
+    core = model
+    params = [p for p in core.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     bs = cfg["batch_size"]
-    iters = cfg["iters_per_epoch"] or max(1, math.ceil(len(images) / bs))
+    global_bs = bs * world
+    iters = cfg["iters_per_epoch"] or max(1, math.ceil(len(images) / global_bs))
     total_iters = iters * cfg["epochs"]
     start_epoch = 0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     resume = find_resume(ckpt_dir, chash)
     if resume is not None:
         state = torch.load(resume, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+        core.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
         log.info("resuming from %s (epoch %d done)", resume, state["epoch"] + 1)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if cuda else None)
 
-    metrics = open(metrics_path, "a") if metrics_path else None
+    metrics = open(metrics_path, "a") if metrics_path and rank == 0 else None
     t_start = time.time()
     done_iters = 0
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             model.train()
             rng = np.random.default_rng([cfg["seed"], epoch])
-            torch.manual_seed(cfg["seed"] * 1000 + epoch)
-            order = rng.choice(len(images), size=iters * bs, p=w)
-            flips = rng.random(iters * bs) < 0.5
+            torch.manual_seed(cfg["seed"] * 1000 + epoch * world + rank)
+            order, classes, flips = plan_epoch(rng=rng, n=iters * global_bs, batch_size=global_bs,
+                                               image_weights=w, class_images=class_images,
+                                               class_weights=class_weights, class_first=class_first,
+                                               full_class_batch=cfg["full_class_batch"])
             t_epoch = time.time()
             for k in range(iters):
                 it = epoch * iters + k
@@ -122,27 +211,38 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
                 for g in opt.param_groups:
                     g["lr"] = lr
                 batch = []
-                for j in range(k * bs, (k + 1) * bs):
+                first = k * global_bs + rank * bs
+                for j in range(first, first + bs):
                     img, tgt = ds[int(order[j])]
+                    if elaborate:
+                        img, b, lab = elaborate_augment(
+                            img, tgt["boxes"], tgt["labels"], cls=int(classes[j]), stats=stats,
+                            rng=np.random.default_rng([cfg["seed"], epoch, j]),
+                            rotate_std=tuple(cfg["aug_rotate_std"]), max_pixels=cfg["aug_max_pixels"])
+                        tgt = {"boxes": b, "labels": lab}
                     if flips[j]:
                         img, tgt = hflip(img, tgt)
                     batch.append((img.to(device), {n: v.to(device) for n, v in tgt.items()}))
                 imgs, tgts = collate(batch)
-                losses = model(imgs, tgts)
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                    losses = model(imgs, tgts)
                 loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch + 1} iteration {k + 1}: "
+                if not _all_finite(loss.detach(), world):
+                    raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch + 1} iteration {k + 1} "
+                                        f"(rank {rank}): "
                                         + ", ".join(f"{n}={v.item():.4g}" for n, v in losses.items())
                                         + " (lower lr or raise warmup_iters)")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, 10.0)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 done_iters += 1
-                if (k + 1) % log_every == 0 or k + 1 == iters:
+                if rank == 0 and ((k + 1) % log_every == 0 or k + 1 == iters):
                     el = time.time() - t_start
-                    ips = done_iters * bs / el
-                    eta = (total_iters - it - 1) * bs / max(ips, 1e-9)
+                    ips = done_iters * global_bs / el
+                    eta = (total_iters - it - 1) * global_bs / max(ips, 1e-9)
                     log.info("epoch %d/%d iter %d/%d loss %.4f lr %.4g | %.1f img/s ETA %.0fs", epoch + 1,
                              cfg["epochs"], k + 1, iters, loss.item(), lr, ips, eta)
                     if metrics:
@@ -150,21 +250,48 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
                                                   "loss": loss.item(), "img_per_s": ips,
                                                   **{n: v.item() for n, v in losses.items()}}) + "\n")
                         metrics.flush()
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                     "labels": labels, "config": cfg, "config_hash": chash, "anchors": anchors}
-            with atomic_path(_ckpt_path(ckpt_dir, epoch)) as tmp:
-                torch.save(state, tmp)
-            log.info("epoch %d done in %.0fs -> %s", epoch + 1, time.time() - t_epoch, _ckpt_path(ckpt_dir, epoch))
+            if rank == 0:
+                state = {"model": core.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                         "labels": labels, "config": cfg, "config_hash": chash, "anchors": anchors}
+                with atomic_path(_ckpt_path(ckpt_dir, epoch)) as tmp:
+                    torch.save(state, tmp)
+                dt = time.time() - t_epoch
+                log.info("epoch %d done in %.0fs (%.2f img/s) -> %s", epoch + 1, dt, iters * global_bs / dt,
+                         _ckpt_path(ckpt_dir, epoch))
+            if world > 1:
+                dist.barrier()
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
     finally:
         if metrics:
             metrics.close()
-    final = torch.load(_ckpt_path(ckpt_dir, cfg["epochs"] - 1) if stop_after_epoch is None
-                       else _ckpt_path(ckpt_dir, min(stop_after_epoch, cfg["epochs"]) - 1),
-                       map_location="cpu", weights_only=False)
-    return {"model": final["model"], "labels": labels, "config": cfg, "anchors": anchors,
-            "config_hash": chash, "epochs": final["epoch"] + 1}
+    last = cfg["epochs"] if stop_after_epoch is None else min(stop_after_epoch, cfg["epochs"])
+    final = torch.load(_ckpt_path(ckpt_dir, last - 1), map_location="cpu", weights_only=False)
+    result = {"model": final["model"], "labels": labels, "config": cfg, "anchors": anchors,
+              "config_hash": chash, "epochs": final["epoch"] + 1, "averaged_epochs": None}
+    avg = cfg["average_epochs"]
+    if avg is not None and last == cfg["epochs"]:
+        paths = [_ckpt_path(ckpt_dir, e - 1) for e in range(avg[0], avg[1] + 1)]
+        result["model"] = average_checkpoints(paths, weights_only=False)
+        result["averaged_epochs"] = list(avg)
+        log.info("model = average of the checkpoints of epochs %d..%d", avg[0], avg[1])
+    return result
+
+
+def _init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; initialises the process group when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1:
+        return 0, 1, select_device(device_arg)
+    device = select_device(device_arg, local_rank=local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log.info("rank %d of %d on %s", rank, world, device)
+    return rank, world, device
 
 
 @stage_main
@@ -197,14 +324,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     boxes = read_table(a.boxes, "boxes")
     weights = read_table(a.sampling, "sampling") if a.sampling else None
     anchors = json.loads(a.anchors.read_text()) if a.anchors else None
-    device = select_device(a.device)
-    log.info("training on %d images, device %s, %d threads", len(images), device, torch.get_num_threads())
-    result = train(cfg=cfg, images=images, boxes=boxes, weights=weights, ckpt_dir=a.ckpt_dir, device=device,
-                   metrics_path=a.metrics, log_every=a.log_every, anchors=anchors,
-                   stop_after_epoch=a.stop_after_epoch)
-    with atomic_path(a.out) as tmp:
-        torch.save(result, tmp)
-    print(f"train: {result['epochs']} epochs, {len(result['labels'])} classes -> {a.out}")
+    if cfg["anchors"] == "kmeans" and anchors is None:
+        raise InputError("the config says anchors: kmeans but no --anchors file was given", field="--anchors")
+    rank, world, device = _init_distributed(a.device)
+    try:
+        log.info("training on %d images, device %s, %d threads, %d process(es)", len(images), device,
+                 torch.get_num_threads(), world)
+        result = train(cfg=cfg, images=images, boxes=boxes, weights=weights, ckpt_dir=a.ckpt_dir, device=device,
+                       metrics_path=a.metrics, log_every=a.log_every, anchors=anchors,
+                       stop_after_epoch=a.stop_after_epoch)
+        if rank == 0:
+            with atomic_path(a.out) as tmp:
+                torch.save(result, tmp)
+            print(f"train: {result['epochs']} epochs, {len(result['labels'])} classes, {world} process(es)"
+                  f" -> {a.out}")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ _TORCHVISION = {
 }
 #: "resnext101" is the paper's ResNeXt-101 (32x8d in torchvision)
 _ALIASES = {"resnext101": "resnext101_32x8d", "resnext50": "resnext50_32x4d"}
-BACKBONES = tuple(sorted(_TORCHVISION)) + tuple(sorted(_ALIASES)) + ("resnet_tiny",)
+BACKBONES = tuple(sorted(_TORCHVISION)) + tuple(sorted(_ALIASES)) + ("resnet_small", "resnet_tiny")
 _NORMS: dict[str, Callable[[int], nn.Module]] = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
 
 
@@ -78,6 +78,47 @@ def add_deformable_convs(trunk: resnet.ResNet, layers: Sequence[str] = ("layer3"
                     setattr(block, name, DeformableConv3x3(child))
                     n += 1
     return n
+
+
+class SmallResNet(nn.Module):
+    """A ResNet-18-shaped trunk (BasicBlocks, strides 4/8/16/32) of configurable ``width``.
+
+    ``width`` is the stem's channel count; stages have width × (1, 2, 4, 8) channels. With width 64 this is
+    ResNet-18 itself; 32 trains from scratch on a CPU in minutes. Module names (conv1, bn1, layer1..4) and the
+    ``inplanes`` attribute follow torchvision's ResNet, so freezing, DCN and weight loading treat it the same.
+    """
+
+    def __init__(self, width: int = 32, blocks: Sequence[int] = (2, 2, 2, 2),
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"width must be positive, got {width}")
+        self._norm = norm_layer
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = norm_layer(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.inplanes = width
+        self.layer1 = self._make(width, blocks[0], 1)
+        self.layer2 = self._make(width * 2, blocks[1], 2)
+        self.layer3 = self._make(width * 4, blocks[2], 2)
+        self.layer4 = self._make(width * 8, blocks[3], 2)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make(self, planes: int, n: int, stride: int) -> nn.Sequential:
+        down = None
+        if stride != 1 or self.inplanes != planes:
+            down = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), self._norm(planes))
+        layers = [resnet.BasicBlock(self.inplanes, planes, stride, down, norm_layer=self._norm)]
+        self.inplanes = planes
+        layers += [resnet.BasicBlock(planes, planes, norm_layer=self._norm) for _ in range(n - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - used through IntermediateLayerGetter
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
 def _resnet_tiny(norm_layer: Callable[[int], nn.Module]) -> resnet.ResNet:
@@ -121,13 +162,15 @@ def _load_weights(trunk: nn.Module, fpn_backbone: nn.Module, path: str | os.Path
 def build_backbone(name: str, *, trainable_layers: int = 3, weights_path: str | os.PathLike | None = None,
                    dcn: bool = False, dcn_layers: Sequence[str] = ("layer3", "layer4"),
                    returned_layers: Sequence[int] = (1, 2, 3, 4), out_channels: int = 256,
-                   norm: str = "frozen_bn") -> BackboneWithFPN:
+                   norm: str = "frozen_bn", width: int = 32) -> BackboneWithFPN:
     """A ResNet-family trunk + FPN (with the extra max-pool level, as torchvision's detectors use).
 
     name: one of :data:`BACKBONES`; trainable_layers: 0..5 stages trainable from the top (as torchvision);
     weights_path: local trunk or backbone state dict (never a download); dcn: 3x3 convs of ``dcn_layers``
     become :class:`DeformableConv3x3`; returned_layers: ResNet stages (1..4) fed to the FPN, giving feature maps
-    "0".."n-1" plus "pool"; norm: "frozen_bn" (default, for small batches) or "bn".
+    "0".."n-1" plus "pool"; norm: "frozen_bn" (default, for fine-tuning with small batches) or "bn"
+    (trainable BatchNorm, what training from scratch needs; ``build_detector`` defaults to it);
+    width: stem channels of "resnet_small" (ignored by the other trunks).
     """
     name = _ALIASES.get(name, name)
     if norm not in _NORMS:
@@ -135,6 +178,8 @@ def build_backbone(name: str, *, trainable_layers: int = 3, weights_path: str | 
     norm_layer = _NORMS[norm]
     if name == "resnet_tiny":
         trunk = _resnet_tiny(norm_layer)
+    elif name == "resnet_small":
+        trunk = SmallResNet(width=width, norm_layer=norm_layer)
     elif name in _TORCHVISION:
         trunk = _TORCHVISION[name](weights=None, norm_layer=norm_layer)
     else:
@@ -158,4 +203,4 @@ def build_backbone(name: str, *, trainable_layers: int = 3, weights_path: str | 
     return backbone
 
 
-__all__ = ["BACKBONES", "DeformableConv3x3", "add_deformable_convs", "build_backbone"]
+__all__ = ["BACKBONES", "DeformableConv3x3", "SmallResNet", "add_deformable_convs", "build_backbone"]

@@ -47,6 +47,29 @@ class DetectionDataset(torch.utils.data.Dataset):
         labels = np.array([self.label_index[lab] for lab in g["label"]], np.int64)
         return {"boxes": torch.from_numpy(xyxy), "labels": torch.from_numpy(labels)}
 
+    def class_images(self, num_classes: int) -> list[np.ndarray]:
+        """For class index c = 1..num_classes, entry c - 1 holds the (sorted) indices of images with a box of c."""
+        ids = {v: i for i, v in enumerate(self.images["image_id"])}
+        out: list[list[int]] = [[] for _ in range(num_classes)]
+        for image_id, g in self.by_image.items():
+            if image_id not in ids:
+                continue
+            for c in sorted({self.label_index[lab] for lab in g["label"]}):
+                out[c - 1].append(ids[image_id])
+        return [np.asarray(sorted(x), dtype=np.int64) for x in out]
+
+    def box_sizes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(box (w, h) pixels (N, 2), their image's (w, h) (N, 2), class indices (N,)) over the dataset."""
+        bw, iw, lab = [], [], []
+        for i in range(len(self.images)):
+            t = self.target(i)
+            b = t["boxes"].numpy()
+            bw.append(np.stack([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1))
+            row = self.images.iloc[i]
+            iw.append(np.tile([float(row["width"]), float(row["height"])], (len(b), 1)))
+            lab.append(t["labels"].numpy())
+        return np.concatenate(bw), np.concatenate(iw), np.concatenate(lab)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return load_image(self.images.iloc[i]["path"]), self.target(i)
 

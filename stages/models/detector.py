@@ -1,118 +1,153 @@
-"""Detector builders: torchvision Faster R-CNN + FPN on a ResNet backbone, trained from scratch.
+"""Detector builder: torchvision Faster R-CNN + FPN from a model config section (the ``model`` schema).
 
-Nothing is downloaded: ``weights`` may name a local state-dict file (a whole detector, or a backbone).
+Every backbone comes from :func:`stages.models.backbones.build_backbone`; the RoI head is the sibling head
+(torchvision's, with an optional expert mode), the Decoupling Head (``head: tsd``), or the modified Cascade
+R-CNN (``cascade: true``, combinable with ``head: tsd``). Nothing is downloaded: ``weights`` may name a local
+state dict of the whole detector, ``backbone_weights`` one of the trunk (or of a ``BackboneWithFPN``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from torch import nn
-from torchvision.models import resnet
+import torch.nn.functional as F
+from torch import Tensor
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.roi_heads import RoIHeads
+
+from stages.models.backbones import build_backbone
+from stages.models.cascade import CascadeRoIHeads
+from stages.models.tsd import TSDRoIHeads
 
 log = logging.getLogger(__name__)
 
-TORCHVISION_RESNETS = {
-    "resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50,
-    "resnet101": resnet.resnet101, "resnext50_32x4d": resnet.resnext50_32x4d,
-    "resnext101_32x8d": resnet.resnext101_32x8d, "wide_resnet50_2": resnet.wide_resnet50_2,
-}
+#: anchors when the config says ``anchors: default``: one size per FPN level (P2..P6), three ratios
+DEFAULT_ANCHOR_SIZES = ((16.0,), (32.0,), (64.0,), (128.0,), (256.0,))
+DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 
-class SmallResNet(nn.Module):
-    """A ResNet-18-shaped network with configurable width (BasicBlocks, strides 4/8/16/32).
-
-    ``width`` is the stem's channel count; stages have width × (1, 2, 4, 8) channels. With width 64 this is
-    ResNet-18 itself; 32 trains from scratch on a CPU in minutes.
-    """
-
-    def __init__(self, width: int = 32, blocks: Sequence[int] = (2, 2, 2, 2)):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.inplanes = width
-        self.layer1 = self._make(width, blocks[0], 1)
-        self.layer2 = self._make(width * 2, blocks[1], 2)
-        self.layer3 = self._make(width * 4, blocks[2], 2)
-        self.layer4 = self._make(width * 8, blocks[3], 2)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def _make(self, planes: int, n: int, stride: int) -> nn.Sequential:
-        down = None
-        if stride != 1 or self.inplanes != planes:
-            down = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-        layers = [resnet.BasicBlock(self.inplanes, planes, stride, down)]
-        self.inplanes = planes
-        layers += [resnet.BasicBlock(planes, planes) for _ in range(n - 1)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - used through IntermediateLayerGetter
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+def expert_keep(class_logits: Tensor) -> Tensor:
+    """Boolean mask (N,) of the RoIs whose best foreground probability is at least the background's (column 0)."""
+    probs = F.softmax(class_logits.float(), -1)
+    return probs[:, 1:].max(1).values >= probs[:, 0]
 
 
-def build_backbone(name: str, *, width: int = 64, fpn_channels: int = 128,
-                   weights: str | Path | None = None) -> BackboneWithFPN:
-    """ResNet + FPN (P2-P5 plus a max-pooled P6), BatchNorm trainable (we train from scratch)."""
-    if name == "resnet_small":
-        body = SmallResNet(width=width)
-        in_channels = [width, width * 2, width * 4, width * 8]
-    elif name in TORCHVISION_RESNETS:
-        body = TORCHVISION_RESNETS[name](weights=None, norm_layer=nn.BatchNorm2d)
-        c = body.fc.in_features
-        in_channels = [c // 8, c // 4, c // 2, c]
-    else:
-        raise ValueError(f"unknown backbone {name!r}; choose resnet_small or one of {sorted(TORCHVISION_RESNETS)}")
-    if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        missing, unexpected = body.load_state_dict(state, strict=False)
-        log.info("backbone weights from %s (%d missing, %d unexpected keys)", weights, len(missing), len(unexpected))
-    return BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, in_channels,
-                           fpn_channels, extra_blocks=LastLevelMaxPool())
+class SiblingRoIHeads(RoIHeads):
+    """torchvision's RoI heads plus the expert-model mode: with ``expert_mode`` an RoI whose background score
+    beats every foreground score is dropped before its boxes are decoded (test time only)."""
+
+    expert_mode: bool = False
+
+    @classmethod
+    def from_roi_heads(cls, roi_heads: RoIHeads, *, expert_mode: bool = False) -> "SiblingRoIHeads":
+        m = roi_heads.proposal_matcher
+        out = cls(roi_heads.box_roi_pool, roi_heads.box_head, roi_heads.box_predictor, m.high_threshold,
+                  m.low_threshold, roi_heads.fg_bg_sampler.batch_size_per_image,
+                  roi_heads.fg_bg_sampler.positive_fraction, tuple(roi_heads.box_coder.weights),
+                  roi_heads.score_thresh, roi_heads.nms_thresh, roi_heads.detections_per_img)
+        out.expert_mode = bool(expert_mode)
+        return out
+
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+                               image_shapes: list[tuple[int, int]]):
+        if self.expert_mode:
+            keep = expert_keep(class_logits)
+            proposals = [p[k] for p, k in zip(proposals, keep.split([len(p) for p in proposals]))]
+            class_logits, box_regression = class_logits[keep], box_regression[keep]
+        return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+
+
+def anchor_generator(anchors: Optional[Mapping[str, Sequence]]) -> AnchorGenerator:
+    """An AnchorGenerator from an anchors file's ``sizes`` (per level) and ``aspect_ratios`` (per level, or one
+    list for all levels); None gives the defaults. Every level must have the same anchor count (torchvision's
+    RPN head has one conv for all levels)."""
+    if not anchors:
+        return AnchorGenerator(sizes=DEFAULT_ANCHOR_SIZES, aspect_ratios=(DEFAULT_ASPECT_RATIOS,) * 5)
+    sizes = tuple(tuple(float(s) for s in level) for level in anchors["sizes"])
+    ratios = anchors["aspect_ratios"]
+    if ratios and not isinstance(ratios[0], (list, tuple)):
+        ratios = [ratios] * len(sizes)
+    ratios = tuple(tuple(float(r) for r in level) for level in ratios)
+    if len(ratios) != len(sizes):
+        raise ValueError(f"anchors have {len(sizes)} size levels but {len(ratios)} aspect-ratio levels")
+    counts = {len(s) * len(r) for s, r in zip(sizes, ratios)}
+    if len(counts) != 1:
+        raise ValueError(f"every FPN level needs the same number of anchors, got {sorted(counts)}")
+    if len(sizes) != 5:
+        raise ValueError(f"anchors need 5 levels (P2..P6), got {len(sizes)}")
+    return AnchorGenerator(sizes=sizes, aspect_ratios=ratios)
 
 
 def build_detector(cfg: Mapping[str, Any], *, num_classes: int,
-                   anchors: Mapping[str, Sequence] | None = None) -> FasterRCNN:
-    """Faster R-CNN + FPN from a model config section (see the ``model`` schema). ``num_classes`` excludes
-    background. ``anchors`` (sizes per level, aspect ratios) come from the anchors stage when given."""
-    if cfg.get("arch", "faster_rcnn") != "faster_rcnn":
+                   anchors: Optional[Mapping[str, Sequence]] = None) -> FasterRCNN:
+    """Faster R-CNN + FPN from a model config section (schema defaults apply to missing keys). ``num_classes``
+    excludes background. ``anchors`` (the anchors stage's JSON: ``sizes`` per level, ``aspect_ratios``) replace
+    the default anchors when given."""
+    get = cfg.get
+    if get("arch", "faster_rcnn") != "faster_rcnn":
         raise ValueError(f"unknown arch {cfg['arch']!r}")
-    backbone = build_backbone(cfg["backbone"], width=cfg.get("width", 64), fpn_channels=cfg.get("fpn_channels", 128))
-    sizes = tuple(tuple(s) for s in (anchors or {}).get("sizes", [[16], [32], [64], [128], [256]]))
-    ratios = tuple((anchors or {}).get("aspect_ratios", [0.5, 1.0, 2.0]))
-    gen = AnchorGenerator(sizes=sizes, aspect_ratios=(ratios,) * len(sizes))
+    head = get("head", "sibling")
+    if head not in ("sibling", "tsd"):
+        raise ValueError(f"head must be 'sibling' or 'tsd', got {head!r}")
+    fpn = int(get("fpn_channels", 128))
+    rep = int(get("representation_size", 1024))
+    backbone = build_backbone(cfg["backbone"], width=int(get("width", 64)), out_channels=fpn,
+                              trainable_layers=int(get("trainable_layers", 5)), norm=get("norm", "bn"),
+                              dcn=bool(get("dcn", False)), weights_path=get("backbone_weights"))
+    pooled = 7 * 7 * fpn
     model = FasterRCNN(
-        backbone, num_classes=num_classes + 1, rpn_anchor_generator=gen,
-        min_size=cfg.get("min_size", 288), max_size=cfg.get("max_size", 320),
+        backbone, num_classes=None, rpn_anchor_generator=anchor_generator(anchors),
+        box_head=TwoMLPHead(pooled, rep), box_predictor=FastRCNNPredictor(rep, num_classes + 1),
+        min_size=int(get("min_size", 288)), max_size=int(get("max_size", 320)),
         rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
         rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
         rpn_batch_size_per_image=128, box_batch_size_per_image=128,
         box_score_thresh=0.01, box_detections_per_img=100,
     )
-    if cfg.get("weights"):
-        state = torch.load(cfg["weights"], map_location="cpu", weights_only=True)
-        state = state.get("model", state)
+    expert = bool(get("expert", False))
+    tsd_args = dict(gamma=float(get("tsd_gamma", 0.1)), margin_cls=float(get("margin_cls", 0.2)),
+                    margin_reg=float(get("margin_reg", 0.2)))
+    if get("cascade", False):
+        model.roi_heads = CascadeRoIHeads.from_roi_heads(
+            model.roi_heads, num_classes=num_classes + 1, in_channels=fpn, representation_size=rep,
+            stage_iou_thresholds=get("cascade_iou", [0.5, 0.5, 0.6, 0.7]),
+            stage_loss_weights=get("cascade_weights", [0.75, 1.0, 0.25, 0.25]),
+            decoupled=head == "tsd", expert_mode=expert, **tsd_args)
+    elif head == "tsd":
+        model.roi_heads = TSDRoIHeads.from_roi_heads(model.roi_heads, num_classes=num_classes + 1,
+                                                     in_channels=fpn, expert_mode=expert, **tsd_args)
+    else:
+        model.roi_heads = SiblingRoIHeads.from_roi_heads(model.roi_heads, expert_mode=expert)
+    if get("weights"):
+        state = torch.load(get("weights"), map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+            state = state["model"]
         missing, unexpected = model.load_state_dict(state, strict=False)
-        log.info("detector weights from %s (%d missing, %d unexpected keys)", cfg["weights"], len(missing),
+        if not any(k in model.state_dict() for k in state):
+            raise ValueError(f"weights file {get('weights')} shares no key with the detector")
+        log.info("detector weights from %s (%d missing, %d unexpected keys)", get("weights"), len(missing),
                  len(unexpected))
     return model
 
 
-def select_device(device: str = "auto") -> torch.device:
+def set_expert_mode(model: FasterRCNN, on: bool) -> None:
+    """Switch the expert-model mode of any of our RoI heads."""
+    if not hasattr(model.roi_heads, "expert_mode"):
+        raise ValueError(f"{type(model.roi_heads).__name__} has no expert mode")
+    model.roi_heads.expert_mode = bool(on)
+
+
+def select_device(device: str = "auto", *, local_rank: int | None = None) -> torch.device:
+    """"auto" -> CUDA when present, else CPU; with ``local_rank`` a CUDA device is that GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if device == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank)
     return torch.device(device)

@@ -73,3 +73,13 @@ def test_bad_arguments_rejected():
         build_backbone("resnet_tiny", trainable_layers=6)
     with pytest.raises(ValueError):
         build_backbone("resnet_tiny", returned_layers=(0, 1))
+
+
+def test_resnet_small_width_trainable_bn_and_dcn():
+    bb = build_backbone("resnet_small", width=8, out_channels=16, trainable_layers=5, norm="bn", dcn=True)
+    assert [bb.body.layer1[0].conv1.out_channels, bb.body.layer4[0].conv1.out_channels] == [8, 64]
+    assert isinstance(bb.body.bn1, nn.BatchNorm2d) and bb.body.bn1.weight.requires_grad
+    assert isinstance(bb.body.layer4[1].conv2, DeformableConv3x3)
+    out = bb(torch.zeros(1, 3, 64, 64))
+    assert [tuple(v.shape) for v in out.values()] == [(1, 16, 16, 16), (1, 16, 8, 8), (1, 16, 4, 4),
+                                                      (1, 16, 2, 2), (1, 16, 1, 1)]

@@ -22,6 +22,7 @@ ENSEMBLE_GROUPS = sorted(config["ensemble"]["groups"])
 AP_SOURCE = {"val_a": "val_b", "val_b": "val_a", "test": "val_a"}
 ABLATION_MODEL = config["ablation"]["model"]
 ABLATION_GROUP = config["ensemble"]["groups"][config["ablation"]["group"]]
+ABLATIONS = ["models", "postprocess", "ensemble"]
 
 
 wildcard_constraints:
@@ -85,3 +86,17 @@ def ensemble_flags(spec):
     flags.append("--no-vote" if not s["vote"] else "")
     flags.append(f"--k {s['k']} --score-weight {s['score_weight']} --box-weight {s['box_weight']}")
     return " ".join(f for f in flags if f)
+
+
+def ablation_metrics(wildcards):
+    """Metric files of one ablation table: the model ladder, or the post-processing / ensemble variants."""
+    if wildcards.kind == "models":
+        return expand(
+            "results/evaluate/postprocess/{model}/{val}.json", model=config["ablation"]["models"], val=VAL_SPLITS
+        )
+    return expand(
+        "results/evaluate/ablation_{kind}/{variant}/{val}.json",
+        kind=wildcards.kind,
+        variant=config["ablation"][wildcards.kind],
+        val=VAL_SPLITS,
+    )

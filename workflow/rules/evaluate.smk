@@ -42,19 +42,14 @@ rule metrics_table:
 
 rule ablation_table:
     input:
-        lambda wc: expand(
-            "results/evaluate/ablation_{kind}/{variant}/{val}.json",
-            kind=wc.kind,
-            variant=config["ablation"][wc.kind],
-            val=VAL_SPLITS,
-        ),
+        ablation_metrics,
     output:
         json="results/ablation/{kind}.json",
         md="results/ablation/{kind}.md",
     log:
         "logs/ablation_table/{kind}.log",
     wildcard_constraints:
-        kind="postprocess|ensemble",
+        kind="|".join(ABLATIONS),
     conda:
         ENV
     shell:

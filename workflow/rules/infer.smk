@@ -14,6 +14,7 @@ rule infer:
         "benchmarks/infer/{model}/{split}/shard{shard}.tsv"
     params:
         select=lambda wc: "" if wc.split == "test" else f"--split {wc.split}",
+        flip=lambda wc: "--flip" if model_cfg(wc.model)["test_flip"] else "",
         scales=lambda wc: " ".join(str(s) for s in model_cfg(wc.model)["test_scales"]),
         shards=SHARDS,
         score_thr=config["infer"]["score_thr"],
@@ -27,7 +28,7 @@ rule infer:
         ENV
     shell:
         "python -m stages.infer --model {input.model:q} --model-name {wildcards.model} --images {input.images:q}"
-        " --splits {input.splits:q} {params.select} --scales {params.scales} --shard {wildcards.shard}"
+        " --splits {input.splits:q} {params.select} --scales {params.scales} {params.flip} --shard {wildcards.shard}"
         " --shards {params.shards} --score-thr {params.score_thr} --max-per-image {params.max_det}"
         " --batch-size {params.batch} --device {params.device} --threads {threads}"
         " --out {output.dets:q} > {log:q} 2>&1"

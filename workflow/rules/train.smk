@@ -1,4 +1,28 @@
-# Train one detector per entry of config["models"] (the per-model fan-out).
+# Anchors by k-means (per model: its image size and scales) and one trained detector per entry of
+# config["models"] (the per-model fan-out).
+
+
+rule anchors:
+    input:
+        images=rules.ingest.output.images,
+        boxes=rules.ingest.output.boxes,
+        splits=rules.split.output.splits,
+    output:
+        anchors="results/anchors/{model}.json",
+    log:
+        "logs/anchors/{model}.log",
+    params:
+        k=lambda wc: model_cfg(wc.model)["anchor_k"],
+        scales=lambda wc: " ".join(str(s) for s in model_cfg(wc.model)["anchor_scales"]),
+        min_size=lambda wc: model_cfg(wc.model)["min_size"],
+        max_size=lambda wc: model_cfg(wc.model)["max_size"],
+        seed=lambda wc: model_cfg(wc.model)["seed"],
+    conda:
+        ENV
+    shell:
+        "python -m stages.anchors --boxes {input.boxes:q} --images {input.images:q} --splits {input.splits:q}"
+        " --split train --k {params.k} --scales {params.scales} --min-size {params.min_size}"
+        " --max-size {params.max_size} --seed {params.seed} --out {output.anchors:q} > {log:q} 2>&1"
 
 
 rule train:
@@ -7,6 +31,12 @@ rule train:
         boxes=rules.ingest.output.boxes,
         splits=rules.split.output.splits,
         sampling=lambda wc: expand(rules.sample.output.weights, method=model_cfg(wc.model)["sampling"]),
+        # the k-means anchors file when the model asks for it (none otherwise)
+        anchors=lambda wc: (
+            expand(rules.anchors.output.anchors, model=wc.model)
+            if model_cfg(wc.model)["anchors"] == "kmeans"
+            else []
+        ),
     output:
         model="results/train/{model}/model.pt",
     log:
@@ -18,6 +48,13 @@ rule train:
         ckpt=lambda wc: f"results/train/{wc.model}/ckpt",
         metrics=lambda wc: f"results/train/{wc.model}/metrics.jsonl",
         device=config["device"],
+        # torchrun with one process per GPU when the model asks for more than one
+        launch=lambda wc: (
+            f"torchrun --standalone --nproc_per_node {model_cfg(wc.model)['gpus']}"
+            if model_cfg(wc.model)["gpus"] > 1
+            else "python"
+        ),
+        anchors=lambda wc, input: f"--anchors {input.anchors}" if input.anchors else "",
     threads: lambda wc: model_cfg(wc.model)["threads"]
     resources:
         mem_mb=lambda wc: model_cfg(wc.model)["mem_mb"],
@@ -26,6 +63,6 @@ rule train:
     conda:
         ENV
     shell:
-        "python -m stages.train --config {params.cfg:q} --images {input.images:q} --boxes {input.boxes:q}"
-        " --splits {input.splits:q} --sampling {input.sampling:q} --device {params.device}"
+        "{params.launch} -m stages.train --config {params.cfg:q} --images {input.images:q} --boxes {input.boxes:q}"
+        " --splits {input.splits:q} --sampling {input.sampling:q} {params.anchors} --device {params.device}"
         " --ckpt-dir {params.ckpt:q} --metrics {params.metrics:q} --out {output.model:q} > {log:q} 2>&1"

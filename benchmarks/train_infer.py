@@ -1,0 +1,193 @@
+"""Training and inference throughput (images/s) of whole detectors built by ``build_detector``, on random
+images with random boxes, every figure measured in one run against a baseline measured in the same run.
+
+CPU (default): the models of configs/default.yaml (or --config) at their own training size, a few iterations
+each; the ratio column is against the first model (the plain sibling-head baseline).
+
+    python benchmarks/train_infer.py                       # CPU, default-config models
+    python benchmarks/train_infer.py --device cuda --quick # GPU: R50-FPN + TSD at 800 px, fp32 vs AMP+CL,
+                                                           # against torchvision fasterrcnn_resnet50_fpn fp32
+
+On CUDA the rows are: torchvision ``fasterrcnn_resnet50_fpn`` (eager, fp32: the baseline), our R50-FPN with the
+sibling head and with TSD, each fp32 and AMP + channels-last. The issue's targets: TSD AMP+CL inference >= 2x
+the baseline, and TSD <= 1.25x the cost of the sibling head at the same precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.config import load_config, validate_config  # noqa: E402
+from stages.models.detector import build_detector  # noqa: E402
+
+NUM_CLASSES = 20
+
+
+def batch(n: int, height: int, width: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(n):
+        images.append(torch.rand(3, height, width, generator=g).to(device))
+        k = 4
+        xy = torch.rand(k, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
+        wh = (torch.rand(k, 2, generator=g) * 0.3 + 0.05) * torch.tensor([width, height])
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, NUM_CLASSES + 1, (k,), generator=g).to(device)})
+    return images, targets
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], *, iters: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t) / iters
+
+
+def throughput(model: torch.nn.Module, *, images, targets, device: torch.device, amp: bool, iters: int,
+               warmup: int, train: bool) -> float:
+    """Images/s of training steps (forward + backward + SGD step) or of inference."""
+    dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    if train:
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+        def step() -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                loss = sum(model(images, targets).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        @torch.inference_mode()
+        def step() -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                model(images)
+    return len(images) / timed(step, iters=iters, warmup=warmup, device=device)
+
+
+def cpu_rows(models: dict[str, dict], *, iters: int, batch_size: int) -> list[tuple]:
+    device = torch.device("cpu")
+    rows = []
+    for name, cfg in models.items():
+        torch.manual_seed(0)
+        model = build_detector(cfg, num_classes=NUM_CLASSES)
+        h, w = cfg["min_size"], cfg["max_size"]
+        images, targets = batch(batch_size, h, w, device)
+        tr = throughput(model, images=images, targets=targets, device=device, amp=False, iters=iters, warmup=1,
+                        train=True)
+        inf = throughput(model, images=images, targets=targets, device=device, amp=False, iters=iters,
+                         warmup=1, train=False)
+        rows.append((name, f"{h}x{w}", tr, inf))
+        print(f"  {name:28s} {h}x{w}  train {tr:7.2f} img/s  infer {inf:7.2f} img/s", flush=True)
+    return rows
+
+
+def r50_rows(*, device: torch.device, size: int, iters: int, batch_size: int) -> list[tuple]:
+    """The R50-FPN comparison (meant for CUDA; ``--r50`` runs it on the CPU too, e.g. at a small --size)."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    h, w = size, int(size * 4 / 3)
+    images, targets = batch(batch_size, h, w, device)
+    r50 = {"backbone": "resnet50", "fpn_channels": 256, "norm": "frozen_bn", "trainable_layers": 3,
+           "min_size": size, "max_size": int(size * 1333 / 800), "representation_size": 1024}
+    variants: list[tuple[str, Callable[[], torch.nn.Module], bool, bool]] = [
+        ("torchvision frcnn R50-FPN fp32", lambda: fasterrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1, min_size=size,
+            max_size=int(size * 1333 / 800)), False, False),
+        ("R50-FPN sibling fp32", lambda: build_detector(r50, num_classes=NUM_CLASSES), False, False),
+        ("R50-FPN sibling AMP+CL", lambda: build_detector(r50, num_classes=NUM_CLASSES), True, True),
+        ("R50-FPN TSD fp32", lambda: build_detector({**r50, "head": "tsd"}, num_classes=NUM_CLASSES), False,
+         False),
+        ("R50-FPN TSD AMP+CL", lambda: build_detector({**r50, "head": "tsd"}, num_classes=NUM_CLASSES), True,
+         True),
+    ]
+    rows = []
+    for name, make, amp, cl in variants:
+        torch.manual_seed(0)
+        model = make().to(device)
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+        tr = throughput(model, images=images, targets=targets, device=device, amp=amp, iters=iters, warmup=2,
+                        train=True)
+        inf = throughput(model, images=images, targets=targets, device=device, amp=amp, iters=iters, warmup=2,
+                         train=False)
+        rows.append((name, f"{h}x{w}", tr, inf))
+        print(f"  {name:32s} train {tr:7.2f} img/s  infer {inf:7.2f} img/s", flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def report(rows: list[tuple], title: str) -> None:
+    base_tr, base_inf = rows[0][2], rows[0][3]
+    print(f"\n{title} (ratios vs the first row, measured in this run)")
+    print(f"{'model':34s} {'size':>9s} {'train img/s':>12s} {'x':>6s} {'infer img/s':>12s} {'x':>6s}")
+    for name, size, tr, inf in rows:
+        print(f"{name:34s} {size:>9s} {tr:12.2f} {tr / base_tr:6.2f} {inf:12.2f} {inf / base_inf:6.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"))
+    ap.add_argument("--models", nargs="*", help="model names from --config (default: all)")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations per figure")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--size", type=int, default=800, help="CUDA: shorter image side")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--r50", action="store_true", help="run the R50-FPN comparison (the CUDA default) on this "
+                    "device")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    device = a.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    if device == "cuda" or a.r50:
+        if device == "cuda":
+            torch.backends.cudnn.benchmark = True
+            print(f"device: {torch.cuda.get_device_name(0)} (torch {torch.__version__})")
+        else:
+            print(f"device: cpu ({torch.get_num_threads()} thread(s), torch {torch.__version__})")
+        iters = a.iters or (5 if a.quick else 20)
+        bs = a.batch_size or 4
+        rows = r50_rows(device=torch.device(device), size=a.size, iters=iters, batch_size=bs)
+        report(rows, f"{device}, {a.size} px, batch {bs}, {iters} iterations")
+        tsd_amp, base, sib_amp = rows[4][3], rows[0][3], rows[2][3]
+        print(f"\nTSD AMP+CL inference vs torchvision fp32: {tsd_amp / base:.2f}x (goal >= 2x); "
+              f"TSD cost over sibling (AMP+CL): {sib_amp / tsd_amp:.2f}x (goal <= 1.25x)")
+        return
+    print(f"device: cpu ({torch.get_num_threads()} thread(s), torch {torch.__version__})")
+    cfg = load_config(a.config)
+    names = a.models or list(cfg["models"])
+    models = {n: validate_config({"models": {n: cfg["models"][n]}})["models"][n] for n in names}
+    iters = a.iters or (1 if a.quick else 3)
+    rows = cpu_rows(models, iters=iters, batch_size=a.batch_size or 2)
+    report(rows, f"CPU, batch {a.batch_size or 2}, {iters} iteration(s)")
+
+
+if __name__ == "__main__":
+    main()
