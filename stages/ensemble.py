@@ -21,7 +21,8 @@ from stages.errors import InputError
 from stages.formats.stream import TableWriter, image_shards, read_shard
 from stages.ops.ensemble import naive_ensemble
 from stages.ops.nms import top_per_image
-from stages.postprocess import add_suppress_args
+from stages.ops.hierarchy import expand_hierarchy
+from stages.postprocess import add_suppress_args, load_hierarchy
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--score-weight", type=float, default=0.05, help="voting: S = S_P + w * sum S_Pi")
     p.add_argument("--box-weight", type=float, default=0.7, help="voting: B = w B_P + (1-w)/k sum B_Pi")
     p.add_argument("--min-iou", type=float, default=0.0, help="voting: neighbours need IoU > this")
+    p.add_argument("--expand-hierarchy", type=Path, default=None, metavar="JSON_OR_PARQUET",
+                   help="add parent-class boxes to every model's detections before ensembling")
     add_suppress_args(p)
     a = p.parse_args(argv)
+    hierarchy = load_hierarchy(a.expand_hierarchy) if a.expand_hierarchy else None
     reweight = not a.no_reweight
     if reweight:
         if not a.ap_metrics:
@@ -79,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with TableWriter(a.out, "detections", provenance=prov) as w:
         for first, last in image_shards(a.detections, rows_per_shard=a.rows_per_shard):
             frames = [read_shard(d, "detections", first, last) for d in a.detections]
+            if hierarchy is not None:
+                frames = [expand_hierarchy(f, hierarchy) for f in frames]
             n_in += sum(len(f) for f in frames)
             out = naive_ensemble(frames, ap_per_model=aps, k=k, score_weight=a.score_weight,
                                  box_weight=a.box_weight, min_iou=a.min_iou, method=a.method, iou_thr=a.iou_thr,

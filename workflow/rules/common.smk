@@ -23,6 +23,8 @@ AP_SOURCE = {"val_a": "val_b", "val_b": "val_a", "test": "val_a"}
 ABLATION_MODEL = config["ablation"]["model"]
 ABLATION_GROUP = config["ensemble"]["groups"][config["ablation"]["group"]]
 ABLATIONS = ["models", "postprocess", "ensemble"]
+# stages that run per image shard; `gather` joins their shards
+SHARDED_STAGES = ["postprocess", "ensemble", "ablation_postprocess", "ablation_ensemble"]
 
 
 wildcard_constraints:
@@ -45,15 +47,6 @@ def model_json(wildcards):
     return json.dumps(model_cfg(wildcards.model), sort_keys=True)
 
 
-def infer_shards(wildcards):
-    return expand(
-        "results/infer/{model}/{split}/shard{shard}.parquet",
-        model=wildcards.model,
-        split=wildcards.split,
-        shard=range(SHARDS),
-    )
-
-
 def images_for(wildcards):
     """Test images come from their own table; validation images from the labelled one (selected by split)."""
     if wildcards.split == "test":
@@ -70,13 +63,19 @@ def postprocess_flags(spec):
     )
 
 
-def ensemble_inputs(models, split):
+def ensemble_inputs(models, wildcards):
+    """Shard `wildcards.shard` of each model's raw detections, and each model's AP on the other val split."""
     return {
-        "dets": expand(rules.gather.output.dets, model=models, split=split),
+        "dets": expand(rules.infer.output.dets, model=models, split=wildcards.split, shard=wildcards.shard),
+        "hierarchy": rules.ingest.output.hierarchy,
         "aps": expand(
-            "results/evaluate/postprocess/{model}/{val}.json", model=models, val=AP_SOURCE[split]
+            "results/evaluate/postprocess/{model}/{val}.json", model=models, val=AP_SOURCE[wildcards.split]
         ),
     }
+
+
+def expand_flag(hierarchy):
+    return f"--expand-hierarchy {hierarchy}" if config["postprocess"]["expand_hierarchy"] else ""
 
 
 def ensemble_flags(spec):
@@ -100,3 +99,15 @@ def ablation_metrics(wildcards):
         variant=config["ablation"][wildcards.kind],
         val=VAL_SPLITS,
     )
+
+
+def train_launcher(cfg):
+    """How a training job starts: python; torchrun with one process per GPU; srun + torchrun across nodes."""
+    if cfg["nodes"] > 1:
+        return (
+            f"srun --ntasks-per-node=1 torchrun --nnodes {cfg['nodes']} --nproc_per_node {max(cfg['gpus'], 1)}"
+            " --rdzv_backend c10d --rdzv_endpoint $(hostname):29500 --rdzv_id $SLURM_JOB_ID"
+        )
+    if cfg["gpus"] > 1:
+        return f"torchrun --standalone --nproc_per_node {cfg['gpus']}"
+    return "python"

@@ -10,7 +10,7 @@ if config["dataset"]["generate"]:
             classes=raw("classes_csv"),
             hierarchy=raw("hierarchy_json"),
             masks=raw("masks_csv"),
-            test_list=f"{DATA}/test-images.csv",
+            test_list=raw("test_list_csv"),
         log:
             "logs/generate.log",
         benchmark:
@@ -35,7 +35,7 @@ rule ingest:
         labels=raw("labels_csv"),
         classes=raw("classes_csv"),
         hierarchy=raw("hierarchy_json"),
-        test_list=f"{DATA}/test-images.csv",
+        test_list=raw("test_list_csv"),
     output:
         boxes="results/ingest/boxes.parquet",
         image_labels="results/ingest/image_labels.parquet",

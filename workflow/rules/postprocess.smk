@@ -1,24 +1,6 @@
-# Post-processing per model and split: gather the image shards and add parent-class boxes (hierarchy
-# expansion), then the configured suppression (NMS / soft-NMS / adj-NMS) and optional relationship rescoring.
-
-
-rule gather:
-    input:
-        dets=infer_shards,
-        hierarchy=rules.ingest.output.hierarchy,
-    output:
-        dets="results/gather/{model}/{split}.parquet",
-    log:
-        "logs/gather/{model}/{split}.log",
-    params:
-        expand=lambda wc, input: (
-            f"--expand-hierarchy {input.hierarchy}" if config["postprocess"]["expand_hierarchy"] else ""
-        ),
-    conda:
-        ENV
-    shell:
-        "python -m stages.postprocess --detections {input.dets:q} --method none {params.expand}"
-        " --out {output.dets:q} > {log:q} 2>&1"
+# Post-processing per model, split and image shard: add parent-class boxes (hierarchy expansion), the
+# configured suppression (NMS / soft-NMS / adj-NMS) and optional relationship rescoring. `gather` joins the
+# shards of any per-shard stage before evaluation and submission.
 
 
 rule relations:
@@ -38,32 +20,36 @@ rule relations:
 
 rule postprocess:
     input:
-        dets=rules.gather.output.dets,
+        dets=rules.infer.output.dets,
+        hierarchy=rules.ingest.output.hierarchy,
         relations=branch(config["postprocess"]["relations"], then=rules.relations.output.stats),
     output:
-        dets="results/postprocess/{model}/{split}.parquet",
+        dets="results/postprocess/{model}/{split}/shard{shard}.parquet",
     log:
-        "logs/postprocess/{model}/{split}.log",
+        "logs/postprocess/{model}/{split}/shard{shard}.log",
     params:
         flags=postprocess_flags({}),
+        expand=lambda wc, input: expand_flag(input.hierarchy),
         relations=lambda wc, input: f"--relations {input.relations}" if input.relations else "",
     conda:
         ENV
     shell:
-        "python -m stages.postprocess --detections {input.dets:q} {params.flags} {params.relations}"
-        " --out {output.dets:q} > {log:q} 2>&1"
+        "python -m stages.postprocess --detections {input.dets:q} {params.expand} {params.flags}"
+        " {params.relations} --out {output.dets:q} > {log:q} 2>&1"
 
 
 rule ablation_postprocess:
     input:
-        dets=lambda wc: expand(rules.gather.output.dets, model=ABLATION_MODEL, split=wc.split),
+        dets=lambda wc: expand(rules.infer.output.dets, model=ABLATION_MODEL, split=wc.split, shard=wc.shard),
+        hierarchy=rules.ingest.output.hierarchy,
         relations=rules.relations.output.stats,
     output:
-        dets="results/ablation_postprocess/{variant}/{split}.parquet",
+        dets="results/ablation_postprocess/{variant}/{split}/shard{shard}.parquet",
     log:
-        "logs/ablation_postprocess/{variant}/{split}.log",
+        "logs/ablation_postprocess/{variant}/{split}/shard{shard}.log",
     params:
         flags=lambda wc: postprocess_flags(config["ablation"]["postprocess"][wc.variant]),
+        expand=lambda wc, input: expand_flag(input.hierarchy),
         relations=lambda wc, input: (
             f"--relations {input.relations}"
             if config["ablation"]["postprocess"][wc.variant].get("relations")
@@ -72,5 +58,28 @@ rule ablation_postprocess:
     conda:
         ENV
     shell:
-        "python -m stages.postprocess --detections {input.dets:q} {params.flags} {params.relations}"
-        " --out {output.dets:q} > {log:q} 2>&1"
+        "python -m stages.postprocess --detections {input.dets:q} {params.expand} {params.flags}"
+        " {params.relations} --out {output.dets:q} > {log:q} 2>&1"
+
+
+rule gather:
+    input:
+        shards=lambda wc: expand(
+            "results/{stage}/{name}/{split}/shard{shard}.parquet",
+            stage=wc.stage,
+            name=wc.name,
+            split=wc.split,
+            shard=range(SHARDS),
+        ),
+    output:
+        dets="results/{stage}/{name}/{split}.parquet",
+    log:
+        "logs/gather/{stage}/{name}/{split}.log",
+    wildcard_constraints:
+        stage="|".join(SHARDED_STAGES),
+        name=r"[^/]+",
+    conda:
+        ENV
+    shell:
+        "python -m stages.postprocess --detections {input.shards:q} --method none --out {output.dets:q}"
+        " > {log:q} 2>&1"

@@ -3,7 +3,7 @@
 
 rule submit:
     input:
-        dets=expand(rules.ensemble.output.dets, group=config["submit"]["ensemble"], split="test"),
+        dets=expand("results/ensemble/{group}/test.parquet", group=config["submit"]["ensemble"]),
         images=rules.ingest.output.test_images,
     output:
         csv="submission.csv",

@@ -48,18 +48,19 @@ rule train:
         ckpt=lambda wc: f"results/train/{wc.model}/ckpt",
         metrics=lambda wc: f"results/train/{wc.model}/metrics.jsonl",
         device=config["device"],
-        # torchrun with one process per GPU when the model asks for more than one
-        launch=lambda wc: (
-            f"torchrun --standalone --nproc_per_node {model_cfg(wc.model)['gpus']}"
-            if model_cfg(wc.model)["gpus"] > 1
-            else "python"
-        ),
+        launch=lambda wc: train_launcher(model_cfg(wc.model)),
         anchors=lambda wc, input: f"--anchors {input.anchors}" if input.anchors else "",
     threads: lambda wc: model_cfg(wc.model)["threads"]
+    retries: 1
     resources:
-        mem_mb=lambda wc: model_cfg(wc.model)["mem_mb"],
-        runtime=lambda wc: model_cfg(wc.model)["runtime_min"],
+        # a retry (the job was likely killed for memory or time) asks for twice as much
+        mem_mb=lambda wc, attempt: model_cfg(wc.model)["mem_mb"] * attempt,
+        runtime=lambda wc, attempt: model_cfg(wc.model)["runtime_min"] * attempt,
         gpu=lambda wc: model_cfg(wc.model)["gpus"],
+        gpu_model=lambda wc: model_cfg(wc.model)["gpu_model"] or "",
+        cpus_per_gpu=lambda wc: model_cfg(wc.model)["cpus_per_gpu"] if model_cfg(wc.model)["gpus"] else 0,
+        nodes=lambda wc: model_cfg(wc.model)["nodes"],
+        tasks=lambda wc: model_cfg(wc.model)["nodes"],
     conda:
         ENV
     shell:
