@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -88,6 +89,17 @@ def test_boxes_per_image_objects_inside_the_image_and_sized(plan, n_boxes, mean_
     assert sides.min() >= min_side and sides.max() <= 130
     n = np.array([len(im.boxes) for im in plan.train])
     assert mean_boxes[0] <= n.mean() <= mean_boxes[1]
+
+
+def test_difficulty_zero_is_the_original_dataset(easy_plan):
+    """Level 0 keeps the original generator's random streams: the annotations equal (by checksum) those the
+    generator wrote before the difficulty knob existed (seed 0, 400 + 40 images)."""
+    def sha(df):
+        return hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()
+
+    assert sha(easy_plan.bbox_frame()) == "163d2c78c45b7add30e777aea6c17539523e287c6a0d1b5f2dc606018c8a0b45"
+    labels = "be61785daadba1eacfffb0ec64b8ed86ba0db0dd892d5b698528bdd3e66c4f43"
+    assert sha(easy_plan.image_labels_frame()) == labels
 
 
 def test_difficulty_makes_objects_smaller_more_numerous_occluded_and_off_colour(easy_plan, default_plan):
