@@ -14,7 +14,13 @@ their 3-level hierarchy are in :mod:`stages.data.taxonomy`. Phenomena:
 - confusable pairs (3/8 and 1/7, same colour);
 - co-occurrence ("Disc" almost always sits on a "Pole") and surround ("Frame" holds 1-2 digits; "Digit nine"
   mostly sits inside a frame);
-- extreme aspect ratio ("Pole", about 1:8).
+- extreme aspect ratio ("Pole", about 1:8);
+- difficulty (:class:`Difficulty`, ``--difficulty``; default 1, calibrated so that the default small detector
+  reaches mAP@0.5 of about 0.5-0.6 on val_a instead of ~0.95 at level 0): small objects (mostly 16-40 px),
+  3-7 placements per image with partial occlusion (``IsOccluded=1``), per-instance colour and opacity jitter
+  (colour alone no longer names a class; the confusable pairs differ by shape), unlabelled clutter (strokes,
+  blobs, bars, arcs, photo patches), per-image blur, noise and JPEG quality. Level 0 reproduces the original
+  easy dataset byte for byte.
 
 Layout: :func:`plan_dataset` decides every image, box and label (cheap, no pixels); :func:`render_image` draws
 one planned image and its instance masks; :func:`generate` writes the files atomically (the whole directory is
@@ -42,7 +48,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +94,11 @@ class PlannedObject:
     shade: float = 1.0
     thickness: int = 0
     box_id: str = ""
+    opacity: float = 1.0
 
     def moved(self, dx: int, dy: int, box_id: str = "") -> PlannedObject:
-        return PlannedObject(self.label, self.kind, self.x0 + dx, self.y0 + dy, self.x1 + dx, self.y1 + dy,
-                             self.boxed, self.is_group_of, self.is_occluded, self.glyph, self.color, self.shade,
-                             self.thickness, box_id or self.box_id)
+        return replace(self, x0=self.x0 + dx, y0=self.y0 + dy, x1=self.x1 + dx, y1=self.y1 + dy,
+                       box_id=box_id or self.box_id)
 
     @property
     def masked(self) -> bool:
@@ -109,6 +115,7 @@ class PlannedImage:
     render_seed: int
     objects: tuple[PlannedObject, ...]  # in drawing order
     negatives: tuple[str, ...] = ()  # verified-absent leaf classes
+    difficulty: float = 0.0  # drives the render-time clutter and degradations (see :class:`Difficulty`)
 
     @property
     def boxes(self) -> tuple[PlannedObject, ...]:
@@ -180,6 +187,127 @@ class DatasetPlan:
         return pd.DataFrame(rows)
 
 
+DEFAULT_DIFFICULTY = 1.0
+MAX_DIFFICULTY = 2.0
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard the dataset is, from one number ``level`` >= 0: 0 is the original easy look (big, saturated,
+    class-coloured objects, sparse and never occluding, on a dimmed photo); 1 (the default) is calibrated so
+    that the default small detector reaches mAP@0.5 of about 0.5-0.6 on val_a. Every parameter moves linearly
+    from its level-0 to its level-1 value (and on past 1, clamped to sane bounds):
+
+    - smaller objects (digits 16-60 px tall instead of 28-90) and smaller group-of members;
+    - more placements per image (3-7 instead of 2-4), allowed to overlap: a later unit may cover up to
+      ``max_cover`` of an earlier object's box, which is then marked ``IsOccluded=1``;
+    - rarer rare classes (steeper Zipf law);
+    - per-instance colour jitter (a share of the objects is recoloured at random, the rest drift towards a
+      random colour) and opacity, so colour alone no longer names the class: the confusable pairs (same base
+      colour) must be told apart by shape; weaker rim and drop shadow, a less dimmed background;
+    - unlabelled clutter: pen strokes, blobs, bars, arcs and photo patches, often in the class colours;
+    - per-image blur, sensor noise and JPEG quality.
+    """
+
+    level: float = DEFAULT_DIFFICULTY
+
+    def __post_init__(self):
+        if not 0.0 <= self.level <= MAX_DIFFICULTY:
+            raise ValueError(f"difficulty must be in [0, {MAX_DIFFICULTY}], got {self.level}")
+
+    def _at(self, easy: float, hard: float, lo: float = -math.inf, hi: float = math.inf) -> float:
+        return float(min(hi, max(lo, easy + (hard - easy) * self.level)))
+
+    @property
+    def hard(self) -> bool:
+        """Any hardening at all (level 0 reproduces the original dataset exactly, random streams included)."""
+        return self.level > 0
+
+    # plan
+    @property
+    def glyph_height(self) -> tuple[float, float]:
+        return self._at(28, 16, lo=12), self._at(90, 60, lo=30)
+
+    @property
+    def disc_size(self) -> tuple[float, float]:
+        return self._at(26, 16, lo=12), self._at(60, 44, lo=24)
+
+    @property
+    def triangle_width(self) -> tuple[float, float]:
+        return self._at(30, 18, lo=14), self._at(80, 56, lo=28)
+
+    @property
+    def pole_width(self) -> tuple[float, float]:
+        return self._at(9, 6, lo=5), self._at(15, 11, lo=7)
+
+    @property
+    def frame_inner(self) -> tuple[float, float]:
+        return self._at(26, 18, lo=14), self._at(50, 38, lo=24)
+
+    @property
+    def group_member(self) -> tuple[float, float]:
+        return self._at(18, 13, lo=11), self._at(26, 19, lo=14)
+
+    @property
+    def units_per_image(self) -> tuple[int, int]:
+        return round(self._at(2, 3, hi=5)), round(self._at(4, 7, hi=10))
+
+    @property
+    def zipf_exponent(self) -> float:
+        return self._at(1.3, 1.5, hi=1.6)
+
+    @property
+    def max_cover(self) -> float:
+        """The largest share of an earlier object's box that a later placement may cover."""
+        return self._at(0.08, 0.3, hi=0.4)
+
+    @property
+    def recolour_rate(self) -> float:
+        return self._at(0.0, 0.25, hi=0.5)
+
+    @property
+    def colour_drift(self) -> float:
+        return self._at(0.0, 0.45, hi=0.7)
+
+    @property
+    def shade(self) -> tuple[float, float]:
+        return self._at(0.8, 0.65, lo=0.5), self._at(1.1, 1.15, hi=1.2)
+
+    @property
+    def min_opacity(self) -> float:
+        return self._at(1.0, 0.65, lo=0.45)
+
+    # render
+    @property
+    def background_contrast(self) -> tuple[float, float]:
+        return self._at(0.45, 0.75, hi=0.95), self._at(0.75, 1.0, hi=1.15)
+
+    @property
+    def rim_darkness(self) -> float:
+        return self._at(0.35, 0.75, hi=0.9)
+
+    @property
+    def shadow_strength(self) -> float:
+        return self._at(0.55, 0.25, lo=0.1)
+
+    @property
+    def distractors(self) -> float:
+        """Mean number of clutter items per image (Poisson)."""
+        return self._at(0.0, 6.0)
+
+    @property
+    def max_blur(self) -> float:
+        return self._at(0.0, 1.2, hi=2.0)
+
+    @property
+    def noise(self) -> tuple[float, float]:
+        return 3.0, self._at(3.0, 9.0, hi=14.0)
+
+    @property
+    def max_jpeg_drop(self) -> int:
+        return round(self._at(0, 50, hi=60))
+
+
 def mask_path(image_id: str, o: PlannedObject) -> str:
     """OpenImages mask file name: ``<ImageID>_<LabelName without '/'>_<BoxID>.png``."""
     return f"{image_id}_{o.label.replace('/', '')}_{o.box_id}.png"
@@ -194,8 +322,10 @@ class _Planner:
     """Lays out placements ("units": one object, a disc on its pole, a frame with its contents, a group-of
     cluster) with a private Generator. Unit coordinates are relative to the unit's top-left corner."""
 
-    def __init__(self, rng: np.random.Generator, *, zipf_exponent: float, group_of_rate: float):
+    def __init__(self, rng: np.random.Generator, *, zipf_exponent: float, group_of_rate: float,
+                 difficulty: Difficulty):
         self.rng = rng
+        self.k = difficulty
         self.p_leaf = _zipf(len(tx.FREQUENCY_RANK), zipf_exponent)
         digit_rank = [lab for lab in tx.FREQUENCY_RANK if tx.BY_LABEL[lab].kind == "glyph"]
         self.digit_rank = digit_rank
@@ -207,28 +337,45 @@ class _Planner:
 
     # one object, sized, at (0, 0)
     def _obj(self, label: str, size: float | None = None, **kw) -> PlannedObject:
-        rng, spec = self.rng, tx.BY_LABEL[label]
-        shade = float(rng.uniform(0.8, 1.1))
+        return self._look(self._shape(label, size, **kw))
+
+    def _shape(self, label: str, size: float | None = None, **kw) -> PlannedObject:
+        rng, spec, k = self.rng, tx.BY_LABEL[label], self.k
+        shade = float(rng.uniform(*k.shade))
         if spec.kind == "glyph":
             g = int(rng.choice(self.glyphs_of[spec.digit]))
-            h = int(round(size if size is not None else math.exp(rng.uniform(math.log(28), math.log(90)))))
+            lo, hi = k.glyph_height
+            h = int(round(size if size is not None else math.exp(rng.uniform(math.log(lo), math.log(hi)))))
             w = int(np.clip(round(h * self.aspects[g] * rng.uniform(0.9, 1.15)), 8, 120))
             return PlannedObject(label, "glyph", 0, 0, w, h, glyph=g, color=spec.color, shade=shade, **kw)
         if spec.kind == "disc":
-            d = size if size is not None else rng.uniform(26, 60)
+            d = size if size is not None else rng.uniform(*k.disc_size)
             w, h = int(round(d)), int(round(d * rng.uniform(0.92, 1.08)))
             return PlannedObject(label, "disc", 0, 0, w, h, color=spec.color, shade=shade, **kw)
         if spec.kind == "triangle":
-            w = size if size is not None else rng.uniform(30, 80)
+            w = size if size is not None else rng.uniform(*k.triangle_width)
             h = w * rng.uniform(0.75, 1.0)
             return PlannedObject(label, "triangle", 0, 0, int(round(w)), int(round(h)), color=spec.color,
                                  shade=shade, **kw)
         if spec.kind == "pole":
-            w = size if size is not None else rng.uniform(9, 15)
+            w = size if size is not None else rng.uniform(*k.pole_width)
             h = min(125.0, w * rng.uniform(7.0, 9.0))
             return PlannedObject(label, "pole", 0, 0, int(round(w)), int(round(h)), color=spec.color,
                                  shade=shade, **kw)
         raise ValueError(f"not a standalone kind: {spec.kind}")
+
+    def _look(self, o: PlannedObject) -> PlannedObject:
+        """Per-instance colour and opacity jitter (none at level 0, where no random number is drawn)."""
+        k, rng = self.k, self.rng
+        if not k.hard:
+            return o
+        base = np.asarray(o.color, np.float64)
+        if rng.random() < k.recolour_rate:
+            c = rng.uniform(25, 255, 3)
+        else:
+            c = base + (rng.uniform(25, 255, 3) - base) * rng.uniform(0, k.colour_drift)
+        color = tuple(int(v) for v in np.clip(np.round(c), 0, 255))
+        return replace(o, color=color, opacity=float(rng.uniform(k.min_opacity, 1.0)))
 
     def _frame(self, first_inner: str | None) -> list[PlannedObject]:
         rng = self.rng
@@ -239,7 +386,7 @@ class _Planner:
         pad = int(rng.integers(8, 16))
         inners, x = [], t + pad
         for lab in inner_labels:
-            o = self._obj(lab, size=rng.uniform(26, 50))
+            o = self._obj(lab, size=rng.uniform(*self.k.frame_inner))
             inners.append(o.moved(x, t + pad))
             x += (o.x1 - o.x0) + int(rng.integers(6, 14))
         inner_h = max(o.y1 for o in inners) - (t + pad)
@@ -248,27 +395,27 @@ class _Planner:
         # centre the contents vertically
         inners = [o.moved(0, (inner_h - (o.y1 - o.y0)) // 2) for o in inners]
         spec = tx.BY_LABEL[tx.FRAME]
-        fr = PlannedObject(tx.FRAME, "frame", 0, 0, fw, fh, color=spec.color,
-                           shade=float(rng.uniform(0.8, 1.1)), thickness=t)
+        fr = self._look(PlannedObject(tx.FRAME, "frame", 0, 0, fw, fh, color=spec.color,
+                                      shade=float(rng.uniform(*self.k.shade)), thickness=t))
         return [fr, *inners]
 
     def _disc_on_pole(self) -> list[PlannedObject]:
         rng = self.rng
-        pole = self._obj(tx.POLE, size=rng.uniform(8, 12))
+        lo, hi = self.k.pole_width
+        pole = self._obj(tx.POLE, size=rng.uniform(lo - 1, hi - 3))
         pw, ph = pole.x1, pole.y1
-        d = max(24.0, pw * rng.uniform(2.6, 3.6))
+        d = max(self.k.disc_size[0] - 2, pw * rng.uniform(2.6, 3.6))
         disc = self._obj(tx.DISC, size=d)
         dw, dh = disc.x1, disc.y1
         top = int(round(dh * 0.65))
-        pole = PlannedObject(pole.label, "pole", (dw - pw) // 2, top, (dw - pw) // 2 + pw, top + ph,
-                             is_occluded=1, color=pole.color, shade=pole.shade)
+        pole = replace(pole, x0=(dw - pw) // 2, y0=top, x1=(dw - pw) // 2 + pw, y1=top + ph, is_occluded=1)
         return [pole, disc]
 
     def _group(self, label: str) -> list[PlannedObject]:
         rng = self.rng
         k = int(rng.integers(4, 9))
         cols = int(rng.integers(2, min(k, 4) + 1))
-        size = rng.uniform(18, 26)
+        size = rng.uniform(*self.k.group_member)
         members, x, y, row_h = [], 0, 0, 0
         for i in range(k):
             if i and i % cols == 0:
@@ -307,7 +454,11 @@ class _Planner:
         return [self._obj(lab)]
 
     def images(self, image_ids: Sequence[str], split: str, size: tuple[int, int]) -> list[PlannedImage]:
-        n_units = self.rng.choice([2, 3, 4], p=[0.3, 0.4, 0.3], size=len(image_ids))
+        if self.k.hard:
+            lo, hi = self.k.units_per_image
+            n_units = self.rng.integers(lo, hi + 1, size=len(image_ids))
+        else:
+            n_units = self.rng.choice([2, 3, 4], p=[0.3, 0.4, 0.3], size=len(image_ids))
         prim = self.primaries(int(n_units.sum()))
         starts = np.concatenate([[0], np.cumsum(n_units)])
         return [self.image(i, split, size, prim[starts[k]:starts[k + 1]]) for k, i in enumerate(image_ids)]
@@ -318,6 +469,8 @@ class _Planner:
         w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
         placed: list[tuple[int, int, int, int]] = []
         objects: list[PlannedObject] = []
+        unit_of: list[int] = []
+        hard, cover = self.k.hard, self.k.max_cover
         for lab in primaries:
             unit = self.unit(lab)
             uw, uh = max(o.x1 for o in unit), max(o.y1 for o in unit)
@@ -327,13 +480,24 @@ class _Planner:
                 x = int(rng.integers(2, w - uw - 1))
                 y = int(rng.integers(2, h - uh - 1))
                 cand = (x, y, x + uw, y + uh)
-                if all(_overlap(cand, p) <= 0.08 for p in placed):
+                if hard:
+                    # partial occlusion allowed: the new unit may cover at most `cover` of any earlier box
+                    # (group-of boxes included, so nothing lands inside a group) and never hide one whole
+                    ok = all(_covered(_box(o), cand) <= cover for o in objects) and \
+                        all(_overlap(cand, p) <= 0.5 for p in placed)
+                else:
+                    ok = all(_overlap(cand, p) <= 0.08 for p in placed)
+                if ok:
                     placed.append(cand)
+                    unit_of += [len(placed)] * len(unit)
                     objects += [o.moved(x, y) for o in unit]
                     break
+        if hard:
+            objects = _mark_occluded(objects, unit_of)
         objects = [o.moved(0, 0, box_id=f"{int(rng.integers(0, 2**32)):08x}") if o.boxed else o for o in objects]
         negatives = self._negatives({o.label for o in objects if o.boxed}) if split == "train" else ()
-        return PlannedImage(image_id, split, w, h, int(rng.integers(0, 2**63)), tuple(objects), negatives)
+        return PlannedImage(image_id, split, w, h, int(rng.integers(0, 2**63)), tuple(objects), negatives,
+                            self.k.level)
 
     def _negatives(self, present: set[str]) -> tuple[str, ...]:
         rng = self.rng
@@ -350,6 +514,32 @@ class _Planner:
         return tuple(sorted(set(neg)))
 
 
+def _box(o: PlannedObject) -> tuple[int, int, int, int]:
+    return o.x0, o.y0, o.x1, o.y1
+
+
+def _covered(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """The share of box ``a`` that box ``b`` covers."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    return iw * ih / ((a[2] - a[0]) * (a[3] - a[1]))
+
+
+def _mark_occluded(objects: list[PlannedObject], unit_of: list[int]) -> list[PlannedObject]:
+    """``IsOccluded=1`` on every boxed object whose box is covered (by more than 2 %) by a drawn object of a
+    later placement (objects are drawn in list order)."""
+    out = []
+    for i, o in enumerate(objects):
+        if o.boxed and not o.is_occluded:
+            later = (p for p, u in zip(objects[i + 1:], unit_of[i + 1:]) if u != unit_of[i] and p.kind != "group")
+            if any(_covered(_box(o), _box(p)) > 0.02 for p in later):
+                o = replace(o, is_occluded=1)
+        out.append(o)
+    return out
+
+
 def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     """Intersection over the smaller area."""
     iw = min(a[2], b[2]) - max(a[0], b[0])
@@ -361,12 +551,15 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
 
 
 def plan_dataset(*, n_train_images: int, n_test_images: int, image_size: tuple[int, int] = (256, 320),
-                 seed: int = 0, zipf_exponent: float = 1.3, group_of_rate: float = 0.08) -> DatasetPlan:
+                 seed: int = 0, zipf_exponent: float | None = None, group_of_rate: float = 0.08,
+                 difficulty: float = DEFAULT_DIFFICULTY) -> DatasetPlan:
     """Decide every image, box and label of the dataset (no pixels). Deterministic for the arguments.
 
     ``image_size`` is (min, max) pixels of each side, drawn independently per image. The labelled and test
     images use separate random streams, so changing ``n_test_images`` leaves the labelled images unchanged.
+    ``difficulty`` is a :class:`Difficulty` level; ``zipf_exponent`` (the long tail) defaults to its one.
     """
+    k = Difficulty(float(difficulty))
     if n_train_images < 0 or n_test_images < 0:
         raise ValueError("image counts must be >= 0")
     lo, hi = image_size
@@ -382,8 +575,9 @@ def plan_dataset(*, n_train_images: int, n_test_images: int, image_size: tuple[i
             ids.append(i)
     images = []
     for split, stream, id_slice in (("train", 0, ids[:n_train_images]), ("test", 1, ids[n_train_images:])):
-        planner = _Planner(np.random.default_rng([seed, stream]), zipf_exponent=zipf_exponent,
-                           group_of_rate=group_of_rate)
+        planner = _Planner(np.random.default_rng([seed, stream]),
+                           zipf_exponent=k.zipf_exponent if zipf_exponent is None else zipf_exponent,
+                           group_of_rate=group_of_rate, difficulty=k)
         images += planner.images(id_slice, split, (lo, hi))
     return DatasetPlan(tuple(images), seed)
 
@@ -393,7 +587,13 @@ def render_image(im: PlannedImage) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Draw one planned image. Returns (RGB uint8 ``[H, W, 3]``, {object index: visible mask bool ``[H, W]``}
     for every object with a mask). Deterministic for the plan."""
     rng = np.random.default_rng(im.render_seed)
-    canvas = draw.background(rng, im.width, im.height)
+    k = Difficulty(im.difficulty)
+    canvas = draw.background(rng, im.width, im.height, contrast=k.background_contrast)
+    if k.hard:
+        palette = np.array([c.color for c in tx.CLASSES if c.kind != "parent"], np.float32)
+        side = min(im.width, im.height)
+        for _ in range(int(rng.poisson(k.distractors))):
+            draw.distractor(rng, canvas, palette=palette, size=(0.03 * side, 0.16 * side))
     glyphs, _ = draw.digits()
     owner = np.full((im.height, im.width), -1, np.int32)
     for i, o in enumerate(im.objects):
@@ -404,11 +604,17 @@ def render_image(im: PlannedImage) -> tuple[np.ndarray, dict[int, np.ndarray]]:
                                  thickness=o.thickness)
         rgb = draw.paint(o.kind, w, h, o.color, o.shade)
         if o.kind in ("glyph", "disc", "triangle"):
-            rgb = draw.rim(alpha, rgb)
-        draw.composite(canvas, alpha, rgb, o.x0, o.y0)
+            rgb = draw.rim(alpha, rgb, darkness=k.rim_darkness)
+        draw.composite(canvas, alpha * np.float32(o.opacity) if o.opacity < 1 else alpha, rgb, o.x0, o.y0,
+                       shadow_strength=k.shadow_strength)
         region = owner[o.y0:o.y1, o.x0:o.x1]
         region[alpha >= 0.5] = i if o.masked else -2
-    canvas += rng.normal(0.0, 3.0, size=canvas.shape).astype(np.float32)
+    if k.hard:
+        if rng.random() < 0.5:
+            canvas = draw.blur(canvas, float(rng.uniform(0.3, max(0.3, k.max_blur))))
+        canvas += rng.normal(0.0, rng.uniform(*k.noise), size=canvas.shape).astype(np.float32)
+    else:
+        canvas += rng.normal(0.0, 3.0, size=canvas.shape).astype(np.float32)
     img = np.clip(canvas, 0, 255).astype(np.uint8)
     masks = {i: owner == i for i, o in enumerate(im.objects) if o.masked}
     return img, masks
@@ -444,6 +650,7 @@ def summarize(plan: DatasetPlan, *, image_size: tuple[int, int]) -> dict:
     return {
         "dataset": "orchard-mini",
         "seed": plan.seed,
+        "difficulty": train[0].difficulty if train else None,
         "n_train_images": len(train),
         "n_test_images": len(plan.test),
         "image_size": list(image_size),
@@ -459,6 +666,7 @@ def summarize(plan: DatasetPlan, *, image_size: tuple[int, int]) -> dict:
             "most_frequent": tx.LEAVES[int(np.argmax(boxes))] if len(boxes) else None,
             "rarest": tx.LEAVES[int(np.argmin(boxes))] if len(boxes) else None,
             "group_of_boxes": int(counts["group_of"].sum()),
+            "occluded_boxes": int(sum(o.is_occluded for im in train for o in im.boxes)),
             "negative_labels": int(counts["negatives"].sum()),
             "confused_pairs": [list(p) for p in tx.CONFUSED_PAIRS],
             "cooccurrence": {"pair": [tx.DISC, tx.POLE], "images_with_disc": n_disc,
@@ -475,15 +683,26 @@ def _save_png(path: Path, mask: np.ndarray) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, compress_level=1)
 
 
+def jpeg_quality_of(im: PlannedImage, base: int) -> int:
+    """The JPEG quality of one image: ``base`` lowered by a random amount that grows with the difficulty
+    (drawn from the image's own seed, so the plan's random streams are untouched)."""
+    drop = Difficulty(im.difficulty).max_jpeg_drop
+    if drop <= 0:
+        return base
+    return max(20, base - int(np.random.default_rng([im.render_seed, 1]).integers(0, drop + 1)))
+
+
 def generate(*, out_dir: Path, n_train_images: int, n_test_images: int, image_size: tuple[int, int] = (256, 320),
-             seed: int = 0, jpeg_quality: int = 90, log_every: int = 100) -> dict:
+             seed: int = 0, jpeg_quality: int = 90, difficulty: float = DEFAULT_DIFFICULTY,
+             log_every: int = 100) -> dict:
     """Plan, render and write the dataset into ``out_dir`` atomically: everything is built in
     ``.<name>.tmp`` next to it (a stale one from a killed run is removed first) and renamed into place, so a
-    failure leaves no partial ``out_dir``. An existing ``out_dir`` is replaced. Returns the summary."""
+    failure leaves no partial ``out_dir``. An existing ``out_dir`` is replaced. Returns the summary.
+    ``difficulty``: see :class:`Difficulty` (0 = the original easy look)."""
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     plan = plan_dataset(n_train_images=n_train_images, n_test_images=n_test_images, image_size=image_size,
-                        seed=seed)
+                        seed=seed, difficulty=difficulty)
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
     if tmp.exists():
         log.warning("removing stale temporary directory %s", tmp)
@@ -503,7 +722,7 @@ def generate(*, out_dir: Path, n_train_images: int, n_test_images: int, image_si
         for k, im in enumerate(plan.images, start=1):
             img, masks = render_image(im)
             sub = IMAGES_DIR if im.split == "train" else TEST_DIR
-            Image.fromarray(img).save(tmp / sub / f"{im.image_id}.jpg", quality=jpeg_quality)
+            Image.fromarray(img).save(tmp / sub / f"{im.image_id}.jpg", quality=jpeg_quality_of(im, jpeg_quality))
             if im.split == "train":
                 for i, m in masks.items():
                     _save_png(tmp / MASKS_DIR / mask_path(im.image_id, im.objects[i]), m)
@@ -542,14 +761,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-size", type=int, default=256, help="smallest image side (px)")
     ap.add_argument("--max-size", type=int, default=320, help="largest image side (px)")
-    ap.add_argument("--jpeg-quality", type=int, default=90)
+    ap.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (the easiest; lowered per image "
+                    "with the difficulty)")
+    ap.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY,
+                    help=f"0 = the original easy look, 1 = calibrated default (small objects, clutter, occlusion, "
+                         f"colour jitter, blur/noise/JPEG), up to {MAX_DIFFICULTY}")
     args = ap.parse_args(argv)
+    if not 0 <= args.difficulty <= MAX_DIFFICULTY:
+        ap.error(f"need 0 <= --difficulty <= {MAX_DIFFICULTY}")
     if not 128 <= args.min_size <= args.max_size:
         ap.error("need 128 <= --min-size <= --max-size")
     if args.n_train_images < 1 or args.n_test_images < 0:
         ap.error("need --n-images >= 1 and --n-test >= 0")
     s = generate(out_dir=args.out, n_train_images=args.n_train_images, n_test_images=args.n_test_images,
-                 image_size=(args.min_size, args.max_size), seed=args.seed, jpeg_quality=args.jpeg_quality)
+                 image_size=(args.min_size, args.max_size), seed=args.seed, jpeg_quality=args.jpeg_quality,
+                 difficulty=args.difficulty)
     ph = s["phenomena"]
     tail = "n/a (a class has no box)" if ph["long_tail_ratio"] is None else f"{ph['long_tail_ratio']:.1f}x"
     print(f"orchard-mini: {s['n_train_images']} labelled + {s['n_test_images']} test images, {s['n_boxes']} boxes,"

@@ -54,9 +54,11 @@ def background_sources() -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def background(rng: np.random.Generator, width: int, height: int,
+               contrast: tuple[float, float] = (0.45, 0.75)) -> np.ndarray:
     """A random crop of a bundled photo, rescaled to ``width x height``, flipped, colour- and
-    contrast-jittered (contrast lowered so that the pasted objects stay distinct). ``[H, W, 3]`` float32."""
+    contrast-jittered (``contrast`` range, below 1 lowers it so that the pasted objects stand out).
+    ``[H, W, 3]`` float32."""
     srcs = background_sources()
     src = srcs[int(rng.integers(len(srcs)))]
     sh, sw = src.shape[:2]
@@ -75,9 +77,9 @@ def background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     if rng.random() < 0.5:
         arr = arr[:, ::-1]
     mean = arr.mean(axis=(0, 1), keepdims=True)
-    contrast = rng.uniform(0.45, 0.75)
+    c = rng.uniform(*contrast)
     brightness = rng.uniform(-25, 15)
-    return (mean + (arr - mean) * contrast + brightness).astype(np.float32)
+    return (mean + (arr - mean) * c + brightness).astype(np.float32)
 
 
 def _resize(a: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -173,18 +175,92 @@ def rim(alpha: np.ndarray, rgb: np.ndarray, *, darkness: float = 0.35) -> np.nda
 
 
 def composite(canvas: np.ndarray, alpha: np.ndarray, rgb: np.ndarray, x0: int, y0: int,
-              *, shadow: int = 2) -> None:
-    """Paste ``rgb`` with ``alpha`` at (x0, y0) in place, with a soft dark drop shadow ``shadow`` px down-right.
-    The object must lie inside the canvas; the shadow is clipped."""
+              *, shadow: int = 2, shadow_strength: float = 0.55) -> None:
+    """Paste ``rgb`` with ``alpha`` at (x0, y0) in place, with a soft dark drop shadow ``shadow`` px down-right
+    (``shadow_strength`` of darkening). The object must lie inside the canvas; the shadow is clipped."""
     h, w = alpha.shape
     H, W = canvas.shape[:2]
     if shadow:
         sx0, sy0 = x0 + shadow, y0 + shadow
         sx1, sy1 = min(W, sx0 + w), min(H, sy0 + h)
-        sa = alpha[:sy1 - sy0, :sx1 - sx0, None] * 0.55
+        sa = alpha[:sy1 - sy0, :sx1 - sx0, None] * shadow_strength
         region = canvas[sy0:sy1, sx0:sx1]
         region *= 1.0 - sa
     a = alpha[..., None]
     region = canvas[y0:y0 + h, x0:x0 + w]
     region *= 1.0 - a
     region += rgb * a
+
+
+# ----- clutter (unlabelled distractors) and image degradations ------------------------------------------------
+DISTRACTOR_KINDS = ("stroke", "blob", "line", "patch", "ring_arc")
+
+
+def distractor(rng: np.random.Generator, canvas: np.ndarray, *, palette: np.ndarray, size: tuple[float, float]
+               ) -> None:
+    """Paint one unlabelled distractor in place: a curved pen stroke (digit-like, but no digit), an irregular
+    blob, a straight bar, a textured patch cut from another photo, or an open arc. Colours come from
+    ``palette`` (``[K, 3]``, e.g. the class colours, so that colour alone cannot tell an object from clutter)
+    or are random; ``size`` is the (min, max) extent in pixels. None of them is a class: a stroke is an open
+    curve, a bar is solid (no stripes) and shorter than a pole, an arc is open (not a disc), a blob is not
+    convex-regular."""
+    H, W = canvas.shape[:2]
+    kind = DISTRACTOR_KINDS[int(rng.integers(len(DISTRACTOR_KINDS)))]
+    ext = float(rng.uniform(*size))
+    cx, cy = float(rng.uniform(0, W)), float(rng.uniform(0, H))
+    s = 2  # supersampling for smooth edges
+    im = Image.new("L", (W * s, H * s), 0)
+    d = ImageDraw.Draw(im)
+    if kind == "stroke":
+        n = int(rng.integers(3, 6))
+        pts = np.cumsum(rng.normal(0, ext / 3, size=(n, 2)), axis=0) + [cx, cy]
+        # a smooth curve near the control points (corner cutting)
+        curve = pts
+        for _ in range(3):
+            curve = np.concatenate([curve[:1], (curve[:-1] + curve[1:]) / 2, curve[-1:]])
+        width = int(rng.integers(2, 6)) * s
+        d.line([tuple(p * s) for p in curve], fill=255, width=width, joint="curve")
+    elif kind == "blob":
+        n = int(rng.integers(5, 9))
+        ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+        r = ext / 2 * rng.uniform(0.4, 1.0, n)
+        pts = np.stack([cx + r * np.cos(ang), cy + r * np.sin(ang)], 1)
+        d.polygon([tuple(p * s) for p in pts], fill=255)
+    elif kind == "line":
+        a = rng.uniform(0, np.pi)
+        L = ext * rng.uniform(0.6, 1.2)
+        dx, dy = np.cos(a) * L / 2, np.sin(a) * L / 2
+        d.line([((cx - dx) * s, (cy - dy) * s), ((cx + dx) * s, (cy + dy) * s)], fill=255,
+               width=int(rng.integers(2, 7)) * s)
+    elif kind == "ring_arc":
+        r = ext / 2
+        start = float(rng.uniform(0, 360))
+        d.arc([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], start, start + float(rng.uniform(90, 250)),
+              fill=255, width=int(rng.integers(2, 6)) * s)
+    else:  # patch
+        w, h = ext, ext * rng.uniform(0.5, 1.5)
+        d.ellipse([(cx - w / 2) * s, (cy - h / 2) * s, (cx + w / 2) * s, (cy + h / 2) * s], fill=255)
+    alpha = np.asarray(im.resize((W, H), Image.BOX), dtype=np.float32) / 255.0
+    ys, xs = np.nonzero(alpha)
+    if len(ys) == 0:
+        return
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    a = alpha[y0:y1, x0:x1, None] * np.float32(rng.uniform(0.6, 1.0))
+    if kind == "patch":
+        rgb = background(rng, int(x1 - x0), int(y1 - y0), contrast=(1.0, 1.6))
+    else:
+        c = palette[int(rng.integers(len(palette)))] if rng.random() < 0.6 else rng.uniform(20, 250, 3)
+        c = np.clip(np.asarray(c, np.float32) * np.float32(rng.uniform(0.7, 1.15)), 0, 255)
+        rgb = np.broadcast_to(c.astype(np.float32), (int(y1 - y0), int(x1 - x0), 3))
+    region = canvas[y0:y1, x0:x1]
+    region *= 1.0 - a
+    region += rgb * a
+
+
+def blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of an ``[H, W, 3]`` float image over the two spatial axes."""
+    from scipy.ndimage import gaussian_filter
+
+    if sigma <= 0:
+        return img
+    return gaussian_filter(img, sigma=(sigma, sigma, 0)).astype(np.float32)

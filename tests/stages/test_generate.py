@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +22,11 @@ CSVS = [gen.BBOX_CSV, gen.LABELS_CSV, gen.CLASSES_CSV, gen.SEGMENTATION_CSV, gen
 @pytest.fixture(scope="module")
 def default_plan() -> gen.DatasetPlan:
     return gen.plan_dataset(n_train_images=400, n_test_images=40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def easy_plan() -> gen.DatasetPlan:
+    return gen.plan_dataset(n_train_images=400, n_test_images=40, seed=0, difficulty=0)
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +70,64 @@ def test_long_tail_at_the_default_size(default_plan):
     assert counts.min() >= 10
 
 
-def test_boxes_per_image_objects_inside_the_image_and_sized(default_plan):
-    for im in default_plan.train:
-        assert 1 <= len(im.boxes) <= 9
+def _sides(plan: gen.DatasetPlan) -> np.ndarray:
+    return np.array([max(o.x1 - o.x0, o.y1 - o.y0) for im in plan.train for o in im.boxes
+                     if o.label != tx.FRAME and not o.is_group_of])
+
+
+@pytest.mark.parametrize("plan, n_boxes, mean_boxes, min_side", [
+    ("easy_plan", (1, 9), (2.5, 5), 20),
+    ("default_plan", (2, 16), (4.5, 7), 12),
+])
+def test_boxes_per_image_objects_inside_the_image_and_sized(plan, n_boxes, mean_boxes, min_side, request):
+    plan = request.getfixturevalue(plan)
+    for im in plan.train:
+        assert n_boxes[0] <= len(im.boxes) <= n_boxes[1]
         for o in im.objects:
             assert 0 <= o.x0 < o.x1 <= im.width and 0 <= o.y0 < o.y1 <= im.height
-    sides = np.array([max(o.x1 - o.x0, o.y1 - o.y0) for im in default_plan.train for o in im.boxes
-                      if o.label != tx.FRAME and not o.is_group_of])
-    assert sides.min() >= 20 and sides.max() <= 130
-    n = np.array([len(im.boxes) for im in default_plan.train])
-    assert 2.5 <= n.mean() <= 5
+    sides = _sides(plan)
+    assert sides.min() >= min_side and sides.max() <= 130
+    n = np.array([len(im.boxes) for im in plan.train])
+    assert mean_boxes[0] <= n.mean() <= mean_boxes[1]
+
+
+def test_difficulty_zero_is_the_original_dataset(easy_plan):
+    """Level 0 keeps the original generator's random streams: the annotations equal (by checksum) those the
+    generator wrote before the difficulty knob existed (seed 0, 400 + 40 images)."""
+    def sha(df):
+        return hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()
+
+    assert sha(easy_plan.bbox_frame()) == "163d2c78c45b7add30e777aea6c17539523e287c6a0d1b5f2dc606018c8a0b45"
+    labels = "be61785daadba1eacfffb0ec64b8ed86ba0db0dd892d5b698528bdd3e66c4f43"
+    assert sha(easy_plan.image_labels_frame()) == labels
+
+
+def test_difficulty_makes_objects_smaller_more_numerous_occluded_and_off_colour(easy_plan, default_plan):
+    easy, hard = _sides(easy_plan), _sides(default_plan)
+    assert np.median(hard) < 0.75 * np.median(easy)
+    assert ((hard >= 16) & (hard <= 40)).mean() > 0.6 > ((easy >= 16) & (easy <= 40)).mean()
+    assert sum(len(im.boxes) for im in default_plan.train) > 1.4 * sum(len(im.boxes) for im in easy_plan.train)
+
+    def occluded(plan):
+        return np.mean([o.is_occluded for im in plan.train for o in im.boxes if o.label != tx.POLE])
+
+    assert occluded(easy_plan) == 0 and occluded(default_plan) > 0.04
+    # an occluded object is covered by a later placement, but never by more than max_cover of its box
+    for im in default_plan.train:
+        for i, o in enumerate(im.boxes):
+            for p in im.boxes[i + 1:]:
+                if p.x0 >= o.x0 and p.y0 >= o.y0 and p.x1 <= o.x1 and p.y1 <= o.y1:
+                    assert o.label == tx.FRAME  # only a frame holds whole objects
+    # colour does not name the class any more, and the confusable pairs are still alike in colour
+    for plan, varies in ((easy_plan, False), (default_plan, True)):
+        for lab in (tx.digit_label(3), tx.digit_label(8)):
+            cols = np.array([o.color for im in plan.train for o in im.objects
+                             if o.label == lab and o.kind != "group"])
+            assert (cols.std(axis=0).mean() > 20) == varies
+            if varies:
+                assert np.abs(np.median(cols, axis=0) - tx.BY_LABEL[lab].color).max() < 60
+    with pytest.raises(ValueError):
+        gen.plan_dataset(n_train_images=2, n_test_images=0, difficulty=-0.5)
 
 
 def test_group_of_boxes_enclose_unboxed_same_class_members(default_plan):
@@ -219,8 +273,28 @@ def test_cli_writes_atomically(tmp_path, monkeypatch):
     assert not (tmp_path / "fresh").exists()
 
 
+def test_jpeg_quality_varies_with_difficulty_and_hard_rendering_is_deterministic():
+    """Level 0 keeps the given JPEG quality for every image; level 1 lowers it per image. Rendering with clutter,
+    blur and noise is still a function of the plan, and every masked object stays visible."""
+    easy = gen.plan_dataset(n_train_images=6, n_test_images=0, seed=4, difficulty=0)
+    hard = gen.plan_dataset(n_train_images=6, n_test_images=0, seed=4, difficulty=1)
+    assert all(gen.jpeg_quality_of(im, 90) == 90 for im in easy.images)
+    q = [gen.jpeg_quality_of(im, 90) for im in
+         gen.plan_dataset(n_train_images=40, n_test_images=0, seed=4, difficulty=1).images]
+    assert min(q) < 70 and max(q) <= 90 and len(set(q)) > 5
+    for im in hard.images:
+        img, masks = gen.render_image(im)
+        again, _ = gen.render_image(im)
+        assert np.array_equal(img, again)
+        for m in masks.values():
+            assert m.any()
+
+
 def test_cli_rejects_bad_sizes(tmp_path):
     with pytest.raises(SystemExit) as e:
         gen.main(["--n-images", "3", "--min-size", "320", "--max-size", "256", "--out", str(tmp_path / "x")])
     assert e.value.code == 2
     assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--n-images", "3", "--difficulty", "5", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and not (tmp_path / "x").exists()

@@ -22,11 +22,13 @@ if config["dataset"]["generate"]:
             min_size=config["dataset"]["min_size"],
             max_size=config["dataset"]["max_size"],
             seed=config["dataset"]["seed"],
+            difficulty=config["dataset"]["difficulty"],
         conda:
             ENV
         shell:
             "python -m stages.generate --out {params.out:q} --n-images {params.n_images} --n-test {params.n_test}"
-            " --min-size {params.min_size} --max-size {params.max_size} --seed {params.seed} > {log:q} 2>&1"
+            " --min-size {params.min_size} --max-size {params.max_size} --seed {params.seed}"
+            " --difficulty {params.difficulty} > {log:q} 2>&1"
 
 
 rule ingest:
