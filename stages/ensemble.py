@@ -10,7 +10,6 @@ Processed in image shards over all inputs together, so memory stays flat with th
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from stages.cli import stage_main
 from stages.errors import InputError
+from stages.formats.io import read_json
 from stages.formats.stream import TableWriter, image_shards, read_shard
 from stages.ops.ensemble import naive_ensemble
 from stages.ops.nms import top_per_image
@@ -29,12 +29,7 @@ log = logging.getLogger(__name__)
 
 def read_ap_metrics(path: Path) -> dict[str, float | None]:
     """``{MID: ap}`` from an evaluate metrics JSON."""
-    if not path.exists():
-        raise InputError("file not found", file=path)
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"malformed JSON: {exc.msg}", file=path, row=exc.lineno) from exc
+    obj = read_json(path)
     per = obj.get("per_class") if isinstance(obj, dict) else None
     if not isinstance(per, dict):
         raise InputError("no 'per_class' object", file=path, field="per_class")

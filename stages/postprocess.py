@@ -11,7 +11,6 @@ Works on any ``detections`` parquet; processed in image shards (``--rows-per-sha
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -21,9 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from stages.cli import stage_main
-from stages.errors import InputError
 from stages.formats.hierarchy import Hierarchy
-from stages.formats.io import read_table
+from stages.formats.io import read_json, read_table
 from stages.formats.stream import TableWriter, image_shards, read_shard
 from stages.ops.hierarchy import expand_hierarchy
 from stages.ops.nms import METHODS, suppress, top_per_image
@@ -67,14 +65,7 @@ def load_hierarchy(path: str | Path) -> Hierarchy:
 
 
 def load_relations(path: str | Path) -> RelationStats:
-    path = Path(path)
-    if not path.exists():
-        raise InputError("file not found", file=path)
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"malformed JSON: {exc.msg}", file=path, row=exc.lineno) from exc
-    return RelationStats.from_json_obj(obj, source=path)
+    return RelationStats.from_json_obj(read_json(path), source=path)
 
 
 def add_suppress_args(p: argparse.ArgumentParser, *, method: str = "adj_nms") -> None:

@@ -61,6 +61,17 @@ def _json_default(o: object) -> object:
     raise TypeError(f"not JSON serializable: {type(o)}")
 
 
+def read_json(path: str | os.PathLike) -> object:
+    """A JSON file, or :class:`InputError` naming the file (and line) when it is missing or malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", file=path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"malformed JSON: {exc.msg}", file=path, row=exc.lineno) from exc
+
+
 def config_hash(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -103,5 +114,5 @@ def read_provenance(path: str | os.PathLike) -> dict:
     return json.loads(raw) if raw else {}
 
 
-__all__ = ["SCHEMAS", "atomic_path", "config_hash", "read_provenance", "read_table", "write_json",
+__all__ = ["SCHEMAS", "atomic_path", "config_hash", "read_json", "read_provenance", "read_table", "write_json",
            "write_table", "write_text"]
