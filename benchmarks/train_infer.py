@@ -183,7 +183,7 @@ def main() -> None:
     print(f"device: cpu ({torch.get_num_threads()} thread(s), torch {torch.__version__})")
     cfg = load_config(a.config)
     names = a.models or list(cfg["models"])
-    models = {n: validate_config({"models": {n: cfg["models"][n]}})["models"][n] for n in names}
+    models = {n: validate_config({"models": {n: cfg["models"][n]}}, cross_refs=False)["models"][n] for n in names}
     iters = a.iters or (1 if a.quick else 3)
     rows = cpu_rows(models, iters=iters, batch_size=a.batch_size or 2)
     report(rows, f"CPU, batch {a.batch_size or 2}, {iters} iteration(s)")

@@ -38,8 +38,10 @@ def _with_defaults(validator_cls):
                                                         "additionalProperties": set_defaults_additional})
 
 
-def validate_config(config: dict[str, Any], *, source: object = "config") -> dict[str, Any]:
-    """Validate ``config`` (in place: defaults are filled in) or raise :class:`InputError` naming the key."""
+def validate_config(config: dict[str, Any], *, source: object = "config", cross_refs: bool = True
+                    ) -> dict[str, Any]:
+    """Validate ``config`` (in place: defaults are filled in) or raise :class:`InputError` naming the key.
+    ``cross_refs=False`` skips the checks between models (validating one model section on its own)."""
     schema = _schema()
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -61,6 +63,19 @@ def validate_config(config: dict[str, Any], *, source: object = "config") -> dic
         if avg is not None and not 1 <= avg[0] <= avg[1] <= m["epochs"]:
             raise InputError(f"average_epochs {avg} must satisfy 1 <= a <= b <= epochs {m['epochs']}", file=source,
                              field=f"models/{name}/average_epochs")
+        base = m["expert_of"]
+        if base is not None:
+            if not m["expert"]:
+                raise InputError(f"an expert model (expert_of: {base}) needs expert: true", file=source,
+                                 field=f"models/{name}/expert")
+            if not cross_refs:
+                continue
+            if base == name or base not in config["models"]:
+                raise InputError(f"expert_of must name another model, not {base!r}; models are "
+                                 f"{sorted(config['models'])}", file=source, field=f"models/{name}/expert_of")
+            if config["models"][base].get("expert_of") is not None:
+                raise InputError(f"expert_of names {base!r}, itself an expert model", file=source,
+                                 field=f"models/{name}/expert_of")
     models = sorted(config.get("models", {}))
     ens = config.setdefault("ensemble", {})
     ens.setdefault("groups", {"all": models})
@@ -71,7 +86,8 @@ def validate_config(config: dict[str, Any], *, source: object = "config") -> dic
                              field=f"ensemble/groups/{g}")
     abl = config.setdefault("ablation", {})
     abl.setdefault("model", models[0] if models else None)
-    abl.setdefault("models", models)
+    # the model ladder compares whole detectors: expert models cover a few classes only
+    abl.setdefault("models", [m for m in models if config["models"][m]["expert_of"] is None])
     unknown = sorted(set(abl["models"]) - set(models))
     if unknown:
         raise InputError(f"unknown model(s) {unknown}", file=source, field="ablation/models")

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from stages.cli import stage_main
 from stages.config import validate_config
 from stages.errors import InputError
+from stages.experts import read_experts, restrict_to_classes
 from stages.formats.io import atomic_path, config_hash, read_table
 from stages.models.augment import AugmentStats, augment_stats, elaborate_augment
 from stages.models.averaging import average_checkpoints
@@ -54,7 +55,7 @@ def lr_at(it: int, epoch: int, cfg: Mapping[str, Any]) -> float:
 
 def model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """A model section with every schema default filled in."""
-    full = validate_config({"models": {"m": dict(cfg)}})
+    full = validate_config({"models": {"m": dict(cfg)}}, cross_refs=False)
     return full["models"]["m"]
 
 
@@ -304,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--sampling", type=Path, help="sampling weights table (stages.sample); default uniform")
     p.add_argument("--anchors", type=Path, help="anchors JSON (stages.anchors)")
+    p.add_argument("--classes", type=Path, help="experts JSON (stages.experts): train only on its targets and "
+                   "negatives (images holding one of them; other classes' boxes dropped)")
     p.add_argument("--device", default="auto")
     p.add_argument("--ckpt-dir", type=Path, required=True)
     p.add_argument("--metrics", type=Path)
@@ -322,6 +325,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     images = read_table(a.images, "images")
     images = images[images["image_id"].isin(ids)]
     boxes = read_table(a.boxes, "boxes")
+    if a.classes:
+        classes = read_experts(a.classes)
+        images, boxes = restrict_to_classes(images=images, boxes=boxes, classes=classes)
+        log.info("expert model: %d classes, %d training images hold one of them", len(classes), len(images))
+        if images.empty:
+            raise InputError("no training image holds a box of the experts' classes", file=a.classes)
     weights = read_table(a.sampling, "sampling") if a.sampling else None
     anchors = json.loads(a.anchors.read_text()) if a.anchors else None
     if cfg["anchors"] == "kmeans" and anchors is None:

@@ -43,6 +43,21 @@ def model_cfg(model):
     return config["models"][model]
 
 
+def expert_base(model):
+    """The base model of an expert model."""
+    base = model_cfg(model)["expert_of"]
+    if base is None:
+        raise ValueError(f"model {model!r} is not an expert model (expert_of is not set)")
+    return base
+
+
+def expert_classes(wildcards):
+    """The experts JSON (class subset) of an expert model; nothing for other models."""
+    if model_cfg(wildcards.model)["expert_of"] is None:
+        return []
+    return expand(rules.experts.output.experts, model=wildcards.model)
+
+
 def model_json(wildcards):
     return json.dumps(model_cfg(wildcards.model), sort_keys=True)
 

@@ -1,5 +1,5 @@
-# Anchors by k-means (per model: its image size and scales) and one trained detector per entry of
-# config["models"] (the per-model fan-out).
+# Anchors by k-means (per model: its image size and scales), the class subset of each expert model (mined
+# from its base model), and one trained detector per entry of config["models"] (the per-model fan-out).
 
 
 rule anchors:
@@ -25,6 +25,29 @@ rule anchors:
         " --max-size {params.max_size} --seed {params.seed} --out {output.anchors:q} > {log:q} 2>&1"
 
 
+rule experts:
+    input:
+        model=lambda wc: expand(rules.train.output.model, model=expert_base(wc.model)),
+        # the base model's per-class AP on val_a (after post-processing)
+        metrics=lambda wc: expand(
+            rules.evaluate.output.json, stage="postprocess", name=expert_base(wc.model), val="val_a"
+        ),
+        hierarchy=rules.ingest.output.hierarchy,
+    output:
+        experts="results/experts/{model}.json",
+    log:
+        "logs/experts/{model}.log",
+    params:
+        n_lowest=lambda wc: model_cfg(wc.model)["expert_n_lowest"],
+        sim_thr=lambda wc: model_cfg(wc.model)["expert_sim_thr"],
+    conda:
+        ENV
+    shell:
+        "python -m stages.experts --model {input.model:q} --metrics {input.metrics:q}"
+        " --hierarchy {input.hierarchy:q} --n-lowest {params.n_lowest} --sim-thr {params.sim_thr}"
+        " --out {output.experts:q} > {log:q} 2>&1"
+
+
 rule train:
     input:
         images=rules.ingest.output.images,
@@ -37,6 +60,8 @@ rule train:
             if model_cfg(wc.model)["anchors"] == "kmeans"
             else []
         ),
+        # expert models: the class subset mined from the base model (none otherwise)
+        classes=expert_classes,
     output:
         model="results/train/{model}/model.pt",
     log:
@@ -50,6 +75,7 @@ rule train:
         device=config["device"],
         launch=lambda wc: train_launcher(model_cfg(wc.model)),
         anchors=lambda wc, input: f"--anchors {input.anchors}" if input.anchors else "",
+        classes=lambda wc, input: f"--classes {input.classes}" if input.classes else "",
     threads: lambda wc: model_cfg(wc.model)["threads"]
     retries: 1
     resources:
@@ -65,5 +91,6 @@ rule train:
         ENV
     shell:
         "{params.launch} -m stages.train --config {params.cfg:q} --images {input.images:q} --boxes {input.boxes:q}"
-        " --splits {input.splits:q} --sampling {input.sampling:q} {params.anchors} --device {params.device}"
+        " --splits {input.splits:q} --sampling {input.sampling:q} {params.anchors} {params.classes}"
+        " --device {params.device}"
         " --ckpt-dir {params.ckpt:q} --metrics {params.metrics:q} --out {output.model:q} > {log:q} 2>&1"
