@@ -35,8 +35,10 @@ def test_oid2019_dag_builds_from_stub_files(tmp_path: Path) -> None:
     print(f"oid2019 DAG: {counts['total']} jobs built in {seconds:.1f} s: {counts}")
     cfg = yaml.safe_load((ROOT / "configs" / "oid2019.yaml").read_text())
     n_models, shards = len(cfg["models"]), cfg["infer"]["shards"]
-    assert n_models == 28
-    assert counts["train"] == n_models and counts["anchors"] == n_models
+    n_experts = sum(1 for m in cfg["models"].values() if m.get("expert_of"))
+    assert (n_models, n_experts) == (28 + 13, 13)           # the zoo and the paper's 3 + 2 + 8 expert models
+    assert counts["train"] == 28 + 13 and counts["anchors"] == n_models
+    assert counts["experts"] == n_experts
     assert counts["infer"] == n_models * 3 * shards           # val_a, val_b, test
     assert counts["postprocess"] == n_models * 2 * shards     # validation splits (test goes through ensembles)
     assert counts["ensemble"] == len(cfg["ensemble"]["groups"]) * 2 * shards + shards
