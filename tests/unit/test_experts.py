@@ -44,9 +44,11 @@ def test_lowest_ap_targets_and_cosine_negatives():
     assert above["negatives"] == ["/m/b"]
     at = experts.mine_experts(ap=ap, fc_weight=W, labels=LABELS, n_lowest=2, sim_thr=float(1 / np.sqrt(2)))
     assert "/m/c" in at["negatives"]
-    # a low threshold takes every class but the opposite one; the targets never count as negatives
-    low = experts.mine_experts(ap=ap, fc_weight=W, labels=LABELS, n_lowest=2, sim_thr=-0.5)
-    assert low["negatives"] == ["/m/b", "/m/c"] + ["/m/e"] * 0 and "/m/a" not in low["negatives"]
+    # a negative threshold takes every class but the opposite one (/m/e, cos -1) of the single target /m/a
+    ap["/m/d"] = 0.6
+    low = experts.mine_experts(ap=ap, fc_weight=W, labels=LABELS, n_lowest=1, sim_thr=-0.5)
+    assert low["targets"] == ["/m/a"] and low["negatives"] == ["/m/b", "/m/c", "/m/d"]
+    assert low["similarity"]["/m/a"]["/m/d"] == pytest.approx(0.0)
 
 
 def test_classes_without_ground_truth_or_untrained_are_not_targets():
@@ -134,7 +136,6 @@ TINY_MODEL = {"backbone": "resnet_tiny", "fpn_channels": 8, "representation_size
               "min_size": 48, "max_size": 64, "test_scales": [48], "expert": True}
 
 
-@pytest.mark.slow
 def test_train_on_expert_classes(tiny, tmp_path):
     out = tmp_path / "ingest"
     assert ingest.main(ingest_args(tiny, out)) == 0
