@@ -58,3 +58,18 @@ def ingest_args(files: dict[str, Path], out: Path) -> list[str]:
 @pytest.fixture
 def tiny(tmp_path: Path) -> dict[str, Path]:
     return write_tiny_dataset(tmp_path / "oid")
+
+
+@pytest.fixture
+def tables(tiny: dict[str, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """The tiny dataset ingested to canonical tables, and a splits table (img0-2 train, img3 val_a)."""
+    import pandas as pd
+
+    from stages import ingest
+    from stages.formats.io import write_table
+
+    out = tmp_path / "ingest"
+    assert ingest.main(ingest_args(tiny, out)) == 0
+    splits = pd.DataFrame({"image_id": ["img0", "img1", "img2", "img3"], "split": ["train"] * 3 + ["val_a"]})
+    write_table(tmp_path / "splits.parquet", splits, "splits")
+    return out, tmp_path / "splits.parquet"

@@ -8,24 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from stages import infer, ingest, train
+from stages import infer, train
 from stages.formats.io import read_provenance, read_table
-from tests.conftest import ingest_args
 
 TINY_MODEL = {"backbone": "resnet_small", "width": 8, "fpn_channels": 16, "epochs": 2, "batch_size": 2,
               "lr": 0.01, "lr_steps": [2], "warmup_iters": 2, "iters_per_epoch": 2, "min_size": 64,
               "max_size": 96, "test_scales": [64, 80], "seed": 3}
 
-
-@pytest.fixture
-def tables(tiny, tmp_path):
-    out = tmp_path / "ingest"
-    assert ingest.main(ingest_args(tiny, out)) == 0
-    splits = pd.DataFrame({"image_id": ["img0", "img1", "img2", "img3"], "split": ["train"] * 3 + ["val_a"]})
-    from stages.formats.io import write_table
-
-    write_table(tmp_path / "splits.parquet", splits, "splits")
-    return out, tmp_path / "splits.parquet"
 
 
 def _train(out, splits, tmp_path, name, *extra):

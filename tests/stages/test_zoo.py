@@ -10,21 +10,20 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from stages import anchors as anchors_stage
-from stages import infer, ingest, train
+from stages import infer, train
 from stages.config import validate_config
 from stages.errors import InputError
-from stages.formats.io import read_table, write_table
+from stages.formats.io import read_table
 from stages.models.averaging import average_state_dicts
 from stages.models.cascade import CascadeRoIHeads
 from stages.models.detector import SiblingRoIHeads, build_detector, expert_keep
 from stages.models.tsd import TSDRoIHeads
-from tests.conftest import ROOT, ingest_args
+from tests.conftest import ROOT
 
 torch.set_num_threads(1)
 
@@ -40,14 +39,6 @@ ALL_NEW_KEYS = {"head": "tsd", "tsd_gamma": 0.2, "margin_cls": 0.3, "margin_reg"
                 "representation_size": 256, "norm": "frozen_bn", "trainable_layers": 3,
                 "backbone_weights": None, "weights": None, "gpus": 2}
 
-
-@pytest.fixture
-def tables(tiny, tmp_path):
-    out = tmp_path / "ingest"
-    assert ingest.main(ingest_args(tiny, out)) == 0
-    splits = pd.DataFrame({"image_id": ["img0", "img1", "img2", "img3"], "split": ["train"] * 3 + ["val_a"]})
-    write_table(tmp_path / "splits.parquet", splits, "splits")
-    return out, tmp_path / "splits.parquet"
 
 
 def _train_args(out, splits, run, cfg, *extra):
