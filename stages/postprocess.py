@@ -21,7 +21,7 @@ import pandas as pd
 
 from stages.cli import stage_main
 from stages.formats.hierarchy import Hierarchy
-from stages.formats.io import read_json, read_table
+from stages.formats.io import read_json, read_provenance, read_table
 from stages.formats.stream import TableWriter, image_shards, read_shard
 from stages.ops.hierarchy import expand_hierarchy
 from stages.ops.nms import METHODS, suppress, top_per_image
@@ -107,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     prov = {"stage": "postprocess", "input": [str(d) for d in a.detections], "method": a.method, "iou_thr": a.iou_thr,
             "sigma": a.sigma, "score_thr": a.score_thr, "max_per_image": a.max_per_image,
             "expand_hierarchy": str(a.expand_hierarchy) if a.expand_hierarchy else None,
-            "relations": str(a.relations) if a.relations else None, "rescore": asdict(rp) if relations else None}
+            "relations": str(a.relations) if a.relations else None, "rescore": asdict(rp) if relations else None,
+            # what the input was (model, infer scales, ensemble settings...): the provenance chain stays readable
+            "upstream": read_provenance(a.detections[0])}
     n_in = 0
     with TableWriter(a.out, "detections", provenance=prov) as w:
         for first, last in image_shards(a.detections, rows_per_shard=a.rows_per_shard):

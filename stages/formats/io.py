@@ -109,7 +109,14 @@ def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None 
 
 
 def read_provenance(path: str | os.PathLike) -> dict:
-    meta = pq.read_schema(path).metadata or {}
+    """The ``orchard`` provenance of a parquet file written by :func:`write_table` ({} when it has none)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", file=path)
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"not a readable parquet file: {exc}", file=path) from exc
     raw = meta.get(PROVENANCE_KEY)
     return json.loads(raw) if raw else {}
 

@@ -104,3 +104,18 @@ def test_ensemble_cli_roundtrip(tmp_path):
     # mismatched AP list
     assert ensemble_stage.main(base + ["--ap-metrics", str(tmp_path / "a0.json"), "--out",
                                        str(tmp_path / "x.parquet")]) == 2
+
+
+def test_postprocess_keeps_the_upstream_provenance(tmp_path):
+    from stages import postprocess
+    from stages.formats.io import read_provenance, write_table
+    import pandas as pd
+
+    dets = pd.DataFrame({"image_id": ["a", "a"], "label": ["/m/x", "/m/x"], "score": [0.9, 0.8],
+                         "x_min": [0.1, 0.1], "y_min": [0.1, 0.1], "x_max": [0.5, 0.5], "y_max": [0.5, 0.52]})
+    write_table(tmp_path / "in.parquet", dets, "detections", provenance={"stage": "ensemble", "k": 4})
+    assert postprocess.main(["--detections", str(tmp_path / "in.parquet"), "--method", "nms",
+                             "--out", str(tmp_path / "out.parquet")]) == 0
+    prov = read_provenance(tmp_path / "out.parquet")
+    assert prov["stage"] == "postprocess" and prov["method"] == "nms"
+    assert prov["upstream"]["stage"] == "ensemble" and prov["upstream"]["k"] == 4
