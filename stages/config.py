@@ -30,12 +30,8 @@ def _with_defaults(validator_cls):
                     instance[prop] = copy.deepcopy(sub["default"])
         yield from validate_props(validator, properties, instance, schema)
 
-    def set_defaults_additional(validator, aP, instance, schema):
-        # fill defaults inside every model entry (additionalProperties: {$ref: model})
-        yield from validator_cls.VALIDATORS["additionalProperties"](validator, aP, instance, schema)
-
-    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults,
-                                                        "additionalProperties": set_defaults_additional})
+    # defaults inside $ref'd sections (every model entry) are filled too: $ref re-enters "properties"
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
 
 
 def validate_config(config: dict[str, Any], *, source: object = "config", cross_refs: bool = True
