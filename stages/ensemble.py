@@ -15,13 +15,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from stages.cli import stage_main
 from stages.errors import InputError
 from stages.formats.io import read_json
-from stages.formats.stream import TableWriter, image_shards, read_shard
+from stages.formats.stream import TableWriter, image_shards, pipeline, read_shard
 from stages.ops.ensemble import naive_ensemble
-from stages.ops.nms import top_per_image
 from stages.ops.hierarchy import expand_hierarchy
+from stages.ops.nms import top_per_image
 from stages.postprocess import add_suppress_args, load_hierarchy
 
 log = logging.getLogger(__name__)
@@ -75,18 +77,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             "score_weight": a.score_weight, "box_weight": a.box_weight, "min_iou": a.min_iou, "method": a.method,
             "iou_thr": a.iou_thr, "sigma": a.sigma, "score_thr": a.score_thr, "max_per_image": a.max_per_image}
     n_in = 0
+
+    def load(shard: tuple[str, str]) -> list[pd.DataFrame]:
+        frames = [read_shard(d, "detections", *shard, categorical=True) for d in a.detections]
+        return [expand_hierarchy(f, hierarchy) for f in frames] if hierarchy is not None else frames
+
+    def work(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        nonlocal n_in
+        n_in += sum(len(f) for f in frames)
+        out = naive_ensemble(frames, ap_per_model=aps, k=k, score_weight=a.score_weight, box_weight=a.box_weight,
+                             min_iou=a.min_iou, method=a.method, iou_thr=a.iou_thr, sigma=a.sigma,
+                             score_thr=a.score_thr, device=a.device)
+        return top_per_image(out, max_per_image=a.max_per_image) if a.max_per_image else out
+
     with TableWriter(a.out, "detections", provenance=prov) as w:
-        for first, last in image_shards(a.detections, rows_per_shard=a.rows_per_shard):
-            frames = [read_shard(d, "detections", first, last) for d in a.detections]
-            if hierarchy is not None:
-                frames = [expand_hierarchy(f, hierarchy) for f in frames]
-            n_in += sum(len(f) for f in frames)
-            out = naive_ensemble(frames, ap_per_model=aps, k=k, score_weight=a.score_weight,
-                                 box_weight=a.box_weight, min_iou=a.min_iou, method=a.method, iou_thr=a.iou_thr,
-                                 sigma=a.sigma, score_thr=a.score_thr, device=a.device)
-            if a.max_per_image:
-                out = top_per_image(out, max_per_image=a.max_per_image)
-            w.write(out)
+        pipeline(image_shards(a.detections, rows_per_shard=a.rows_per_shard), load, work, w.write)
     print(f"ensemble: {len(a.detections)} models, {n_in} -> {w.rows} detections in "
           f"{time.perf_counter() - t0:.2f} s -> {a.out}")
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import pandas as pd
 
 from stages.cli import stage_main
+from stages.formats.columns import concat
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import read_json, read_provenance, read_table
-from stages.formats.stream import TableWriter, image_shards, read_shard
+from stages.formats.stream import TableWriter, image_shards, pipeline, read_shard
 from stages.ops.hierarchy import expand_hierarchy
 from stages.ops.nms import METHODS, suppress, top_per_image
 from stages.ops.relations import RelationStats, rescore
@@ -43,7 +44,7 @@ class RescoreParams:
 def postprocess(dets: pd.DataFrame, *, method: str = "adj_nms", iou_thr: float = 0.5, sigma: float = 0.5,
                 score_thr: float = 0.001, max_per_image: int = 0, hierarchy: Hierarchy | None = None,
                 relations: RelationStats | None = None, rescore_params: RescoreParams = RescoreParams(),
-                device: str | None = None) -> pd.DataFrame:
+                device: object = None) -> pd.DataFrame:
     """expand (if ``hierarchy``) -> suppress with ``method`` -> rescore (if ``relations``) -> keep the
     ``max_per_image`` best per image (0 = all). Returns a detections table sorted by image_id, score desc."""
     if hierarchy is not None:
@@ -75,7 +76,8 @@ def add_suppress_args(p: argparse.ArgumentParser, *, method: str = "adj_nms") ->
     p.add_argument("--score-thr", type=float, default=0.001, help="drop boxes whose (decayed) score <= this")
     p.add_argument("--max-per-image", type=int, default=0, help="keep the N best boxes per image (0 = all)")
     p.add_argument("--rows-per-shard", type=int, default=1 << 20, help="rows processed at once (memory bound)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None,
+                   help="auto (default): torch on CUDA when a GPU is visible, else numpy on the CPU; cpu; cuda[:N]")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -111,13 +113,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             # what the input was (model, infer scales, ensemble settings...): the provenance chain stays readable
             "upstream": read_provenance(a.detections[0])}
     n_in = 0
+
+    def load(shard: tuple[str, str]) -> pd.DataFrame:
+        return concat([read_shard(d, "detections", *shard, categorical=True) for d in a.detections])
+
+    def work(dets: pd.DataFrame) -> pd.DataFrame:
+        nonlocal n_in
+        n_in += len(dets)
+        return postprocess(dets, method=a.method, iou_thr=a.iou_thr, sigma=a.sigma, score_thr=a.score_thr,
+                           max_per_image=a.max_per_image, hierarchy=hierarchy, relations=relations,
+                           rescore_params=rp, device=a.device)
+
     with TableWriter(a.out, "detections", provenance=prov) as w:
-        for first, last in image_shards(a.detections, rows_per_shard=a.rows_per_shard):
-            dets = pd.concat([read_shard(d, "detections", first, last) for d in a.detections], ignore_index=True)
-            n_in += len(dets)
-            w.write(postprocess(dets, method=a.method, iou_thr=a.iou_thr, sigma=a.sigma, score_thr=a.score_thr,
-                                max_per_image=a.max_per_image, hierarchy=hierarchy, relations=relations,
-                                rescore_params=rp, device=a.device))
+        pipeline(image_shards(a.detections, rows_per_shard=a.rows_per_shard), load, work, w.write)
     print(f"postprocess: {n_in} -> {w.rows} detections ({a.method}) in {time.perf_counter() - t0:.2f} s -> {a.out}")
 
 

@@ -84,14 +84,27 @@ def write_table(path: str | os.PathLike, df: pd.DataFrame, name: str, *,
     (stage, model, config hash...). DuckDB (``parquet_kv_metadata``), pyarrow and pandas users can read it.
     """
     df = conform(df, name, source=path)
+    table = arrow_table(df, name, provenance)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=1 << 20, use_dictionary=string_columns(table.schema))
+
+
+def arrow_table(df: pd.DataFrame, name: str, provenance: Mapping[str, object] | None = None) -> pa.Table:
+    """``df`` (conformed) as an arrow table with plain ``string`` columns (categoricals are cast) and the
+    ``orchard`` provenance as the only schema metadata (no pandas metadata: readers get a RangeIndex)."""
     table = pa.Table.from_pandas(df, preserve_index=False)
-    meta = dict(table.schema.metadata or {})
+    fields = [pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type)
+              for f in table.schema]
     prov = {"table": name, "columns": list(df.columns), "orchard_version": stages.__version__}
     prov.update(provenance or {})
-    meta[PROVENANCE_KEY] = json.dumps(prov, default=str).encode()
-    table = table.replace_schema_metadata(meta)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=1 << 20)
+    schema = pa.schema(fields, metadata={PROVENANCE_KEY: json.dumps(prov, default=str).encode()})
+    return table.cast(schema) if table.schema != schema else table.replace_schema_metadata(schema.metadata)
+
+
+def string_columns(schema: pa.Schema) -> list[str]:
+    """Columns to dictionary-encode in parquet: the strings (ids, labels). Trying a dictionary on float
+    columns, pyarrow's default, costs most of a write and gains nothing."""
+    return [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
 
 
 def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None = None) -> pd.DataFrame:

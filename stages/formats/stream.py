@@ -7,22 +7,28 @@ by image id with small row groups, so reading a shard of them skips the other ro
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-import stages
 from stages.errors import InputError
-from stages.formats.io import PROVENANCE_KEY, atomic_path, write_table
+from stages.formats.columns import codes, is_sorted, stable_argsort_int
+from stages.formats.io import arrow_table, atomic_path, string_columns, write_table
 from stages.formats.tables import conform
 
 ROW_GROUP = 1 << 16
+
+T = TypeVar("T")
+U = TypeVar("U")
+V = TypeVar("V")
 
 
 def _open(path: str | os.PathLike) -> pq.ParquetFile:
@@ -58,11 +64,69 @@ def image_shards(paths: Sequence[str | os.PathLike], *, rows_per_shard: int = 1 
     return out
 
 
-def read_shard(path: str | os.PathLike, name: str, first: str, last: str) -> pd.DataFrame:
-    """Rows of ``path`` with ``first <= image_id <= last``, conformed to table ``name``."""
-    _open(path)
-    table = pq.read_table(path, filters=[("image_id", ">=", first), ("image_id", "<=", last)])
-    return conform(table.to_pandas(), name, source=path)
+def read_shard(path: str | os.PathLike, name: str, first: str, last: str, *,
+               categorical: bool = False) -> pd.DataFrame:
+    """Rows of ``path`` with ``first <= image_id <= last`` (in file order), conformed to table ``name``.
+
+    Only the row groups whose image-id statistics overlap the range are read, and only the rows of those that
+    straddle its ends are compared. With ``categorical`` the string columns come as pandas Categoricals (read
+    as parquet dictionaries: no Python string per row), which the post-processing ops group by their codes.
+    """
+    f = _open(path)
+    if categorical:
+        f = pq.ParquetFile(path, read_dictionary=string_columns(f.schema_arrow))
+    names = f.schema_arrow.names
+    if "image_id" not in names:
+        raise InputError("table has no column 'image_id'", file=path, field="image_id")
+    col = names.index("image_id")
+    groups, edge = [], []
+    for i in range(f.metadata.num_row_groups):
+        st = f.metadata.row_group(i).column(col).statistics
+        known = st is not None and st.has_min_max and isinstance(st.min, str)
+        if known and (st.max < first or st.min > last):
+            continue
+        groups.append(i)
+        edge.append(not (known and first <= st.min and st.max <= last))
+    table = f.read_row_groups(groups) if groups else f.schema_arrow.empty_table()
+    if any(edge):
+        mask = np.ones(table.num_rows, dtype=bool)
+        pos = 0
+        for i, e in zip(groups, edge):
+            n = f.metadata.row_group(i).num_rows
+            if e:
+                ids = pc.cast(table.column("image_id").slice(pos, n), pa.string())
+                keep = pc.and_(pc.greater_equal(ids, first), pc.less_equal(ids, last))
+                mask[pos: pos + n] = pc.fill_null(keep, True).to_numpy(zero_copy_only=False)  # nulls: conform says
+            pos += n
+        table = table.filter(mask)
+    return conform(table.to_pandas(), name, source=path, keep_categorical=categorical)
+
+
+def pipeline(items: Iterable[T], load: Callable[[T], U], work: Callable[[U], V],
+             save: Callable[[V], None]) -> None:
+    """``save(work(load(item)))`` for every item, in order, with the next item's ``load`` and the previous
+    result's ``save`` running in background threads while ``work`` runs (parquet reading and writing release
+    the GIL). At most three items are in memory at once; an exception in any step stops the loop and is raised.
+    """
+    with ThreadPoolExecutor(2) as pool:
+        it = iter(items)
+        nxt = next(it, _END)
+        loading = pool.submit(load, nxt) if nxt is not _END else None
+        saving = None
+        while loading is not None:
+            data = loading.result()
+            nxt = next(it, _END)
+            loading = pool.submit(load, nxt) if nxt is not _END else None
+            result = work(data)
+            del data
+            if saving is not None:
+                saving.result()
+            saving = pool.submit(save, result)
+        if saving is not None:
+            saving.result()
+
+
+_END = object()
 
 
 def iter_shards(path: str | os.PathLike, name: str, *, rows_per_shard: int = 1 << 20) -> Iterator[pd.DataFrame]:
@@ -90,16 +154,14 @@ class TableWriter:
     def write(self, df: pd.DataFrame) -> None:
         if len(df) == 0:
             return
-        df = conform(df.reset_index(drop=True), self.name, source=self.path)
-        df = df.sort_values("image_id", kind="stable").reset_index(drop=True)
-        table = pa.Table.from_pandas(df, preserve_index=False)
+        df = conform(df.reset_index(drop=True), self.name, source=self.path, keep_categorical=True)
+        img, _ = codes(df["image_id"], sort=True)
+        if not is_sorted(img):
+            df = df.take(stable_argsort_int(img)).reset_index(drop=True)
+        table = arrow_table(df, self.name, self.provenance)
         if self._writer is None:
-            prov = {"table": self.name, "columns": list(df.columns), "orchard_version": stages.__version__}
-            prov.update(self.provenance)
-            meta = dict(table.schema.metadata or {})
-            meta[PROVENANCE_KEY] = json.dumps(prov, default=str).encode()
-            self._schema = table.schema.with_metadata(meta)
-            self._writer = pq.ParquetWriter(self._tmp, self._schema)
+            self._schema = table.schema
+            self._writer = pq.ParquetWriter(self._tmp, self._schema, use_dictionary=string_columns(self._schema))
         self._writer.write_table(table.cast(self._schema), row_group_size=ROW_GROUP)
         self.rows += len(df)
 

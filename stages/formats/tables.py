@@ -53,11 +53,13 @@ def empty(name: str, *, optional: bool = False) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in cols.items()})
 
 
-def conform(df: pd.DataFrame, name: str, *, source: object = None) -> pd.DataFrame:
+def conform(df: pd.DataFrame, name: str, *, source: object = None, keep_categorical: bool = False) -> pd.DataFrame:
     """Return ``df`` restricted to the table's columns, cast to their dtypes, or raise :class:`InputError`.
 
     Missing required columns, unknown dtypes that cannot be cast, and NaN in required columns are errors.
-    Extra columns that the schema does not know are dropped.
+    Extra columns that the schema does not know are dropped. With ``keep_categorical`` a string column that
+    comes as a pandas Categorical stays one (its codes make grouping and sorting millions of rows cheap; see
+    :func:`stages.formats.stream.read_shard`); otherwise string columns are plain ``object``.
     """
     req, opt = SCHEMAS[name]
     missing = [c for c in req if c not in df.columns]
@@ -69,6 +71,10 @@ def conform(df: pd.DataFrame, name: str, *, source: object = None) -> pd.DataFra
         if col in req and s.isna().any():
             row = int(np.flatnonzero(s.isna().to_numpy())[0])
             raise InputError(f"empty value in table {name!r}", file=source, row=f"row {row}", field=col)
+        if dtype == "object" and keep_categorical and isinstance(s.dtype, pd.CategoricalDtype):
+            cats = s.cat.categories
+            out[col] = (s if cats.dtype == object else s.cat.rename_categories(cats.astype(str))).array
+            continue
         try:
             s = s.astype(dtype) if dtype != "object" else s.astype(str).astype(object)
             out[col] = s.to_numpy()  # positional: the input's index (e.g. after filtering) is irrelevant

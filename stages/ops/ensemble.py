@@ -28,12 +28,22 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import Tensor
 
+from stages.formats.columns import concat
 from stages.formats.tables import BOX_COLUMNS
+from stages.ops._array import (
+    Array,
+    arange_like,
+    clamp_min,
+    default_backend,
+    like,
+    take_along,
+    to_numpy,
+    topk_indices,
+    xp,
+)
 from stages.ops.boxes import box_iou
-from stages.ops.nms import _codes, _default_device, group_blocks, group_ids, suppress_tensors, take_sorted
+from stages.ops.nms import _copy, frame_arrays, frame_groups, group_blocks, group_ids, suppress_arrays, take_sorted
 
 
 def ap_factors(ap_per_model: Sequence[Mapping[str, float | None]]) -> list[dict[str, float]]:
@@ -68,54 +78,55 @@ def reweight(dets: pd.DataFrame, factors: Mapping[str, float]) -> pd.DataFrame:
     return dets.assign(score=dets["score"].to_numpy(np.float64) * f)
 
 
-def topk_vote(boxes: Tensor, scores: Tensor, groups: Tensor, sources: Tensor, *, k: int = 4,
-              score_weight: float = 0.05, box_weight: float = 0.7, min_iou: float = 0.0) -> tuple[Tensor, Tensor]:
+def topk_vote(boxes: Array, scores: Array, groups: Array, sources: Array, *, k: int = 4,
+              score_weight: float = 0.05, box_weight: float = 0.7, min_iou: float = 0.0) -> tuple[Array, Array]:
     """Top-k voting (see module doc) over ``boxes [M, 4]`` xyxy, ``scores [M]``, ``groups [M]`` (image, class)
-    and ``sources [M]`` (model index: only other sources vote). Returns ``(new_boxes [M, 4], new_scores [M])``
-    in input order; every box is kept.
+    and ``sources [M]`` (model index: only other sources vote); numpy arrays or torch tensors. Returns
+    ``(new_boxes [M, 4], new_scores [M])`` in input order; every box is kept.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, not {k}")
-    new_b, new_s = boxes.clone(), scores.clone()
+    new_b, new_s = _copy(boxes), _copy(scores)
     if k == 0:
         return new_b, new_s
-    for idx in group_blocks(groups, scores, square=True):
-        g, n = idx.shape
+    m = xp(boxes)
+    lay = group_blocks(groups, scores, square=True)
+    perm = like(lay.perm, boxes)
+    bp, sp, srcp = boxes[perm], scores[perm], sources[perm]
+    vb, vs = _copy(bp), _copy(sp)
+    for off, g, n in lay.spans:
         if n == 1:
             continue
-        b = boxes[idx]
-        src = sources[idx]
+        b, s, src = lay.views(bp, off, g, n), lay.views(sp, off, g, n), lay.views(srcp, off, g, n)
         iou = box_iou(b, b)
-        iou = iou.masked_fill(src[:, :, None] == src[:, None, :], -1.0)    # self and same model: no vote
-        vals, nb = torch.topk(iou, min(k, n), dim=-1)                        # [G, N, k]
-        kk = vals.shape[-1]
-        valid = (vals > min_iou).to(b.dtype)
+        iou[src[:, :, None] == src[:, None, :]] = -1.0                       # self and same model: no vote
+        nb = topk_indices(iou, k)                                            # [G, N, k']
+        valid = take_along(iou, nb, 2) > min_iou
         cnt = valid.sum(-1)                                                  # [G, N]
-        s = scores[idx]
-        s_nb = s.gather(1, nb.reshape(g, -1)).view(g, n, kk)
-        new_s[idx] = s + score_weight * (s_nb * valid).sum(-1)
-        b_nb = b.gather(1, nb.reshape(g, -1, 1).expand(g, n * kk, 4)).view(g, n, kk, 4)
-        mean_nb = (b_nb * valid[..., None]).sum(2) / cnt.clamp(min=1)[..., None]
+        rows = arange_like(g, perm)[:, None, None]
+        lay.views(vs, off, g, n)[...] = s + score_weight * m.where(valid, s[rows, nb], 0.0).sum(-1)
+        mean_nb = m.where(valid[..., None], b[rows, nb], 0.0).sum(2) / clamp_min(cnt, 1)[..., None]
         voted = box_weight * b + (1.0 - box_weight) * mean_nb
-        new_b[idx] = torch.where((cnt > 0)[..., None], voted, b)
+        lay.views(vb, off, g, n)[...] = m.where((cnt > 0)[..., None], voted, b)
+    new_b[perm], new_s[perm] = vb, vs
     return new_b, new_s
 
 
 def vote(dets: pd.DataFrame, sources: np.ndarray, *, k: int = 4, score_weight: float = 0.05,
-         box_weight: float = 0.7, min_iou: float = 0.0, device: str | torch.device | None = None) -> pd.DataFrame:
+         box_weight: float = 0.7, min_iou: float = 0.0, device: object = None) -> pd.DataFrame:
     """:func:`topk_vote` on a pooled ``detections`` table; ``sources[i]`` is row ``i``'s model index."""
     if len(dets) == 0 or k == 0:
         return dets.copy()
-    dev = torch.device(device) if device is not None else _default_device()
-    boxes = torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64)).to(dev)
-    scores = torch.from_numpy(dets["score"].to_numpy(np.float64)).to(dev)
-    groups = torch.from_numpy(group_ids(dets["image_id"], dets["label"])).to(dev)
-    src = torch.from_numpy(np.asarray(sources, dtype=np.int64)).to(dev)
+    boxes, scores = frame_arrays(dets, default_backend(device))
+    groups = like(group_ids(dets["image_id"], dets["label"]), scores)
+    src = like(np.asarray(sources, dtype=np.int64), scores)
     nb, ns = topk_vote(boxes, scores, groups, src, k=k, score_weight=score_weight, box_weight=box_weight,
                        min_iou=min_iou)
     out = dets.copy()
-    out[list(BOX_COLUMNS)] = nb.cpu().numpy()
-    out["score"] = ns.cpu().numpy()
+    nb = to_numpy(nb)
+    for j, c in enumerate(BOX_COLUMNS):
+        out[c] = nb[:, j]
+    out["score"] = to_numpy(ns)
     return out
 
 
@@ -123,10 +134,10 @@ def naive_ensemble(dets_per_model: Sequence[pd.DataFrame], *,
                    ap_per_model: Sequence[Mapping[str, float | None]] | None = None,
                    k: int = 4, score_weight: float = 0.05, box_weight: float = 0.7, min_iou: float = 0.0,
                    method: str = "adj_nms", iou_thr: float = 0.5, sigma: float = 0.5, score_thr: float = 0.001,
-                   device: str | torch.device | None = None) -> pd.DataFrame:
+                   device: object = None) -> pd.DataFrame:
     """Re-weight each model by per-class AP (skipped when ``ap_per_model`` is None), pool, top-k vote across
     models (``k = 0`` skips it), then suppress with ``method`` (default adj-NMS). Returns a detections table
-    sorted by image_id, score descending.
+    sorted by image_id, score descending. ``device``: None = CUDA when available, else numpy on the CPU.
     """
     if not dets_per_model:
         raise ValueError("naive_ensemble needs at least one model's detections")
@@ -136,17 +147,16 @@ def naive_ensemble(dets_per_model: Sequence[pd.DataFrame], *,
     if ap_per_model is not None:
         frames = [reweight(d, f) for d, f in zip(frames, ap_factors(ap_per_model))]
     sources = np.concatenate([np.full(len(d), i, dtype=np.int64) for i, d in enumerate(frames)])
-    pooled = pd.concat(frames, ignore_index=True)
+    pooled = concat(frames)
     if len(pooled) == 0:
         return pooled
-    dev = torch.device(device) if device is not None else _default_device()
-    boxes = torch.from_numpy(pooled[list(BOX_COLUMNS)].to_numpy(np.float64)).to(dev)
-    scores = torch.from_numpy(pooled["score"].to_numpy(np.float64)).to(dev)
-    img, gid = _codes(pooled)
-    groups = torch.from_numpy(gid).to(dev)
+    boxes, scores = frame_arrays(pooled, default_backend(device))
+    img, n_img, gid = frame_groups(pooled)
+    groups = like(gid, scores)
     if k > 0:
-        boxes, scores = topk_vote(boxes, scores, groups, torch.from_numpy(sources).to(dev), k=k,
-                                  score_weight=score_weight, box_weight=box_weight, min_iou=min_iou)
-    keep, new = suppress_tensors(boxes, scores, groups, method=method, iou_thr=iou_thr, sigma=sigma,
-                                 score_thr=score_thr)
-    return take_sorted(pooled, img, keep.cpu().numpy(), new.cpu().numpy(), boxes[keep].cpu().numpy())
+        boxes, scores = topk_vote(boxes, scores, groups, like(sources, scores), k=k, score_weight=score_weight,
+                                  box_weight=box_weight, min_iou=min_iou)
+    keep, new = suppress_arrays(boxes, scores, groups, method=method, iou_thr=iou_thr, sigma=sigma,
+                                score_thr=score_thr)
+    keep = to_numpy(keep)
+    return take_sorted(pooled, img, keep, to_numpy(new), to_numpy(boxes)[keep], n_img=n_img)

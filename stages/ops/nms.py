@@ -1,10 +1,14 @@
 """Batched NMS, soft-NMS (linear, gaussian) and adj-NMS over many (image, class) groups at once.
 
-Boxes are ``xyxy`` tensors ``[M, 4]``; ``groups`` is an int64 tensor ``[M]`` (one id per image and class, e.g.
-from :func:`group_ids`); boxes of different groups never interact. No Python loop per box: groups are laid
-out as a padded ``[G, N]`` index matrix (groups of equal size share a matrix, so there is no padding), and the
-sequential selection runs for all ``G`` groups at once, ``N`` steps of vector ops. Runs on the device of the
-input tensors (CUDA when the caller puts them there).
+Boxes are ``xyxy`` arrays ``[M, 4]``; ``groups`` is an int array ``[M]`` (one id per image and class, e.g.
+from :func:`group_ids`); boxes of different groups never interact. Every op takes numpy arrays (the CPU path:
+no torch import, so a post-processing stage starts fast) or torch tensors (the GPU path: it runs on the
+tensors' device) and returns the same kind; the algorithm is the same code for both (:mod:`stages.ops._array`).
+
+No Python loop per box: the boxes are ordered by (group, score desc) with 16-bit radix passes and row-wise
+sorts (:func:`segment_order`), then every group size ``N`` gets an index matrix ``[G, N]`` (groups of equal
+size share a matrix, so there is no padding) and the sequential selection runs for all ``G`` groups at once,
+``N`` steps of vector ops.
 
 Tie-breaking, everywhere: among equal scores the box with the lower input index is taken first.
 
@@ -18,124 +22,223 @@ coordinates to [0, 1] and drops zero-area boxes first; here such boxes are kept 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import Tensor
 
+from stages.formats.columns import codes, stable_argsort_int
 from stages.formats.tables import BOX_COLUMNS
+from stages.ops._array import Array, arange_like, default_backend, is_numpy, like, to_numpy, xp
 from stages.ops.boxes import box_iou
 
-#: elements (groups x group size) per padded block; bounds memory independently of the input size
-BLOCK_ELEMS = 1 << 19
+#: elements (groups x group size, or x group size^2 for pairwise ops) per block; bounds memory
+BLOCK_ELEMS = 1 << 18
+
+
+# ---------------------------------------------------------------------------------------------- grouping
 
 
 def group_ids(image_ids: np.ndarray | pd.Series, labels: np.ndarray | pd.Series) -> np.ndarray:
     """One int64 id per distinct (image_id, label) pair, without a Python loop per row."""
-    img, _ = pd.factorize(np.asarray(image_ids, dtype=object))
-    lab, lab_u = pd.factorize(np.asarray(labels, dtype=object))
-    return img.astype(np.int64) * max(len(lab_u), 1) + lab.astype(np.int64)
+    img, _ = codes(image_ids)
+    lab, n_lab = codes(labels)
+    return img * max(n_lab, 1) + lab
 
 
-def group_blocks(groups: Tensor, scores: Tensor, *, block_elems: int = BLOCK_ELEMS,
-                 square: bool = False) -> Iterator[Tensor]:
-    """Yield index matrices ``[G, N]`` (int64 into the inputs) that cover every box exactly once.
+def _dense(keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """Keys as non-negative ints below a small bound (renumbered when sparse or negative)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if len(keys) == 0:
+        return keys, 0
+    lo, hi = int(keys.min()), int(keys.max())
+    if lo >= 0 and hi < max(4 * len(keys), 1 << 16):
+        return keys, hi + 1
+    uniq, inv = np.unique(keys, return_inverse=True)
+    return inv.astype(np.int64).reshape(-1), len(uniq)
 
-    Each row holds one group, sorted by score descending (ties: lower index first). All groups of a block have
-    the same size ``N``, so there is no padding. A block holds about ``block_elems`` elements (``G * N``, or
-    ``G * N * N`` with ``square`` for ops that build a pairwise matrix per group).
-    """
-    m = groups.numel()
-    if m == 0:
+
+def _sizes(counts: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(n, keys)`` for every distinct non-zero count ``n``: the keys with exactly ``n`` elements."""
+    nz = np.flatnonzero(counts)
+    if len(nz) == 0:
         return
-    order = torch.argsort(-scores, stable=True)
-    order = order[torch.argsort(groups[order], stable=True)]
-    _, counts = torch.unique_consecutive(groups[order], return_counts=True)
-    # sort groups by size (stable) so equal sizes are contiguous; reorder the elements to match
-    gorder = torch.argsort(counts, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    sizes = counts[gorder]
-    elem = torch.repeat_interleave(starts[gorder], sizes) + _ranks(sizes)
-    order = order[elem]
-    uniq, ucounts = torch.unique_consecutive(sizes, return_counts=True)
-    pos = 0
-    for n, g in zip(uniq.tolist(), ucounts.tolist()):
+    c = counts[nz]
+    o = np.argsort(c, kind="stable")
+    cs = c[o]
+    for seg in np.split(o, np.flatnonzero(np.diff(cs)) + 1):
+        yield int(c[seg[0]]), nz[seg]
+
+
+def _layout(keys: np.ndarray, scores: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(order, counts, starts)``: ``order`` sorts by key, then score descending, then index; the elements of
+    key ``k`` are ``order[starts[k]: starts[k] + counts[k]]``."""
+    order = stable_argsort_int(keys, n_keys - 1)
+    counts = np.bincount(keys, minlength=n_keys)
+    starts = np.cumsum(counts) - counts
+    for n, ks in _sizes(counts):
+        if n == 1:
+            continue
+        pos = starts[ks][:, None] + np.arange(n)
+        idx = order[pos]
+        r = np.argsort(-scores[idx], axis=1, kind="stable")   # ties keep index order (the key sort was stable)
+        order[pos] = np.take_along_axis(idx, r, 1)
+    return order, counts, starts
+
+
+def segment_order(keys: np.ndarray, scores: np.ndarray, n_keys: int | None = None) -> np.ndarray:
+    """Permutation that sorts by ``keys`` (non-negative ints) ascending, then ``scores`` descending, then
+    index ascending (e.g. a table by image, then score)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if len(keys) == 0:
+        return np.zeros(0, dtype=np.int64)
+    n_keys = int(keys.max()) + 1 if n_keys is None else n_keys
+    return _layout(keys, np.asarray(scores, dtype=np.float64), n_keys)[0]
+
+
+class Blocks(NamedTuple):
+    """Boxes laid out for batched per-group work: ``perm`` lists every box once, groups of equal size ``N``
+    contiguous, each group sorted by score descending (ties: lower index first); ``spans`` are
+    ``(offset, G, N)``: ``perm[offset: offset + G * N].reshape(G, N)`` holds ``G`` groups of ``N`` boxes, with
+    no padding. A span holds about ``block_elems`` elements (``G * N``, or ``G * N * N`` with ``square``)."""
+
+    perm: np.ndarray
+    spans: list[tuple[int, int, int]]
+
+    def views(self, x: Array, offset: int, g: int, n: int) -> Array:
+        """The span's rows of ``x`` (already permuted by ``perm``) as ``[G, N, ...]`` (a view, no copy)."""
+        return x[offset: offset + g * n].reshape(g, n, *x.shape[1:])
+
+
+def group_blocks(groups: Array, scores: Array, *, block_elems: int = BLOCK_ELEMS, square: bool = False) -> Blocks:
+    """The :class:`Blocks` layout of boxes with group ids ``groups`` and ``scores``."""
+    keys, n_keys = _dense(to_numpy(groups))
+    if len(keys) == 0:
+        return Blocks(np.zeros(0, dtype=np.int64), [])
+    order, counts, starts = _layout(keys, to_numpy(scores).astype(np.float64, copy=False), n_keys)
+    parts, spans, off = [], [], 0
+    for n, ks in _sizes(counts):
+        parts.append(order[(starts[ks][:, None] + np.arange(n)).reshape(-1)])
         per = max(1, block_elems // (n * n if square else n))
-        for a in range(0, g, per):
-            b = min(g, a + per)
-            yield order[pos + a * n: pos + b * n].view(b - a, n)
-        pos += g * n
+        for a in range(0, len(ks), per):
+            g = min(per, len(ks) - a)
+            spans.append((off, g, n))
+            off += g * n
+    return Blocks(np.concatenate(parts), spans)
 
 
-def _ranks(sizes: Tensor) -> Tensor:
-    """``[0..s0-1, 0..s1-1, ...]`` for group sizes ``sizes``."""
-    total = int(sizes.sum())
-    starts = torch.cumsum(sizes, 0) - sizes
-    return torch.arange(total, device=sizes.device) - torch.repeat_interleave(starts, sizes)
+# ------------------------------------------------------------------------------------------------ kernels
 
 
-def _by_score(keep: Tensor, scores: Tensor) -> Tensor:
-    """Sort kept indices by score descending, ties by index (the order ``torchvision.ops.nms`` returns)."""
-    keep = keep.sort().values
-    return keep[torch.argsort(-scores[keep], stable=True)]
-
-
-def _nms_mask(o: Tensor, iou_thr: float) -> Tensor:
+def _nms_mask(o: Array, iou_thr: float) -> Array:
     """Kept mask ``[G, N]`` of hard NMS given the IoUs ``o [G, N, N]`` of score-sorted groups."""
-    g, n = o.shape[:2]
-    over = o > iou_thr
-    suppressed = torch.zeros((g, n), dtype=torch.bool, device=o.device)
-    kept = torch.zeros((g, n), dtype=torch.bool, device=o.device)
-    for i in range(n):
-        k = ~suppressed[:, i]
-        kept[:, i] = k
-        suppressed |= over[:, i, :] & k[:, None]
-    return kept
+    m = xp(o)
+    n = o.shape[1]
+    over = m.triu(o > iou_thr, 1) if is_numpy(o) else m.triu(o > iou_thr, diagonal=1)
+    suppressed = m.zeros_like(over[:, 0, :])
+    for i in range(n - 1):
+        suppressed |= over[:, i, :] & ~suppressed[:, i: i + 1]
+    return ~suppressed
 
 
-def _soft_steps(cur: Tensor, done: Tensor, w: Tensor, score_thr: float) -> Tensor:
-    """Soft-NMS selection over rows of ``cur [G, N]`` (boxes with ``done`` take no part) with pairwise
-    weights ``w [G, N, N]``; returns the decayed scores. Ties: the lower column first."""
+def _weights(o: Array, method: str, iou_thr: float, sigma: float) -> Array:
+    m = xp(o)
+    if method == "gaussian":
+        return m.exp(o * o / -sigma)
+    return m.where(o > iou_thr, 1.0 - o, 1.0)
+
+
+def _soft_steps(cur: Array, done: Array, o: Array, *, method: str, iou_thr: float, sigma: float,
+                score_thr: float) -> Array:
+    """Soft-NMS selection over rows of ``cur [G, N]`` (boxes with ``done`` take no part) with pairwise IoUs
+    ``o [G, N, N]``; returns the decayed scores. Ties: the lower column first."""
+    m = xp(cur)
     g, n = cur.shape
-    neg = torch.tensor(float("-inf"), dtype=cur.dtype, device=cur.device)
+    ar = arange_like(g, cur)
     for _ in range(n):
-        best_s, best = torch.where(done, neg, cur).max(1)
-        if not bool((best_s > score_thr).any()):
+        masked = m.where(done, -np.inf, cur)
+        best = masked.argmax(1)
+        if not bool((masked[ar, best] > score_thr).any()):
             break   # every box left is <= score_thr: it is dropped, and it could only decay lower ones
-        done.scatter_(1, best[:, None], True)
-        wi = w.gather(1, best[:, None, None].expand(g, 1, n)).squeeze(1)
-        cur = torch.where(done, cur, cur * wi)
+        done[ar, best] = True
+        cur = m.where(done, cur, cur * _weights(o[ar, best], method, iou_thr, sigma))
     return cur
 
 
-def _weights(o: Tensor, method: str, iou_thr: float, sigma: float) -> Tensor:
-    if method == "gaussian":
-        return torch.exp(o.mul_(o).div_(-sigma))
-    return torch.where(o > iou_thr, 1.0 - o, torch.ones_like(o))
+def _copy(x: Array) -> Array:
+    return x.copy() if is_numpy(x) else x.clone()
 
 
-def nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, iou_thr: float = 0.5) -> Tensor:
+def _cat(parts: list, like_: Array, dtype=np.int64) -> Array:
+    if not parts:
+        return like(np.zeros(0, dtype=dtype), like_)
+    return np.concatenate(parts) if is_numpy(parts[0]) else xp(parts[0]).cat(parts)
+
+
+def _by_score(keep: Array, scores: Array) -> Array:
+    """Sort kept indices by score descending, ties by index (the order ``torchvision.ops.nms`` returns)."""
+    if is_numpy(keep):
+        keep = np.sort(keep)
+        return keep[np.argsort(-scores[keep], kind="stable")]
+    keep = keep.sort().values
+    return keep[xp(keep).argsort(-scores[keep], stable=True)]
+
+
+def _nms_keep(boxes: Array, scores: Array, groups: Array, iou_thr: float) -> Array:
+    lay = group_blocks(groups, scores, square=True)
+    perm = like(lay.perm, boxes)
+    bp = boxes[perm]
+    keep_mask = xp(perm).ones_like(perm, dtype=bool)
+
+    for off, g, n in lay.spans:
+        if n > 1:
+            b = lay.views(bp, off, g, n)
+            lay.views(keep_mask, off, g, n)[...] = _nms_mask(box_iou(b, b), iou_thr)
+    return perm[keep_mask]
+
+
+def _soft(boxes: Array, scores: Array, groups: Array, *, method: str, iou_thr: float, sigma: float,
+          score_thr: float, nms_first: float | None) -> tuple[Array, Array]:
+    """(kept indices in no particular order, decayed scores of *all* boxes)."""
+    if method not in ("gaussian", "linear"):
+        raise ValueError(f"method must be 'gaussian' or 'linear', not {method!r}")
+    if method == "gaussian" and sigma <= 0:
+        raise ValueError(f"sigma must be > 0, not {sigma}")
+    lay = group_blocks(groups, scores, square=True)
+    perm = like(lay.perm, boxes)
+    bp, sp = boxes[perm], scores[perm]          # sp: decayed in place, span by span
+    live = xp(perm).ones_like(perm, dtype=bool)
+
+    for off, g, n in lay.spans:
+        if n == 1:
+            continue
+        b = lay.views(bp, off, g, n)
+        o = box_iou(b, b)                                   # [G, N, N]
+        lv = lay.views(live, off, g, n)
+        if nms_first is not None:
+            lv[...] = _nms_mask(o, nms_first)
+        cur = lay.views(sp, off, g, n)
+        cur[...] = _soft_steps(cur, ~lv, o, method=method, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr)
+    out = _copy(scores)
+    out[perm] = sp
+    return perm[live & (sp > score_thr)], out
+
+
+# -------------------------------------------------------------------------------------------- public ops
+
+
+def nms(boxes: Array, scores: Array, groups: Array, *, iou_thr: float = 0.5) -> Array:
     """Hard NMS per group: drop every box whose IoU with a higher-scoring kept box of its group is > ``iou_thr``.
 
-    ``boxes [M, 4]`` xyxy, ``scores [M]``, ``groups [M]`` int64. Returns the int64 indices of the kept boxes,
+    ``boxes [M, 4]`` xyxy, ``scores [M]``, ``groups [M]`` int. Returns the int64 indices of the kept boxes,
     sorted by decreasing score (same contract as ``torchvision.ops.batched_nms``; a box at exactly
     ``iou_thr`` is kept, as there).
     """
-    keep = []
-    for idx in group_blocks(groups, scores, square=True):
-        if idx.shape[1] == 1:
-            keep.append(idx.view(-1))
-            continue
-        b = boxes[idx]
-        keep.append(idx[_nms_mask(box_iou(b, b), iou_thr)])
-    if not keep:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    return _by_score(torch.cat(keep), scores)
+    return _by_score(_nms_keep(boxes, scores, groups, iou_thr), scores)
 
 
-def soft_nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, method: str = "gaussian", iou_thr: float = 0.5,
-             sigma: float = 0.5, score_thr: float = 0.001) -> tuple[Tensor, Tensor]:
+def soft_nms(boxes: Array, scores: Array, groups: Array, *, method: str = "gaussian", iou_thr: float = 0.5,
+             sigma: float = 0.5, score_thr: float = 0.001) -> tuple[Array, Array]:
     """Soft-NMS per group (Bodla et al. 2017): repeatedly take the box with the highest *current* score and
     decay the others of its group by a weight of their IoU ``o`` with it:
 
@@ -146,12 +249,14 @@ def soft_nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, method: str = "ga
     by decreasing decayed score, and those decayed scores (``new_scores[i]`` belongs to ``keep[i]``). The
     scores are never raised. See the module docstring for the difference to ``ensemble_boxes.soft_nms``.
     """
-    return _soft(boxes, scores, groups, method=method, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr,
-                 nms_first=None)
+    keep, out = _soft(boxes, scores, groups, method=method, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr,
+                      nms_first=None)
+    keep = _by_score(keep, out)
+    return keep, out[keep]
 
 
-def adj_nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, iou_thr: float = 0.5, sigma: float = 0.5,
-            score_thr: float = 0.001) -> tuple[Tensor, Tensor]:
+def adj_nms(boxes: Array, scores: Array, groups: Array, *, iou_thr: float = 0.5, sigma: float = 0.5,
+            score_thr: float = 0.001) -> tuple[Array, Array]:
     """adj-NMS (MMfruit): hard NMS at ``iou_thr``, then gaussian soft-NMS re-weighting of the survivors,
     ``w = exp(-IoU**2 / sigma)``, dropping those whose decayed score is <= ``score_thr``.
 
@@ -159,118 +264,97 @@ def adj_nms(boxes: Tensor, scores: Tensor, groups: Tensor, *, iou_thr: float = 0
     group are built once). Returns ``(keep, new_scores)`` like :func:`soft_nms`; ``keep`` is always a subset of
     :func:`nms`'s.
     """
-    return _soft(boxes, scores, groups, method="gaussian", iou_thr=iou_thr, sigma=sigma, score_thr=score_thr,
-                 nms_first=iou_thr)
-
-
-def _soft(boxes: Tensor, scores: Tensor, groups: Tensor, *, method: str, iou_thr: float, sigma: float,
-          score_thr: float, nms_first: float | None) -> tuple[Tensor, Tensor]:
-    if method not in ("gaussian", "linear"):
-        raise ValueError(f"method must be 'gaussian' or 'linear', not {method!r}")
-    if method == "gaussian" and sigma <= 0:
-        raise ValueError(f"sigma must be > 0, not {sigma}")
-    out = scores.clone()
-    keep = []
-    for idx in group_blocks(groups, scores, square=True):
-        g, n = idx.shape
-        cur = scores[idx]
-        live = torch.ones((g, n), dtype=torch.bool, device=boxes.device)
-        if n > 1:
-            b = boxes[idx]
-            o = box_iou(b, b)                                   # [G, N, N]
-            if nms_first is not None:
-                live = _nms_mask(o, nms_first)
-            cur = _soft_steps(cur, ~live, _weights(o, method, iou_thr, sigma), score_thr)
-        out[idx] = cur
-        keep.append(idx[live & (cur > score_thr)])
-    if not keep:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device), scores[:0]
-    k = _by_score(torch.cat(keep), out)
-    return k, out[k]
+    keep, out = _soft(boxes, scores, groups, method="gaussian", iou_thr=iou_thr, sigma=sigma,
+                      score_thr=score_thr, nms_first=iou_thr)
+    keep = _by_score(keep, out)
+    return keep, out[keep]
 
 
 METHODS = ("nms", "soft_nms", "soft_nms_linear", "adj_nms", "none")
 
 
+def suppress_arrays(boxes: Array, scores: Array, groups: Array, *, method: str, iou_thr: float = 0.5,
+                    sigma: float = 0.5, score_thr: float = 0.001) -> tuple[Array, Array]:
+    """Dispatch one of :data:`METHODS`; returns ``(keep, new_scores of keep)``, ``keep`` in no set order."""
+    if method == "none":
+        keep = (scores > score_thr).nonzero()[0] if is_numpy(scores) else (scores > score_thr).nonzero()[:, 0]
+        return keep, scores[keep]
+    if method == "nms":
+        keep = _nms_keep(boxes, scores, groups, iou_thr)
+        return keep, scores[keep]
+    if method in ("adj_nms", "soft_nms", "soft_nms_linear"):
+        keep, out = _soft(boxes, scores, groups, method="linear" if method == "soft_nms_linear" else "gaussian",
+                          iou_thr=iou_thr, sigma=sigma, score_thr=score_thr,
+                          nms_first=iou_thr if method == "adj_nms" else None)
+        return keep, out[keep]
+    raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+
+
+# ------------------------------------------------------------------------------------- detections tables
+
+
+def frame_arrays(dets: pd.DataFrame, backend: str | None) -> tuple[Array, Array]:
+    """``(boxes [M, 4], scores [M])`` float64 of a detections table, as numpy (``backend`` None) or tensors."""
+    boxes = np.stack([dets[c].to_numpy(np.float64) for c in BOX_COLUMNS], 1)
+    scores = dets["score"].to_numpy(np.float64)
+    if backend is None:
+        return boxes, scores
+    import torch
+
+    return torch.from_numpy(boxes).to(backend), torch.from_numpy(scores).to(backend)
+
+
+def frame_groups(dets: pd.DataFrame) -> tuple[np.ndarray, int, np.ndarray]:
+    """``(image codes in sorted image-id order, number of images, group ids per (image_id, label))``."""
+    img, n_img = codes(dets["image_id"], sort=True)
+    lab, n_lab = codes(dets["label"])
+    return img, n_img, img * max(n_lab, 1) + lab
+
+
 def suppress(dets: pd.DataFrame, *, method: str = "adj_nms", iou_thr: float = 0.5, sigma: float = 0.5,
-             score_thr: float = 0.001, device: str | torch.device | None = None) -> pd.DataFrame:
+             score_thr: float = 0.001, device: object = None) -> pd.DataFrame:
     """Apply one of :data:`METHODS` per (image_id, label) to a ``detections`` table.
 
     ``soft_nms`` is gaussian, ``soft_nms_linear`` linear. ``none`` only drops scores <= ``score_thr``.
     Returns the surviving rows (all columns kept) with their new scores, sorted by image_id then score
-    descending. ``device`` defaults to CUDA when available.
+    descending. ``device``: None = CUDA when available, else numpy on the CPU (see
+    :func:`stages.ops._array.default_backend`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     if len(dets) == 0:
         return dets.reset_index(drop=True)
-    dev = torch.device(device) if device is not None else _default_device()
-    boxes = torch.from_numpy(dets[list(BOX_COLUMNS)].to_numpy(np.float64)).to(dev)
-    scores = torch.from_numpy(dets["score"].to_numpy(np.float64)).to(dev)
-    img, groups = _codes(dets)
-    keep, new = suppress_tensors(boxes, scores, torch.from_numpy(groups).to(dev), method=method, iou_thr=iou_thr,
-                                 sigma=sigma, score_thr=score_thr)
-    return take_sorted(dets, img, keep.cpu().numpy(), new.cpu().numpy())
-
-
-def _codes(dets: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(image codes in sorted image-id order, group ids per (image_id, label))."""
-    img, _ = pd.factorize(dets["image_id"].to_numpy(), sort=True)
-    lab, lab_u = pd.factorize(dets["label"].to_numpy())
-    return img, img.astype(np.int64) * max(len(lab_u), 1) + lab
+    backend = default_backend(device)
+    boxes, scores = frame_arrays(dets, backend)
+    img, n_img, groups = frame_groups(dets)
+    keep, new = suppress_arrays(boxes, scores, like(groups, scores), method=method, iou_thr=iou_thr,
+                                sigma=sigma, score_thr=score_thr)
+    return take_sorted(dets, img, to_numpy(keep), to_numpy(new), n_img=n_img)
 
 
 def take_sorted(dets: pd.DataFrame, img: np.ndarray, keep: np.ndarray, scores: np.ndarray,
-                boxes: np.ndarray | None = None) -> pd.DataFrame:
-    """Rows ``keep`` of ``dets`` with new ``scores`` (and ``boxes [len(keep), 4]``), sorted by image id then
+                boxes: np.ndarray | None = None, *, n_img: int | None = None) -> pd.DataFrame:
+    """Rows ``keep`` of ``dets`` with new ``scores`` (and ``boxes [len(keep), 4]``), sorted by image code then
     score descending (ties: the order of ``keep``), in one take."""
-    order = np.lexsort((-scores, img[keep]))
-    rows = keep[order]
-    cols = {}
-    for c in dets.columns:
-        if c == "score":
-            cols[c] = scores[order]
-        elif boxes is not None and c in BOX_COLUMNS:
-            cols[c] = boxes[order, BOX_COLUMNS.index(c)]
-        else:
-            cols[c] = dets[c].to_numpy()[rows]
-    return pd.DataFrame(cols)
-
-
-def suppress_tensors(boxes: Tensor, scores: Tensor, groups: Tensor, *, method: str, iou_thr: float = 0.5,
-                     sigma: float = 0.5, score_thr: float = 0.001) -> tuple[Tensor, Tensor]:
-    """Dispatch one of :data:`METHODS` on tensors; returns ``(keep, new_scores)``."""
-    if method == "none":
-        keep = torch.nonzero(scores > score_thr).view(-1)
-        keep = _by_score(keep, scores)
-        return keep, scores[keep]
-    if method == "nms":
-        keep = nms(boxes, scores, groups, iou_thr=iou_thr)
-        return keep, scores[keep]
-    if method == "adj_nms":
-        return adj_nms(boxes, scores, groups, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr)
-    if method in ("soft_nms", "soft_nms_linear"):
-        return soft_nms(boxes, scores, groups, method="linear" if method == "soft_nms_linear" else "gaussian",
-                        iou_thr=iou_thr, sigma=sigma, score_thr=score_thr)
-    raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    order = segment_order(img[keep], scores, n_img)
+    out = dets.take(keep[order]).reset_index(drop=True)
+    out["score"] = scores[order]
+    if boxes is not None:
+        for j, c in enumerate(BOX_COLUMNS):
+            out[c] = boxes[order, j]
+    return out
 
 
 def top_per_image(dets: pd.DataFrame, *, max_per_image: int) -> pd.DataFrame:
-    """Keep the ``max_per_image`` highest-scoring rows of each image (ties: earlier row first)."""
+    """Keep the ``max_per_image`` highest-scoring rows of each image (ties: earlier row first); sorted by
+    image_id, score descending."""
     if max_per_image <= 0:
         raise ValueError(f"max_per_image must be > 0, not {max_per_image}")
-    d = _sorted(dets)
-    rank = d.groupby("image_id", sort=False).cumcount().to_numpy()
-    return d[rank < max_per_image].reset_index(drop=True)
-
-
-def _sorted(dets: pd.DataFrame) -> pd.DataFrame:
     if len(dets) == 0:
         return dets.reset_index(drop=True)
-    img, _ = pd.factorize(dets["image_id"].to_numpy(), sort=True)
-    order = np.lexsort((-dets["score"].to_numpy(np.float64), img))
-    return dets.iloc[order].reset_index(drop=True)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    img, n_img = codes(dets["image_id"], sort=True)
+    order = segment_order(img, dets["score"].to_numpy(np.float64), n_img)
+    ic = img[order]
+    counts = np.bincount(ic, minlength=n_img)
+    rank = np.arange(len(ic)) - (np.cumsum(counts) - counts)[ic]
+    return dets.take(order[rank < max_per_image]).reset_index(drop=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stages.formats.hierarchy import Hierarchy
+from stages.ops._array import to_numpy
 from stages.ops.ensemble import ap_factors, naive_ensemble, reweight, topk_vote
 from stages.ops.hierarchy import expand_hierarchy
 from stages.ops.nms import suppress
@@ -55,16 +56,19 @@ def test_ap_factors_formula():
     assert reweight(d, f[1])["score"].tolist() == [0.4, 0.8, 0.8]
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_topk_vote_matches_reference(k):
+def test_topk_vote_matches_reference(k, kind):
     rng = np.random.default_rng(k)
     n = 90
     c = rng.random((n, 2)) * 0.5
     b = np.concatenate([c, c + rng.random((n, 2)) * 0.5], 1)
     s, g, src = rng.random(n), rng.integers(0, 4, n), rng.integers(0, 3, n)
-    nb, ns = topk_vote(torch.from_numpy(b), torch.from_numpy(s), torch.from_numpy(g), torch.from_numpy(src), k=k)
+    arrays = (b, s, g, src) if kind == "numpy" else tuple(torch.from_numpy(a) for a in (b, s, g, src))
+    nb, ns = topk_vote(*arrays, k=k)
+    assert type(nb) is type(arrays[0])
     wb, ws = ref.vote(b, s, g, src, k=k)
-    assert np.allclose(nb.numpy(), wb, atol=1e-12) and np.allclose(ns.numpy(), ws, atol=1e-12)
+    assert np.allclose(to_numpy(nb), wb, atol=1e-12) and np.allclose(to_numpy(ns), ws, atol=1e-12)
 
 
 def test_vote_hand_case():

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
+from stages.ops._array import to_numpy
 from stages.ops.boxes import box_ioa, box_iou
 from stages.ops.nms import adj_nms, group_ids, nms, soft_nms, suppress, top_per_image
 from tests import ops_reference as ref
@@ -16,8 +17,19 @@ def _case(seed, n=120, n_groups=7, grid=None, ties=False):
     return b, s, g
 
 
-def _t(b, s, g):
-    return torch.from_numpy(b), torch.from_numpy(s), torch.from_numpy(g.astype(np.int64))
+@pytest.fixture(params=["numpy", "torch"])
+def kind(request):
+    """The ops take numpy arrays (the CPU path) or torch tensors (the GPU path): every case runs on both."""
+    return request.param
+
+
+def _t(kind, b, s, g):
+    arrays = (np.asarray(b, np.float64), np.asarray(s, np.float64), np.asarray(g, np.int64))
+    return arrays if kind == "numpy" else tuple(torch.from_numpy(a) for a in arrays)
+
+
+def N(x):
+    return to_numpy(x)
 
 
 def test_box_iou_and_ioa_hand_computed():
@@ -32,51 +44,52 @@ def test_box_iou_and_ioa_hand_computed():
 
 @pytest.mark.parametrize("grid,ties", [(None, False), (8, True), (4, False)])
 @pytest.mark.parametrize("thr", [0.3, 0.5])
-def test_nms_matches_reference(grid, ties, thr):
+def test_nms_matches_reference(grid, ties, thr, kind):
     b, s, g = _case(1, grid=grid, ties=ties)
-    keep = nms(*_t(b, s, g), iou_thr=thr).numpy()
+    keep = N(nms(*_t(kind, b, s, g), iou_thr=thr))
     assert set(keep.tolist()) == ref.nms(b, s, g, thr)
     assert len(set(keep.tolist())) == len(keep)
     assert np.all(np.diff(s[keep]) <= 0)
 
 
-def test_nms_boxes_exactly_at_threshold_are_kept():
+def test_nms_boxes_exactly_at_threshold_are_kept(kind):
     # IoU exactly 0.5 (dyadic coordinates, exact in float64): kept at thr 0.5, dropped at any lower thr
     b = np.array([[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.25, 0.5], [0.0, 0.0, 0.5, 0.25]])
     s = np.array([0.9, 0.8, 0.8])
     g = np.zeros(3, dtype=np.int64)
-    assert sorted(nms(*_t(b, s, g), iou_thr=0.5).tolist()) == [0, 1, 2]
-    assert nms(*_t(b, s, g), iou_thr=0.4999).tolist() == [0]
+    assert sorted(nms(*_t(kind, b, s, g), iou_thr=0.5).tolist()) == [0, 1, 2]
+    assert nms(*_t(kind, b, s, g), iou_thr=0.4999).tolist() == [0]
     # different groups never suppress each other
-    assert sorted(nms(*_t(b, s, np.arange(3)), iou_thr=0.1).tolist()) == [0, 1, 2]
+    assert sorted(nms(*_t(kind, b, s, np.arange(3)), iou_thr=0.1).tolist()) == [0, 1, 2]
 
 
-def test_nms_tie_goes_to_lower_index():
+def test_nms_tie_goes_to_lower_index(kind):
     b = np.array([[0.1, 0.1, 0.6, 0.6], [0.1, 0.1, 0.6, 0.6]])
-    assert nms(*_t(b, np.array([0.5, 0.5]), np.zeros(2, dtype=np.int64)), iou_thr=0.5).tolist() == [0]
+    assert nms(*_t(kind, b, np.array([0.5, 0.5]), np.zeros(2, dtype=np.int64)), iou_thr=0.5).tolist() == [0]
 
 
 @pytest.mark.parametrize("method", ["gaussian", "linear"])
 @pytest.mark.parametrize("grid,ties", [(None, False), (8, True)])
-def test_soft_nms_matches_reference(method, grid, ties):
+def test_soft_nms_matches_reference(method, grid, ties, kind):
     b, s, g = _case(2, grid=grid, ties=ties)
-    keep, new = soft_nms(*_t(b, s, g), method=method, iou_thr=0.5, sigma=0.5, score_thr=0.05)
+    keep, new = soft_nms(*_t(kind, b, s, g), method=method, iou_thr=0.5, sigma=0.5, score_thr=0.05)
     want = ref.soft_nms(b, s, g, method=method, thr=0.5, sigma=0.5, score_thr=0.05)
     assert set(keep.tolist()) == set(want)
-    assert np.allclose(new.numpy(), [want[i] for i in keep.tolist()], rtol=1e-12, atol=0)
-    assert np.all(np.diff(new.numpy()) <= 0)
+    assert np.allclose(N(new), [want[i] for i in keep.tolist()], rtol=1e-12, atol=0)
+    assert np.all(np.diff(N(new)) <= 0)
 
 
-def test_soft_nms_linear_at_threshold_does_not_decay():
+def test_soft_nms_linear_at_threshold_does_not_decay(kind):
     b = np.array([[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.25, 0.5]])    # IoU exactly 0.5
-    keep, new = soft_nms(*_t(b, np.array([0.9, 0.8]), np.zeros(2, dtype=np.int64)), method="linear", iou_thr=0.5)
+    _, new = soft_nms(*_t(kind, b, np.array([0.9, 0.8]), np.zeros(2, dtype=np.int64)), method="linear",
+                      iou_thr=0.5)
     assert new.tolist() == [0.9, 0.8]
-    keep, new = soft_nms(*_t(b, np.array([0.9, 0.8]), np.zeros(2, dtype=np.int64)), method="linear",
+    keep, new = soft_nms(*_t(kind, b, np.array([0.9, 0.8]), np.zeros(2, dtype=np.int64)), method="linear",
                          iou_thr=0.49)
     assert new.tolist() == [0.9, 0.4]
 
 
-def test_soft_nms_same_kept_boxes_as_ensemble_boxes():
+def test_soft_nms_same_kept_boxes_as_ensemble_boxes(kind):
     eb = pytest.importorskip("ensemble_boxes")
     rng = np.random.default_rng(3)
     c = rng.random((60, 2)) * 0.6
@@ -84,17 +97,17 @@ def test_soft_nms_same_kept_boxes_as_ensemble_boxes():
     s = rng.random(60)
     lab = rng.integers(0, 4, 60)
     bb, ss, ll = eb.soft_nms([b], [s], [lab], method=2, sigma=0.5, thresh=0.001)
-    keep, new = soft_nms(*_t(b, s, lab), sigma=0.5, score_thr=0.001)
+    keep, new = soft_nms(*_t(kind, b, s, lab), sigma=0.5, score_thr=0.001)
     key = lambda boxes, labels: sorted(map(tuple, np.round(np.c_[labels, boxes], 12).tolist()))  # noqa: E731
-    assert key(b[keep.numpy()], lab[keep.numpy()]) == key(bb, ll)
+    assert key(b[N(keep)], lab[N(keep)]) == key(bb, ll)
     # ensemble_boxes returns the original scores of the kept boxes; ours are decayed (never higher)
-    assert sorted(ss.tolist()) == sorted(s[keep.numpy()].tolist())
-    assert np.all(new.numpy() <= s[keep.numpy()])
+    assert sorted(ss.tolist()) == sorted(s[N(keep)].tolist())
+    assert np.all(N(new) <= s[N(keep)])
 
 
-def test_adj_nms_is_nms_then_gaussian_reweighting():
+def test_adj_nms_is_nms_then_gaussian_reweighting(kind):
     b, s, g = _case(4, grid=8, ties=True)
-    keep, new = adj_nms(*_t(b, s, g), iou_thr=0.5, sigma=0.5, score_thr=0.001)
+    keep, new = adj_nms(*_t(kind, b, s, g), iou_thr=0.5, sigma=0.5, score_thr=0.001)
     k1 = sorted(ref.nms(b, s, g, 0.5))
     want = ref.soft_nms(b[k1], s[k1], g[k1], method="gaussian", sigma=0.5, score_thr=0.001)
     assert set(keep.tolist()) == {k1[i] for i in want}
@@ -121,20 +134,20 @@ def _frame(b, s, g, images=3):
 
 
 @pytest.mark.parametrize("method", ["nms", "soft_nms", "soft_nms_linear", "adj_nms", "none"])
-def test_suppress_frame_matches_tensor_ops(method):
+def test_suppress_frame_matches_tensor_ops(method, kind):
     b, s, g = _case(5, n=200, n_groups=12)
     df = _frame(b, s, g)
     out = suppress(df, method=method, iou_thr=0.5, sigma=0.5, score_thr=0.01)
     gid = group_ids(df["image_id"], df["label"])
-    args = _t(b, s, gid)
+    args = _t(kind, b, s, gid)
     if method == "nms":
         k = nms(*args, iou_thr=0.5)
-        want = s[k.numpy()]
+        want = s[N(k)]
     elif method == "adj_nms":
         k, want = adj_nms(*args, score_thr=0.01)
     elif method == "none":
-        k = torch.from_numpy(np.flatnonzero(s > 0.01))
-        want = s[k.numpy()]
+        k = np.flatnonzero(s > 0.01)
+        want = s[N(k)]
     else:
         k, want = soft_nms(*args, method="linear" if method.endswith("linear") else "gaussian", score_thr=0.01)
     assert len(out) == len(k)
