@@ -39,6 +39,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
+from stages.models.backbones import CLS_PREFIX
 from stages.models.losses import margin_cls_loss, margin_reg_loss
 
 
@@ -170,6 +171,17 @@ def roi_levels(box_roi_pool: MultiScaleRoIAlign, features: dict[str, Tensor], pr
     else:
         levels = box_roi_pool.map_levels(proposals)
     return maps, list(box_roi_pool.scales), levels
+
+
+def classification_maps(box_roi_pool: MultiScaleRoIAlign, features: dict[str, Tensor], maps: list[Tensor]
+                        ) -> list[Tensor]:
+    """The maps the classification branch pools from: with a decoupled backbone (features also hold the
+    classification pyramid under ``CLS_PREFIX + name``) those, in the order of ``maps`` from
+    :func:`roi_levels`; otherwise ``maps`` itself."""
+    names = [name for name in features if name in box_roi_pool.featmap_names]
+    if not all(CLS_PREFIX + name in features for name in names):
+        return maps
+    return [features[CLS_PREFIX + name] for name in names]
 
 
 def rois_with_batch_index(proposals: list[Tensor]) -> Tensor:
@@ -408,7 +420,8 @@ class TSDRoIHeads(RoIHeads):
         rois = rois_with_batch_index(proposals)
         shared = self.box_roi_pool(features, proposals, image_shapes)  # F at P (also sets up the level mapper)
         maps, scales, levels = roi_levels(self.box_roi_pool, features, proposals)
-        class_logits = self.decoupled.classify(shared, maps, scales, levels, rois)
+        cls_maps = classification_maps(self.box_roi_pool, features, maps)
+        class_logits = self.decoupled.classify(shared, cls_maps, scales, levels, rois)
 
         if not self.training and self.expert_mode:
             probs = F.softmax(class_logits, -1)
@@ -441,5 +454,5 @@ class TSDRoIHeads(RoIHeads):
         return [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels_out)], {}
 
 
-__all__ = ["DecoupledHead", "TSDRoIHeads", "box_regression_loss", "decoupled_losses", "deformable_roi_pool",
-           "roi_levels", "rois_with_batch_index", "select_deltas", "translated_roi_pool"]
+__all__ = ["DecoupledHead", "TSDRoIHeads", "box_regression_loss", "classification_maps", "decoupled_losses",
+           "deformable_roi_pool", "roi_levels", "rois_with_batch_index", "select_deltas", "translated_roi_pool"]
