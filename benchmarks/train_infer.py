@@ -147,22 +147,27 @@ def r50_rows(*, device: torch.device, size: int, iters: int, batch_size: int) ->
 
 
 def detector_cost(*, device: torch.device, size: int, classes: int, proposals: int, repeats: int,
-                  warmup: int) -> dict[str, dict[str, float]]:
+                  warmup: int, decoupled: bool = False) -> dict[str, dict[str, float]]:
     """Eval time per image (best of ``repeats``) of R50-FPN with the sibling head and with TSD, the same backbone
-    weights in both, and the time spent in the RoI heads (a forward pre-hook/hook pair around ``roi_heads``)."""
+    weights in both, and the time spent in the RoI heads (a forward pre-hook/hook pair around ``roi_heads``).
+    ``decoupled`` adds TSD with the decoupled backbone (its shared part and regression branch get the same
+    weights; the classification copies start from them too)."""
     h, w = size, int(size * 4 / 3)
     images, _ = batch(1, h, w, device)
     r50 = {"backbone": "resnet50", "fpn_channels": 256, "norm": "frozen_bn", "trainable_layers": 3,
            "min_size": size, "max_size": int(size * 1333 / 800), "representation_size": 1024}
     backbone_state = None
     out: dict[str, dict[str, float]] = {}
-    for name, head in (("sibling", "sibling"), ("TSD", "tsd")):
+    variants = [("sibling", {"head": "sibling"}), ("TSD", {"head": "tsd"})]
+    if decoupled:
+        variants.append(("TSD+DB", {"head": "tsd", "decoupled_backbone": True}))
+    for name, extra in variants:
         torch.manual_seed(0)
-        model = build_detector({**r50, "head": head}, num_classes=classes).to(device).eval()
+        model = build_detector({**r50, **extra}, num_classes=classes).to(device).eval()
         if backbone_state is None:
             backbone_state = model.backbone.state_dict()
         else:
-            model.backbone.load_state_dict(backbone_state)
+            model.backbone.load_state_dict(backbone_state, strict=not extra.get("decoupled_backbone"))
         model.rpn._pre_nms_top_n["testing"] = proposals
         model.rpn._post_nms_top_n["testing"] = proposals
         marks: dict[str, float] = {}
@@ -222,6 +227,8 @@ def main() -> None:
     ap.add_argument("--proposals", type=int, default=1000, help="--detector-cost: post-NMS proposals at test")
     ap.add_argument("--repeats", type=int, default=2, help="--detector-cost: timed repeats (best of)")
     ap.add_argument("--warmup", type=int, default=1, help="--detector-cost: warm-up runs")
+    ap.add_argument("--decoupled-backbone", action="store_true",
+                    help="--detector-cost: also time TSD with the decoupled backbone")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = a.device
@@ -234,12 +241,14 @@ def main() -> None:
         print(f"device: {dev} (torch {torch.__version__}); {a.classes} classes, {a.proposals} proposals, "
               f"best of {a.repeats} after {a.warmup} warm-up")
         res = detector_cost(device=torch.device(device), size=a.size, classes=a.classes, proposals=a.proposals,
-                            repeats=a.repeats, warmup=a.warmup)
+                            repeats=a.repeats, warmup=a.warmup, decoupled=a.decoupled_backbone)
         sib, tsd = res["sibling"], res["TSD"]
         print(f"\nwhole detector TSD/sibling: {tsd['total'] / sib['total']:.3f}x (goal <= 1.25x); "
               f"RoI heads alone TSD/sibling: {tsd['head'] / sib['head']:.2f}x; "
               f"RoI-head share of the time: sibling {100 * sib['head'] / sib['total']:.1f}%, "
               f"TSD {100 * tsd['head'] / tsd['total']:.1f}%")
+        if "TSD+DB" in res:
+            print(f"TSD + decoupled backbone / sibling: {res['TSD+DB']['total'] / sib['total']:.3f}x")
         return
     if device == "cuda" or a.r50:
         if device == "cuda":
