@@ -7,6 +7,13 @@ each; the ratio column is against the first model (the plain sibling-head baseli
     python benchmarks/train_infer.py                       # CPU, default-config models
     python benchmarks/train_infer.py --device cuda --quick # GPU: R50-FPN + TSD at 800 px, fp32 vs AMP+CL,
                                                            # against torchvision fasterrcnn_resnet50_fpn fp32
+    python benchmarks/train_infer.py --detector-cost       # CPU: whole-detector eval cost, TSD vs sibling head
+
+``--detector-cost`` builds ResNet-50-FPN with the sibling head and with TSD (same backbone, random init, eval,
+--size px images, 1000 post-NMS proposals, --classes classes), times inference per image best-of --repeats in
+the same run and prints ms/image, the ratio TSD/sibling for the whole detector and the RoI heads' share of it
+(the issue's "DH head costing <= 25% over the sibling head", measured on the whole detector rather than on the
+head alone as benchmarks/roi_heads.py does).
 
 On CUDA the rows are: torchvision ``fasterrcnn_resnet50_fpn`` (eager, fp32: the baseline), our R50-FPN with the
 sibling head and with TSD, each fp32 and AMP + channels-last. The issue's targets: TSD AMP+CL inference >= 2x
@@ -139,6 +146,61 @@ def r50_rows(*, device: torch.device, size: int, iters: int, batch_size: int) ->
     return rows
 
 
+def detector_cost(*, device: torch.device, size: int, classes: int, proposals: int, repeats: int,
+                  warmup: int, decoupled: bool = False) -> dict[str, dict[str, float]]:
+    """Eval time per image (best of ``repeats``) of R50-FPN with the sibling head and with TSD, the same backbone
+    weights in both, and the time spent in the RoI heads (a forward pre-hook/hook pair around ``roi_heads``).
+    ``decoupled`` adds TSD with the decoupled backbone (its shared part and regression branch get the same
+    weights; the classification copies start from them too)."""
+    h, w = size, int(size * 4 / 3)
+    images, _ = batch(1, h, w, device)
+    r50 = {"backbone": "resnet50", "fpn_channels": 256, "norm": "frozen_bn", "trainable_layers": 3,
+           "min_size": size, "max_size": int(size * 1333 / 800), "representation_size": 1024}
+    backbone_state = None
+    out: dict[str, dict[str, float]] = {}
+    variants = [("sibling", {"head": "sibling"}), ("TSD", {"head": "tsd"})]
+    if decoupled:
+        variants.append(("TSD+DB", {"head": "tsd", "decoupled_backbone": True}))
+    for name, extra in variants:
+        torch.manual_seed(0)
+        model = build_detector({**r50, **extra}, num_classes=classes).to(device).eval()
+        if backbone_state is None:
+            backbone_state = model.backbone.state_dict()
+        else:
+            model.backbone.load_state_dict(backbone_state, strict=not extra.get("decoupled_backbone"))
+        model.rpn._pre_nms_top_n["testing"] = proposals
+        model.rpn._post_nms_top_n["testing"] = proposals
+        marks: dict[str, float] = {}
+        n_props: list[int] = []
+
+        def pre(_m, args, marks=marks, n_props=n_props):
+            _sync(device)
+            n_props.append(sum(len(p) for p in args[1]))
+            marks["start"] = time.perf_counter()
+
+        def post(_m, _args, _out, marks=marks):
+            _sync(device)
+            marks["head"] = time.perf_counter() - marks["start"]
+
+        model.roi_heads.register_forward_pre_hook(pre)
+        model.roi_heads.register_forward_hook(post)
+        best, best_head = float("inf"), float("inf")
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                _sync(device)
+                t = time.perf_counter()
+                model(images)
+                _sync(device)
+                t = time.perf_counter() - t
+                if i >= warmup:
+                    best, best_head = min(best, t), min(best_head, marks["head"])
+        out[name] = {"total": best, "head": best_head, "proposals": n_props[-1]}
+        print(f"  R50-FPN {name:8s} {h}x{w}  {1000 * best:9.1f} ms/image  RoI heads {1000 * best_head:8.1f} ms "
+              f"({100 * best_head / best:4.1f}%), {n_props[-1]} proposals", flush=True)
+        del model
+    return out
+
+
 def report(rows: list[tuple], title: str) -> None:
     base_tr, base_inf = rows[0][2], rows[0][3]
     print(f"\n{title} (ratios vs the first row, measured in this run)")
@@ -159,6 +221,14 @@ def main() -> None:
     ap.add_argument("--r50", action="store_true", help="run the R50-FPN comparison (the CUDA default) on this "
                     "device")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument("--detector-cost", action="store_true",
+                    help="whole-detector eval cost of TSD vs the sibling head (R50-FPN, --size px)")
+    ap.add_argument("--classes", type=int, default=500, help="--detector-cost: foreground classes")
+    ap.add_argument("--proposals", type=int, default=1000, help="--detector-cost: post-NMS proposals at test")
+    ap.add_argument("--repeats", type=int, default=2, help="--detector-cost: timed repeats (best of)")
+    ap.add_argument("--warmup", type=int, default=1, help="--detector-cost: warm-up runs")
+    ap.add_argument("--decoupled-backbone", action="store_true",
+                    help="--detector-cost: also time TSD with the decoupled backbone")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = a.device
@@ -166,6 +236,20 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
+    if a.detector_cost:
+        dev = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
+        print(f"device: {dev} (torch {torch.__version__}); {a.classes} classes, {a.proposals} proposals, "
+              f"best of {a.repeats} after {a.warmup} warm-up")
+        res = detector_cost(device=torch.device(device), size=a.size, classes=a.classes, proposals=a.proposals,
+                            repeats=a.repeats, warmup=a.warmup, decoupled=a.decoupled_backbone)
+        sib, tsd = res["sibling"], res["TSD"]
+        print(f"\nwhole detector TSD/sibling: {tsd['total'] / sib['total']:.3f}x (goal <= 1.25x); "
+              f"RoI heads alone TSD/sibling: {tsd['head'] / sib['head']:.2f}x; "
+              f"RoI-head share of the time: sibling {100 * sib['head'] / sib['total']:.1f}%, "
+              f"TSD {100 * tsd['head'] / tsd['total']:.1f}%")
+        if "TSD+DB" in res:
+            print(f"TSD + decoupled backbone / sibling: {res['TSD+DB']['total'] / sib['total']:.3f}x")
+        return
     if device == "cuda" or a.r50:
         if device == "cuda":
             torch.backends.cudnn.benchmark = True

@@ -55,6 +55,9 @@ def validate_config(config: dict[str, Any], *, source: object = "config", cross_
         if len(m["cascade_weights"]) != len(m["cascade_iou"]):
             raise InputError(f"cascade_weights {m['cascade_weights']} needs one weight per cascade_iou entry "
                              f"{m['cascade_iou']}", file=source, field=f"models/{name}/cascade_weights")
+        if m["decoupled_backbone"] and m["head"] != "tsd":
+            raise InputError("decoupled_backbone needs head: tsd (the sibling head reads a single pyramid)",
+                             file=source, field=f"models/{name}/decoupled_backbone")
         avg = m["average_epochs"]
         if avg is not None and not 1 <= avg[0] <= avg[1] <= m["epochs"]:
             raise InputError(f"average_epochs {avg} must satisfy 1 <= a <= b <= epochs {m['epochs']}", file=source,

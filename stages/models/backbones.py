@@ -10,8 +10,10 @@ BackboneWithFPN` (``out_channels`` attribute set) that ``torchvision.models.dete
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -159,10 +161,72 @@ def _load_weights(trunk: nn.Module, fpn_backbone: nn.Module, path: str | os.Path
     log.info("loaded backbone weights from %s", path)
 
 
+#: key prefix of the classification pyramid in the features of a :class:`DecoupledBackbone`
+CLS_PREFIX = "cls_"
+
+
+class DecoupledBackbone(nn.Module):
+    """The paper's "decoupled backbone": classification and regression get their own trunk stages from
+    stride 8 on.
+
+    The stem, layer1 and layer2 of ``base`` (a :class:`BackboneWithFPN`, up to stride 8) are shared; the later
+    stages (layer3, layer4) and the FPN exist twice: ``body.layer3/4`` + ``fpn`` (those of ``base``, the
+    regression branch) and ``cls_layers.layer3/4`` + ``cls_fpn`` (deep copies made at construction, so both
+    branches start from the same, e.g. locally loaded, weights and the same frozen stages). C2 and C3 feed both
+    FPNs; each FPN's top-down path makes its whole pyramid its own.
+
+    ``forward(x)`` returns one OrderedDict: the regression pyramid under the usual keys ("0".."3", "pool": what
+    the RPN and ``MultiScaleRoIAlign(["0", "1", "2", "3"])`` read) followed by the classification pyramid under
+    the same keys prefixed with :data:`CLS_PREFIX` ("cls_0", ..., "cls_pool"), which the Decoupling Head's
+    classification pooling reads (see :func:`stages.models.tsd.classification_maps`). Parameter names of the
+    shared part and of the regression branch are those of ``BackboneWithFPN`` (``body.*``, ``fpn.*``), so its
+    state dicts load into them unchanged.
+    """
+
+    def __init__(self, base: BackboneWithFPN, *, split_after: str = "layer2"):
+        super().__init__()
+        names = list(base.body.keys())
+        if split_after not in names or names.index(split_after) == len(names) - 1:
+            raise ValueError(f"cannot split the trunk after {split_after!r}; its stages are {names}")
+        late = names[names.index(split_after) + 1:]
+        self.return_layers = dict(base.body.return_layers)
+        if not any(n in self.return_layers for n in late):
+            raise ValueError(f"no stage after {split_after!r} returns a feature map: nothing to decouple")
+        self.split_after = split_after
+        self.body = base.body
+        self.fpn = base.fpn
+        self.cls_layers = nn.ModuleDict({n: copy.deepcopy(base.body[n]) for n in late})
+        self.cls_fpn = copy.deepcopy(base.fpn)
+        self.out_channels = base.out_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        reg: OrderedDict[str, Tensor] = OrderedDict()
+        cls: dict[str, Tensor] = {}
+        split = x
+        for name, module in self.body.items():
+            x = module(x)
+            if name in self.return_layers:
+                reg[self.return_layers[name]] = x
+                if name not in self.cls_layers:
+                    cls[self.return_layers[name]] = x  # a shared stage feeds both FPNs
+            if name == self.split_after:
+                split = x
+        y = split
+        for name, module in self.cls_layers.items():
+            y = module(y)
+            if name in self.return_layers:
+                cls[self.return_layers[name]] = y
+        out = self.fpn(reg)
+        cls_out = self.cls_fpn(OrderedDict((k, cls[k]) for k in reg))
+        out.update((CLS_PREFIX + k, v) for k, v in cls_out.items())
+        return out
+
+
 def build_backbone(name: str, *, trainable_layers: int = 3, weights_path: str | os.PathLike | None = None,
                    dcn: bool = False, dcn_layers: Sequence[str] = ("layer3", "layer4"),
                    returned_layers: Sequence[int] = (1, 2, 3, 4), out_channels: int = 256,
-                   norm: str = "frozen_bn", width: int = 32) -> BackboneWithFPN:
+                   norm: str = "frozen_bn", width: int = 32, decoupled: bool = False
+                   ) -> BackboneWithFPN | DecoupledBackbone:
     """A ResNet-family trunk + FPN (with the extra max-pool level, as torchvision's detectors use).
 
     name: one of :data:`BACKBONES`; trainable_layers: 0..5 stages trainable from the top (as torchvision);
@@ -170,7 +234,9 @@ def build_backbone(name: str, *, trainable_layers: int = 3, weights_path: str | 
     become :class:`DeformableConv3x3`; returned_layers: ResNet stages (1..4) fed to the FPN, giving feature maps
     "0".."n-1" plus "pool"; norm: "frozen_bn" (default, for fine-tuning with small batches) or "bn"
     (trainable BatchNorm, what training from scratch needs; ``build_detector`` defaults to it);
-    width: stem channels of "resnet_small" (ignored by the other trunks).
+    width: stem channels of "resnet_small" (ignored by the other trunks); decoupled: return a
+    :class:`DecoupledBackbone` (separate classification/regression layer3, layer4 and FPN; the weights file,
+    DCN and freezing apply before the classification copies are made).
     """
     name = _ALIASES.get(name, name)
     if norm not in _NORMS:
@@ -200,7 +266,7 @@ def build_backbone(name: str, *, trainable_layers: int = 3, weights_path: str | 
     if weights_path is not None:
         _load_weights(backbone.body, backbone, weights_path)
     _freeze(backbone.body, trainable_layers)
-    return backbone
+    return DecoupledBackbone(backbone) if decoupled else backbone
 
 
-__all__ = ["BACKBONES", "DeformableConv3x3", "SmallResNet", "add_deformable_convs", "build_backbone"]
+__all__ = ["BACKBONES", "CLS_PREFIX", "DecoupledBackbone", "DeformableConv3x3", "SmallResNet", "add_deformable_convs", "build_backbone"]

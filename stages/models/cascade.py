@@ -35,8 +35,8 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
-from stages.models.tsd import (DecoupledHead, check_targets_types, decoupled_losses, matched_gt_boxes,
-                               roi_levels, rois_with_batch_index)
+from stages.models.tsd import (DecoupledHead, check_targets_types, classification_maps, decoupled_losses,
+                               matched_gt_boxes, roi_levels, rois_with_batch_index)
 
 DEFAULT_IOU_THRESHOLDS = (0.5, 0.5, 0.6, 0.7)
 DEFAULT_STAGE_WEIGHTS = (0.75, 1.0, 0.25, 0.25)
@@ -198,7 +198,8 @@ class CascadeRoIHeads(RoIHeads):
                 maps, scales, levels = roi_levels(self.box_roi_pool, features, boxes)
                 rois = rois_with_batch_index(boxes)
                 head = self.decoupled[t]
-                d_logits = head.classify(shared, maps, scales, levels, rois)
+                cls_maps = classification_maps(self.box_roi_pool, features, maps)
+                d_logits = head.classify(shared, cls_maps, scales, levels, rois)
                 d_deltas, rois_r = head.regress(shared, maps, scales, levels, rois)
                 gt = torch.cat(matched_gt_boxes(targets, matched_idxs, boxes[0].dtype))
                 parts = decoupled_losses(class_logits=d_logits, deltas=d_deltas, rois_r=rois_r,
@@ -243,8 +244,9 @@ class CascadeRoIHeads(RoIHeads):
         else:
             maps, scales, levels = roi_levels(self.box_roi_pool, features, boxes)
             rois = rois_with_batch_index(boxes)
+            cls_maps = classification_maps(self.box_roi_pool, features, maps)
             for head in self.decoupled:
-                probs = probs + F.softmax(head.classify(shared, maps, scales, levels, rois).float(), -1)
+                probs = probs + F.softmax(head.classify(shared, cls_maps, scales, levels, rois).float(), -1)
             if self.expert_mode:
                 keep = probs[:, 1:].max(1).values >= probs[:, 0]
                 shared, levels, rois, probs = shared[keep], levels[keep], rois[keep], probs[keep]

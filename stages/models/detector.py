@@ -2,7 +2,10 @@
 
 Every backbone comes from :func:`stages.models.backbones.build_backbone`; the RoI head is the sibling head
 (torchvision's, with an optional expert mode), the Decoupling Head (``head: tsd``), or the modified Cascade
-R-CNN (``cascade: true``, combinable with ``head: tsd``). Nothing is downloaded: ``weights`` may name a local
+R-CNN (``cascade: true``, combinable with ``head: tsd``). ``decoupled_backbone: true`` (needs ``head: tsd``) gives
+classification and regression their own layer3/layer4 + FPN (:class:`~stages.models.backbones.DecoupledBackbone`):
+the RPN, the shared RoI feature F, the regression pooling and the training-only sibling head read the regression
+pyramid, the Decoupling Head's classification pooling the classification one. Nothing is downloaded: ``weights`` may name a local
 state dict of the whole detector, ``backbone_weights`` one of the trunk (or of a ``BackboneWithFPN``).
 """
 
@@ -19,8 +22,9 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from stages.models.backbones import build_backbone
+from stages.models.backbones import CLS_PREFIX, build_backbone
 from stages.models.cascade import CascadeRoIHeads
 from stages.models.tsd import TSDRoIHeads
 
@@ -62,6 +66,25 @@ class SiblingRoIHeads(RoIHeads):
         return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
 
 
+class RegressionPyramidRPN(RegionProposalNetwork):
+    """torchvision's RPN on the regression pyramid of a decoupled backbone: feature maps whose key starts with
+    :data:`~stages.models.backbones.CLS_PREFIX` (the classification pyramid) are not passed on. Same parameters
+    (and state-dict keys) as the RPN it is made from."""
+
+    @classmethod
+    def from_rpn(cls, rpn: RegionProposalNetwork) -> "RegressionPyramidRPN":
+        out = cls(rpn.anchor_generator, rpn.head, rpn.proposal_matcher.high_threshold,
+                  rpn.proposal_matcher.low_threshold, rpn.fg_bg_sampler.batch_size_per_image,
+                  rpn.fg_bg_sampler.positive_fraction, dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n),
+                  rpn.nms_thresh, rpn.score_thresh)
+        out.box_coder = rpn.box_coder
+        return out
+
+    def forward(self, images, features: dict[str, Tensor], targets=None):
+        return super().forward(images, {k: v for k, v in features.items() if not k.startswith(CLS_PREFIX)},
+                               targets)
+
+
 def anchor_generator(anchors: Optional[Mapping[str, Sequence]]) -> AnchorGenerator:
     """An AnchorGenerator from an anchors file's ``sizes`` (per level) and ``aspect_ratios`` (per level, or one
     list for all levels); None gives the defaults. Every level must have the same anchor count (torchvision's
@@ -94,11 +117,15 @@ def build_detector(cfg: Mapping[str, Any], *, num_classes: int,
     head = get("head", "sibling")
     if head not in ("sibling", "tsd"):
         raise ValueError(f"head must be 'sibling' or 'tsd', got {head!r}")
+    decoupled = bool(get("decoupled_backbone", False))
+    if decoupled and head != "tsd":
+        raise ValueError("decoupled_backbone needs head: tsd (the sibling head reads a single pyramid)")
     fpn = int(get("fpn_channels", 128))
     rep = int(get("representation_size", 1024))
     backbone = build_backbone(cfg["backbone"], width=int(get("width", 64)), out_channels=fpn,
                               trainable_layers=int(get("trainable_layers", 5)), norm=get("norm", "bn"),
-                              dcn=bool(get("dcn", False)), weights_path=get("backbone_weights"))
+                              dcn=bool(get("dcn", False)), weights_path=get("backbone_weights"),
+                              decoupled=decoupled)
     pooled = 7 * 7 * fpn
     model = FasterRCNN(
         backbone, num_classes=None, rpn_anchor_generator=anchor_generator(anchors),
@@ -109,6 +136,8 @@ def build_detector(cfg: Mapping[str, Any], *, num_classes: int,
         rpn_batch_size_per_image=128, box_batch_size_per_image=128,
         box_score_thresh=0.01, box_detections_per_img=100,
     )
+    if decoupled:
+        model.rpn = RegressionPyramidRPN.from_rpn(model.rpn)
     expert = bool(get("expert", False))
     tsd_args = dict(gamma=float(get("tsd_gamma", 0.1)), margin_cls=float(get("margin_cls", 0.2)),
                     margin_reg=float(get("margin_reg", 0.2)))

@@ -39,6 +39,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
+from stages.models.backbones import CLS_PREFIX
 from stages.models.losses import margin_cls_loss, margin_reg_loss
 
 
@@ -128,6 +129,29 @@ def _pool_grid(features: list[Tensor], scales: list[float], levels: Tensor, rois
     return out
 
 
+def translated_roi_pool(features: list[Tensor], scales: list[float], levels: Tensor, rois: Tensor, *,
+                        output_size: int, sampling_ratio: int = 2) -> Tensor:
+    """``roi_align`` of ``rois`` (K, 5) on the map ``levels`` (K,) assigns each one, with the pixel convention of
+    :func:`deformable_roi_pool` (equal to it with a constant offset per RoI added to ``rois``; no gradient to
+    the boxes). One ``roi_align`` call per level with k x k bins instead of K·k·k one-bin calls: the eval-time
+    pooling of the regression branch at P_r. Returns (K, C, k, k) in the features' dtype."""
+    k, s = int(output_size), int(sampling_ratio)
+    n, c = rois.shape[0], features[0].shape[1]
+    if n == 0:
+        return features[0].new_zeros((0, c, k, k))
+    out = features[0].new_empty((n, c, k, k))
+    for lvl, (feat, scale) in enumerate(zip(features, scales)):
+        idx = torch.where(levels == lvl)[0]
+        if idx.numel() == 0:
+            continue
+        # aligned=True with a half-pixel shift: roi_align(aligned=False)'s pixel convention without its 1-pixel
+        # minimum RoI size, as in _pool_bins
+        boxes = torch.cat([rois[idx, :1], rois[idx, 1:] + 0.5 / scale], 1)
+        out[idx] = roi_align(feat, boxes.to(feat.dtype), output_size=k, spatial_scale=scale, sampling_ratio=s,
+                             aligned=True).to(out.dtype)
+    return out
+
+
 def _offset_net(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     net = nn.Sequential(nn.Flatten(1), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
                         nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
@@ -147,6 +171,17 @@ def roi_levels(box_roi_pool: MultiScaleRoIAlign, features: dict[str, Tensor], pr
     else:
         levels = box_roi_pool.map_levels(proposals)
     return maps, list(box_roi_pool.scales), levels
+
+
+def classification_maps(box_roi_pool: MultiScaleRoIAlign, features: dict[str, Tensor], maps: list[Tensor]
+                        ) -> list[Tensor]:
+    """The maps the classification branch pools from: with a decoupled backbone (features also hold the
+    classification pyramid under ``CLS_PREFIX + name``) those, in the order of ``maps`` from
+    :func:`roi_levels`; otherwise ``maps`` itself."""
+    names = [name for name in features if name in box_roi_pool.featmap_names]
+    if not all(CLS_PREFIX + name in features for name in names):
+        return maps
+    return [features[CLS_PREFIX + name] for name in names]
 
 
 def rois_with_batch_index(proposals: list[Tensor]) -> Tensor:
@@ -222,8 +257,12 @@ class DecoupledHead(nn.Module):
         wh = rois[:, 3:] - rois[:, 1:3]
         delta_r = self.gamma * self.offset_reg(shared) * wh  # (N, 2)
         rois_r = rois[:, 1:] + delta_r.repeat(1, 2)
-        # pooling P with ΔR on every bin is pooling at P_r, differentiable with respect to ΔR
-        feat = self._pool(maps, scales, levels, rois, delta_r[:, None, None, :].expand(n, k, k, 2))
+        if torch.is_grad_enabled() and delta_r.requires_grad:
+            # pooling P with ΔR on every bin is pooling at P_r, differentiable with respect to ΔR
+            feat = self._pool(maps, scales, levels, rois, delta_r[:, None, None, :].expand(n, k, k, 2))
+        else:  # the same values with one k x k roi_align per level (at P's level, as above)
+            feat = translated_roi_pool(maps, scales, levels, torch.cat([rois[:, :1], rois_r], 1), output_size=k,
+                                       sampling_ratio=self.sampling_ratio)
         return self.bbox_pred(self.reg_head(feat)), rois_r
 
 
@@ -381,7 +420,8 @@ class TSDRoIHeads(RoIHeads):
         rois = rois_with_batch_index(proposals)
         shared = self.box_roi_pool(features, proposals, image_shapes)  # F at P (also sets up the level mapper)
         maps, scales, levels = roi_levels(self.box_roi_pool, features, proposals)
-        class_logits = self.decoupled.classify(shared, maps, scales, levels, rois)
+        cls_maps = classification_maps(self.box_roi_pool, features, maps)
+        class_logits = self.decoupled.classify(shared, cls_maps, scales, levels, rois)
 
         if not self.training and self.expert_mode:
             probs = F.softmax(class_logits, -1)
@@ -414,5 +454,5 @@ class TSDRoIHeads(RoIHeads):
         return [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels_out)], {}
 
 
-__all__ = ["DecoupledHead", "TSDRoIHeads", "box_regression_loss", "decoupled_losses", "deformable_roi_pool",
-           "roi_levels", "rois_with_batch_index", "select_deltas"]
+__all__ = ["DecoupledHead", "TSDRoIHeads", "box_regression_loss", "classification_maps", "decoupled_losses",
+           "deformable_roi_pool", "roi_levels", "rois_with_batch_index", "select_deltas", "translated_roi_pool"]

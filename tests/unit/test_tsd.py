@@ -223,3 +223,38 @@ def test_bf16_autocast_trains_and_returns_fp32_boxes():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(tiny_batch()[0])
     assert all(d["boxes"].dtype == torch.float32 and len(d["boxes"]) > 0 for d in out)
+
+
+def test_translated_roi_pool_equals_constant_offset_pooling_on_every_level():
+    from stages.models.tsd import translated_roi_pool
+
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
+    rois = torch.tensor([[0, 3.0, 5.0, 20.0, 17.0], [1, 10.5, 2.0, 40.0, 30.0], [0, 8.0, 8.0, 9.5, 9.0],
+                         [1, 0.0, 0.0, 6.0, 60.0], [0, 50.0, 50.0, 64.0, 64.0]])
+    levels = torch.tensor([0, 1, 0, 1, 0])
+    shift = torch.randn(5, 2) * 4.0
+    ref = deformable_roi_pool(feats, [0.25, 0.125], levels, rois, shift[:, None, None].expand(5, 7, 7, 2),
+                              output_size=7, method="bins")
+    moved = rois.clone()
+    moved[:, 1:] += shift.repeat(1, 2)
+    out = translated_roi_pool(feats, [0.25, 0.125], levels, moved, output_size=7)
+    assert out.shape == (5, 3, 7, 7)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert translated_roi_pool(feats, [0.25, 0.125], levels[:0], moved[:0], output_size=7).shape == (0, 3, 7, 7)
+
+
+def test_eval_regression_pooling_matches_the_differentiable_path():
+    heads, feats, proposals = _direct_heads()
+    with torch.no_grad():
+        heads.decoupled.offset_reg[-1].bias.copy_(torch.tensor([0.7, -0.4]))
+    heads(feats, proposals, [(64, 64)])  # sets up the pooler's scales
+    from stages.models.tsd import roi_levels, rois_with_batch_index
+
+    shared = heads.box_roi_pool(feats, proposals, [(64, 64)])
+    maps, scales, levels = roi_levels(heads.box_roi_pool, feats, proposals)
+    rois = rois_with_batch_index(proposals)
+    with torch.no_grad():
+        fast, rois_fast = heads.decoupled.regress(shared, maps, scales, levels, rois)
+    slow, rois_slow = heads.decoupled.regress(shared, maps, scales, levels, rois)  # grad enabled: grid sampling
+    assert torch.allclose(rois_fast, rois_slow) and torch.allclose(fast, slow, atol=1e-5)
