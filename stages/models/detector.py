@@ -2,11 +2,12 @@
 
 Every backbone comes from :func:`stages.models.backbones.build_backbone`; the RoI head is the sibling head
 (torchvision's, with an optional expert mode), the Decoupling Head (``head: tsd``), or the modified Cascade
-R-CNN (``cascade: true``, combinable with ``head: tsd``). ``decoupled_backbone: true`` (needs ``head: tsd``) gives
-classification and regression their own layer3/layer4 + FPN (:class:`~stages.models.backbones.DecoupledBackbone`):
-the RPN, the shared RoI feature F, the regression pooling and the training-only sibling head read the regression
-pyramid, the Decoupling Head's classification pooling the classification one. Nothing is downloaded: ``weights`` may name a local
-state dict of the whole detector, ``backbone_weights`` one of the trunk (or of a ``BackboneWithFPN``).
+R-CNN (``cascade: true``, combinable with ``head: tsd``). ``decoupled_backbone: true`` (needs ``head: tsd``)
+gives classification and regression their own layer3/layer4 + FPN
+(:class:`~stages.models.backbones.DecoupledBackbone`): the RPN, the shared RoI feature F, the regression pooling
+and the training-only sibling head read the regression pyramid, the Decoupling Head's classification pooling
+the classification one. Nothing is downloaded: ``weights`` may name a local state dict of the whole detector,
+``backbone_weights`` one of the trunk (or of a ``BackboneWithFPN``).
 """
 
 from __future__ import annotations
