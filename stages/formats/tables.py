@@ -76,8 +76,8 @@ def conform(df: pd.DataFrame, name: str, *, source: object = None, keep_categori
             out[col] = (s if cats.dtype == object else s.cat.rename_categories(cats.astype(str))).array
             continue
         try:
-            s = s.astype(dtype) if dtype != "object" else s.astype(str).astype(object)
-            out[col] = s.to_numpy()  # positional: the input's index (e.g. after filtering) is irrelevant
+            s = s.astype(dtype, copy=False) if dtype != "object" else s.astype(str).astype(object)
+            out[col] = s.to_numpy()  # positional (copied once below): the input's index (e.g. after filtering) is irrelevant
         except (TypeError, ValueError) as exc:
             raise InputError(f"cannot read as {dtype}: {exc}", file=source, field=col) from exc
     return pd.DataFrame(out, index=pd.RangeIndex(len(df)))
