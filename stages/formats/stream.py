@@ -43,12 +43,19 @@ def _open(path: str | os.PathLike) -> pq.ParquetFile:
 
 def image_shards(paths: Sequence[str | os.PathLike], *, rows_per_shard: int = 1 << 20) -> list[tuple[str, str]]:
     """Inclusive ``(first, last)`` image-id ranges covering every image of ``paths``, ~``rows_per_shard`` rows
-    each. Reads only the ``image_id`` column, batch by batch (memory ~ number of distinct images)."""
-    counts: list[pd.Series] = []
-    for path in paths:
-        f = _open(path)
+    each. A single file sorted by image id in row groups of at most ``rows_per_shard`` rows (what
+    :class:`TableWriter` writes) is cut at row-group boundaries from its statistics alone; otherwise only the
+    ``image_id`` column is read, batch by batch (memory ~ number of distinct images)."""
+    files = [_open(path) for path in paths]
+    for path, f in zip(paths, files):
         if "image_id" not in f.schema_arrow.names:
             raise InputError("table has no column 'image_id'", file=path, field="image_id")
+    if len(files) == 1:
+        cut = _shards_from_statistics(files[0], rows_per_shard)
+        if cut is not None:
+            return cut
+    counts: list[pd.Series] = []
+    for f in files:
         for batch in f.iter_batches(columns=["image_id"], batch_size=1 << 20):
             vc = pc.value_counts(batch.column(0).cast(pa.string()))
             counts.append(pd.Series(vc.field("counts").to_numpy(), index=vc.field("values").to_pandas()))
@@ -61,6 +68,36 @@ def image_shards(paths: Sequence[str | os.PathLike], *, rows_per_shard: int = 1 
     for s in pd.unique(shard):
         sel = ids[shard == s]
         out.append((str(sel[0]), str(sel[-1])))
+    return out
+
+
+def _shards_from_statistics(f: pq.ParquetFile, rows_per_shard: int) -> list[tuple[str, str]] | None:
+    """Shards of whole row groups when every row group has image-id statistics, the groups are in increasing
+    and disjoint id ranges (no image spans two groups) and none is larger than a shard; else None."""
+    md = f.metadata
+    col = f.schema_arrow.names.index("image_id")
+    groups = []
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        st = rg.column(col).statistics
+        if rg.num_rows == 0:
+            continue
+        if st is None or not st.has_min_max or not isinstance(st.min, str) or rg.num_rows > rows_per_shard:
+            return None
+        if groups and not groups[-1][1] < st.min:
+            return None
+        groups.append((st.min, st.max, rg.num_rows))
+    out: list[tuple[str, str]] = []
+    first, rows = None, 0
+    for lo, hi, n in groups:
+        if first is None:
+            first = lo
+        rows += n
+        if rows >= rows_per_shard:
+            out.append((first, hi))
+            first, rows = None, 0
+    if first is not None:
+        out.append((first, groups[-1][1]))
     return out
 
 

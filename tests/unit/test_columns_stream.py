@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -137,3 +138,35 @@ def test_postprocess_on_cpu_never_imports_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False"
     assert len(pd.read_parquet(tmp_path / "o.parquet")) > 0
+
+
+def test_shards_from_row_group_statistics_and_the_fallback(tmp_path, monkeypatch):
+    d = _dets(3000, 300)
+    sorted_path = tmp_path / "sorted.parquet"
+    monkeypatch.setattr(stream, "ROW_GROUP", 500)
+    with TableWriter(sorted_path, "detections") as w:
+        w.write(d)
+    groups = pq.ParquetFile(sorted_path).metadata.num_row_groups
+    # an image spanning two row groups forbids cutting there: the writer's groups split images, so the
+    # statistics path must refuse them (ranges overlap) and the count path must still keep images whole
+    lo_hi = [pq.ParquetFile(sorted_path).metadata.row_group(i).column(0).statistics for i in range(groups)]
+    spans = any(a.max >= b.min for a, b in zip(lo_hi, lo_hi[1:]))
+    assert (stream._shards_from_statistics(pq.ParquetFile(sorted_path), 1000) is None) == spans
+    # a file whose row groups hold whole images, in order: cut from the statistics alone, at group boundaries
+    whole = pd.read_parquet(sorted_path)
+    ids = sorted(set(whole["image_id"]))
+    clean = tmp_path / "clean.parquet"
+    writer = pq.ParquetWriter(clean, pq.read_schema(sorted_path))
+    for chunk in np.array_split(np.array(ids, dtype=object), 6):
+        part = whole[whole["image_id"].isin(set(chunk))]
+        writer.write_table(pa.Table.from_pandas(part, preserve_index=False, schema=writer.schema))
+    writer.close()
+    sizes = [pq.ParquetFile(clean).metadata.row_group(i).num_rows for i in range(6)]
+    cut = image_shards([clean], rows_per_shard=max(sizes) * 2)
+    assert cut == stream._shards_from_statistics(pq.ParquetFile(clean), max(sizes) * 2)
+    assert 2 <= len(cut) <= 4
+    got = pd.concat([read_shard(clean, "detections", a, b) for a, b in cut], ignore_index=True)
+    pd.testing.assert_frame_equal(got, pd.read_parquet(clean))
+    for path in (sorted_path, clean):                       # the count path agrees on what is covered
+        two = image_shards([path, path], rows_per_shard=700)
+        assert sum(len(read_shard(path, "detections", a, b)) for a, b in two) == len(whole)
