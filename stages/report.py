@@ -18,7 +18,7 @@ import html
 import io
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,14 +58,17 @@ def _float(v: object) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _metrics(paths: Sequence[Path]) -> Iterator[tuple[tuple[str, str, str], dict]]:
+    """``((stage, name, split), metric JSON)`` of each metric file."""
+    for p in map(Path, paths):
+        m = _read_metric(p)
+        yield _metric_key(p), m
+
+
 def metrics_frame(paths: Sequence[Path]) -> pd.DataFrame:
     """One row per (stage, name) with a column of mAP per split, from the metric files' paths and contents."""
-    rows = []
-    for p in paths:
-        p = Path(p)
-        m = _read_metric(p)
-        stage, name, split = _metric_key(p)
-        rows.append({"stage": stage, "name": name, "split": split, "mAP": _float(m["mAP"])})
+    rows = [{"stage": stage, "name": name, "split": split, "mAP": _float(m["mAP"])}
+            for (stage, name, split), m in _metrics(paths)]
     df = pd.DataFrame(rows)
     return df.pivot_table(index=["stage", "name"], columns="split", values="mAP").reset_index()
 
@@ -74,10 +77,7 @@ def per_class_frame(paths: Sequence[Path]) -> pd.DataFrame:
     """Long table of per-class results: stage, name, split, label, class_name, ap (NaN: no ground truth),
     n_gt, n_det, n_tp — one row per class of each metric file's ``per_class``."""
     rows = []
-    for p in paths:
-        p = Path(p)
-        m = _read_metric(p)
-        stage, name, split = _metric_key(p)
+    for (stage, name, split), m in _metrics(paths):
         for label, c in (m.get("per_class") or {}).items():
             rows.append({"stage": stage, "name": name, "split": split, "label": label,
                          "class_name": c.get("name", label), "ap": _float(c.get("ap")),

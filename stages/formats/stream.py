@@ -8,7 +8,7 @@ by image id with small row groups, so reading a shard of them skips the other ro
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from stages.errors import InputError
 from stages.formats.columns import codes, is_sorted, stable_argsort_int
 from stages.formats.io import arrow_table, atomic_path, string_columns, write_table
-from stages.formats.tables import conform
+from stages.formats.tables import conform, empty
 
 ROW_GROUP = 1 << 16
 
@@ -71,22 +71,28 @@ def image_shards(paths: Sequence[str | os.PathLike], *, rows_per_shard: int = 1 
     return out
 
 
+def _id_ranges(f: pq.ParquetFile) -> list[tuple[str, str] | None]:
+    """Per row group, its ``(min, max)`` image id from the parquet statistics (None where they are missing)."""
+    col = f.schema_arrow.names.index("image_id")
+    out: list[tuple[str, str] | None] = []
+    for i in range(f.metadata.num_row_groups):
+        st = f.metadata.row_group(i).column(col).statistics
+        known = st is not None and st.has_min_max and isinstance(st.min, str)
+        out.append((st.min, st.max) if known else None)
+    return out
+
+
 def _shards_from_statistics(f: pq.ParquetFile, rows_per_shard: int) -> list[tuple[str, str]] | None:
     """Shards of whole row groups when every row group has image-id statistics, the groups are in increasing
     and disjoint id ranges (no image spans two groups) and none is larger than a shard; else None."""
-    md = f.metadata
-    col = f.schema_arrow.names.index("image_id")
-    groups = []
-    for i in range(md.num_row_groups):
-        rg = md.row_group(i)
-        st = rg.column(col).statistics
-        if rg.num_rows == 0:
+    groups: list[tuple[str, str, int]] = []
+    for i, rng in enumerate(_id_ranges(f)):
+        n = f.metadata.row_group(i).num_rows
+        if n == 0:
             continue
-        if st is None or not st.has_min_max or not isinstance(st.min, str) or rg.num_rows > rows_per_shard:
+        if rng is None or n > rows_per_shard or (groups and not groups[-1][1] < rng[0]):
             return None
-        if groups and not groups[-1][1] < st.min:
-            return None
-        groups.append((st.min, st.max, rg.num_rows))
+        groups.append((*rng, n))
     out: list[tuple[str, str]] = []
     first, rows = None, 0
     for lo, hi, n in groups:
@@ -110,20 +116,16 @@ def read_shard(path: str | os.PathLike, name: str, first: str, last: str, *,
     as parquet dictionaries: no Python string per row), which the post-processing ops group by their codes.
     """
     f = _open(path)
-    if categorical:
-        f = pq.ParquetFile(path, read_dictionary=string_columns(f.schema_arrow))
-    names = f.schema_arrow.names
-    if "image_id" not in names:
+    if "image_id" not in f.schema_arrow.names:
         raise InputError("table has no column 'image_id'", file=path, field="image_id")
-    col = names.index("image_id")
+    if categorical:   # the same footer, string columns decoded as dictionaries
+        f = pq.ParquetFile(path, metadata=f.metadata, read_dictionary=string_columns(f.schema_arrow))
     groups, edge = [], []
-    for i in range(f.metadata.num_row_groups):
-        st = f.metadata.row_group(i).column(col).statistics
-        known = st is not None and st.has_min_max and isinstance(st.min, str)
-        if known and (st.max < first or st.min > last):
+    for i, rng in enumerate(_id_ranges(f)):
+        if rng is not None and (rng[1] < first or rng[0] > last):
             continue
         groups.append(i)
-        edge.append(not (known and first <= st.min and st.max <= last))
+        edge.append(rng is None or not (first <= rng[0] and rng[1] <= last))
     table = f.read_row_groups(groups) if groups else f.schema_arrow.empty_table()
     if any(edge):
         mask = np.ones(table.num_rows, dtype=bool)
@@ -166,11 +168,6 @@ def pipeline(items: Iterable[T], load: Callable[[T], U], work: Callable[[U], V],
 _END = object()
 
 
-def iter_shards(path: str | os.PathLike, name: str, *, rows_per_shard: int = 1 << 20) -> Iterator[pd.DataFrame]:
-    for first, last in image_shards([path], rows_per_shard=rows_per_shard):
-        yield read_shard(path, name, first, last)
-
-
 class TableWriter:
     """Append conformed frames of table ``name`` to one parquet file, atomically (renamed on ``close``).
 
@@ -206,6 +203,5 @@ class TableWriter:
         if self._writer is not None:
             self._writer.close()
         elif exc_type is None:
-            from stages.formats.tables import empty
             write_table(self._tmp, empty(self.name), self.name, provenance=self.provenance)
         return self._ctx.__exit__(exc_type, exc, tb)

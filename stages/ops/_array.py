@@ -42,6 +42,10 @@ def like(a: np.ndarray, x: Array) -> Array:
     return torch.from_numpy(np.ascontiguousarray(a)).to(x.device)
 
 
+def copy(x: Array) -> Array:
+    return x.copy() if isinstance(x, np.ndarray) else x.clone()
+
+
 def arange_like(n: int, x: Array) -> Array:
     if isinstance(x, np.ndarray):
         return np.arange(n)

@@ -35,6 +35,7 @@ from stages.ops._array import (
     Array,
     arange_like,
     clamp_min,
+    copy,
     default_backend,
     like,
     take_along,
@@ -43,7 +44,7 @@ from stages.ops._array import (
     xp,
 )
 from stages.ops.boxes import box_iou
-from stages.ops.nms import _copy, frame_arrays, frame_groups, group_blocks, group_ids, suppress_arrays, take_sorted
+from stages.ops.nms import frame_arrays, frame_groups, group_blocks, group_ids, suppress_arrays, take_sorted
 
 
 def ap_factors(ap_per_model: Sequence[Mapping[str, float | None]]) -> list[dict[str, float]]:
@@ -86,14 +87,14 @@ def topk_vote(boxes: Array, scores: Array, groups: Array, sources: Array, *, k: 
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, not {k}")
-    new_b, new_s = _copy(boxes), _copy(scores)
+    new_b, new_s = copy(boxes), copy(scores)
     if k == 0:
         return new_b, new_s
     m = xp(boxes)
     lay = group_blocks(groups, scores, square=True)
     perm = like(lay.perm, boxes)
     bp, sp, srcp = boxes[perm], scores[perm], sources[perm]
-    vb, vs = _copy(bp), _copy(sp)
+    vb, vs = copy(bp), copy(sp)
     for off, g, n in lay.spans:
         if n == 1:
             continue

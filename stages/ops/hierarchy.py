@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from stages.formats.columns import codes
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.tables import BOX_COLUMNS
+from stages.ops.nms import segment_order
 
 
 def expand_hierarchy(dets: pd.DataFrame, hierarchy: Hierarchy) -> pd.DataFrame:
@@ -23,8 +25,7 @@ def expand_hierarchy(dets: pd.DataFrame, hierarchy: Hierarchy) -> pd.DataFrame:
     anc["label"] = anc.pop("expanded")
     out = pd.concat([dets, anc], ignore_index=True)
     key = ["image_id", "label", *BOX_COLUMNS]
-    img, _ = pd.factorize(out["image_id"].to_numpy(), sort=True)
-    order = np.lexsort((-out["score"].to_numpy(np.float64), img))
-    out = out.iloc[order]
+    img, n_img = codes(out["image_id"], sort=True)
+    out = out.iloc[segment_order(img, out["score"].to_numpy(np.float64), n_img)]
     out = out[~out.duplicated(subset=key, keep="first")]
     return out.reset_index(drop=True)

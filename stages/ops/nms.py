@@ -29,7 +29,7 @@ import pandas as pd
 
 from stages.formats.columns import codes, stable_argsort_int
 from stages.formats.tables import BOX_COLUMNS
-from stages.ops._array import Array, arange_like, default_backend, is_numpy, like, to_numpy, xp
+from stages.ops._array import Array, arange_like, copy, default_backend, is_numpy, like, to_numpy, xp
 from stages.ops.boxes import box_iou
 
 #: elements (groups x group size, or x group size^2 for pairwise ops) per block; bounds memory
@@ -134,7 +134,7 @@ def _nms_mask(o: Array, iou_thr: float) -> Array:
     """Kept mask ``[G, N]`` of hard NMS given the IoUs ``o [G, N, N]`` of score-sorted groups."""
     m = xp(o)
     n = o.shape[1]
-    over = m.triu(o > iou_thr, 1) if is_numpy(o) else m.triu(o > iou_thr, diagonal=1)
+    over = m.triu(o > iou_thr, 1)
     suppressed = m.zeros_like(over[:, 0, :])
     for i in range(n - 1):
         suppressed |= over[:, i, :] & ~suppressed[:, i: i + 1]
@@ -163,16 +163,6 @@ def _soft_steps(cur: Array, done: Array, o: Array, *, method: str, iou_thr: floa
         done[ar, best] = True
         cur = m.where(done, cur, cur * _weights(o[ar, best], method, iou_thr, sigma))
     return cur
-
-
-def _copy(x: Array) -> Array:
-    return x.copy() if is_numpy(x) else x.clone()
-
-
-def _cat(parts: list, like_: Array, dtype=np.int64) -> Array:
-    if not parts:
-        return like(np.zeros(0, dtype=dtype), like_)
-    return np.concatenate(parts) if is_numpy(parts[0]) else xp(parts[0]).cat(parts)
 
 
 def _by_score(keep: Array, scores: Array) -> Array:
@@ -219,7 +209,7 @@ def _soft(boxes: Array, scores: Array, groups: Array, *, method: str, iou_thr: f
             lv[...] = _nms_mask(o, nms_first)
         cur = lay.views(sp, off, g, n)
         cur[...] = _soft_steps(cur, ~lv, o, method=method, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr)
-    out = _copy(scores)
+    out = copy(scores)
     out[perm] = sp
     return perm[live & (sp > score_thr)], out
 

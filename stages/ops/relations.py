@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from stages.errors import InputError
+from stages.formats.columns import codes
 from stages.formats.tables import BOX_COLUMNS
 
 _MATRICES = ("cooc", "inside", "inner_total", "contains", "outer_total")
@@ -146,7 +147,7 @@ def rescore(dets: pd.DataFrame, stats: RelationStats, *, conf_thr: float = 0.5, 
     out = dets.reset_index(drop=True).copy()
     index = {lab: i for i, lab in enumerate(stats.labels)}
     li = out["label"].map(index).fillna(-1).astype(np.int64).to_numpy()
-    img, _ = pd.factorize(out["image_id"].to_numpy())
+    img, _ = codes(out["image_id"])
     score = out["score"].to_numpy(np.float64).copy()
     known = li >= 0
     # ---- co-occurrence

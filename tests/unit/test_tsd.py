@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from stages.models.tsd import TSDRoIHeads, deformable_roi_pool
+from stages.models.tsd import TSDRoIHeads, deformable_roi_pool, translated_roi_pool
 from tests.unit.detector_fixtures import NUM_CLASSES, tiny_batch, tiny_faster_rcnn
 
 LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_classifier_sibling", "loss_box_reg_sibling",
@@ -62,12 +62,17 @@ def test_multi_level_uses_the_level_mapper():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_grid_and_bins_agree_on_random_offsets_tiny_rois_and_outside_samples():
+def _two_level_case():
+    """Two maps (strides 4 and 8) and five RoIs over both batch images: tiny, wide, partly outside the map."""
     torch.manual_seed(0)
     feats = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
     rois = torch.tensor([[0, 3.0, 5.0, 20.0, 17.0], [1, 10.5, 2.0, 40.0, 30.0], [0, 8.0, 8.0, 9.5, 9.0],
                          [1, 0.0, 0.0, 6.0, 60.0], [0, 50.0, 50.0, 64.0, 64.0]])
-    levels = torch.tensor([0, 1, 0, 1, 0])
+    return feats, rois, torch.tensor([0, 1, 0, 1, 0])
+
+
+def test_grid_and_bins_agree_on_random_offsets_tiny_rois_and_outside_samples():
+    feats, rois, levels = _two_level_case()
     offsets = torch.randn(5, 7, 7, 2) * 6.0  # some samples land beyond the map, some within 1 px of it
     grid = deformable_roi_pool(feats, [0.25, 0.125], levels, rois, offsets, output_size=7, method="grid")
     bins = deformable_roi_pool(feats, [0.25, 0.125], levels, rois, offsets, output_size=7, method="bins")
@@ -226,13 +231,7 @@ def test_bf16_autocast_trains_and_returns_fp32_boxes():
 
 
 def test_translated_roi_pool_equals_constant_offset_pooling_on_every_level():
-    from stages.models.tsd import translated_roi_pool
-
-    torch.manual_seed(0)
-    feats = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
-    rois = torch.tensor([[0, 3.0, 5.0, 20.0, 17.0], [1, 10.5, 2.0, 40.0, 30.0], [0, 8.0, 8.0, 9.5, 9.0],
-                         [1, 0.0, 0.0, 6.0, 60.0], [0, 50.0, 50.0, 64.0, 64.0]])
-    levels = torch.tensor([0, 1, 0, 1, 0])
+    feats, rois, levels = _two_level_case()
     shift = torch.randn(5, 2) * 4.0
     ref = deformable_roi_pool(feats, [0.25, 0.125], levels, rois, shift[:, None, None].expand(5, 7, 7, 2),
                               output_size=7, method="bins")

@@ -3,31 +3,28 @@ gpus > 1 is launched through torchrun; test_flip reaches the infer command."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-from tests.workflow.test_dag import ROOT, TINY
+from tests.workflow.test_dag import TINY, snakemake
+
+
+def _dry_run_commands(tmp_path: Path, cfg: dict, *targets: str) -> list[str]:
+    """The ``python -m stages.*`` command lines a dry run of ``targets`` under ``cfg`` would execute."""
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = snakemake(tmp_path, "-n", "-p", *targets, "--configfile", str(p), timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    return [x for x in out.splitlines() if "-m stages." in x]
 
 
 def test_dry_run_shows_anchors_rule_and_torchrun(tmp_path: Path):
     cfg = yaml.safe_load(yaml.safe_dump(TINY))
     cfg["models"]["tiny_a"].update(anchors="kmeans", anchor_scales=[4, 6], gpus=2, test_flip=True)
-    p = tmp_path / "cfg.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
-                        "--configfile", str(p), "-n", "-p", "--cores", "2",
-                        "results/train/tiny_a/model.pt", "results/train/tiny_b/model.pt",
-                        "results/infer/tiny_a/val_a/shard0.parquet"],
-                       capture_output=True, text=True, timeout=300, env=env)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out
-    lines = [x for x in out.splitlines() if "-m stages." in x]
+    lines = _dry_run_commands(tmp_path, cfg, "results/train/tiny_a/model.pt", "results/train/tiny_b/model.pt",
+                              "results/infer/tiny_a/val_a/shard0.parquet")
     anchors = [x for x in lines if "-m stages.anchors" in x]
     assert len(anchors) == 1 and "results/anchors/tiny_a.json" in anchors[0] and "--scales 4 6" in anchors[0]
     train_a = next(x for x in lines if "stages.train" in x and "tiny_a/model.pt" in x)
@@ -45,16 +42,7 @@ def test_dry_run_wires_an_expert_model(tmp_path: Path):
     cfg = yaml.safe_load(yaml.safe_dump(TINY))
     cfg["models"]["tiny_x"] = {**cfg["models"]["tiny_a"], "expert": True, "expert_of": "tiny_a",
                                "expert_n_lowest": 2, "expert_sim_thr": 0.4}
-    p = tmp_path / "cfg.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
-                        "--configfile", str(p), "-n", "-p", "--cores", "2", "results/train/tiny_x/model.pt"],
-                       capture_output=True, text=True, timeout=300, env=env)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out
-    lines = [x for x in out.splitlines() if "-m stages." in x]
+    lines = _dry_run_commands(tmp_path, cfg, "results/train/tiny_x/model.pt")
     mine = [x for x in lines if "-m stages.experts" in x]
     assert len(mine) == 1
     assert "--model results/train/tiny_a/model.pt" in mine[0]
