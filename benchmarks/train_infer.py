@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.config import load_config, validate_config  # noqa: E402
+from stages.core.config import load_config, validate_config  # noqa: E402
 from stages.models.detector import build_detector  # noqa: E402
 
 NUM_CLASSES = 20

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from stages.cli import stage_main
-from stages.errors import InputError
+from stages.core.cli import stage_main
+from stages.core.errors import InputError
 from stages.formats.io import read_table, write_json
 
 log = logging.getLogger(__name__)

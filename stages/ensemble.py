@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.cli import stage_main
-from stages.errors import InputError
+from stages.core.cli import stage_main
+from stages.core.errors import InputError
 from stages.formats.io import read_json
 from stages.formats.stream import TableWriter, image_shards, pipeline, read_shard
 from stages.ops.ensemble import naive_ensemble

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.cli import stage_main
-from stages.errors import InputError
+from stages.core.cli import stage_main
+from stages.core.errors import InputError
 from stages.formats import openimages as oi
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import read_table, write_json

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.cli import stage_main
-from stages.errors import InputError
+from stages.core.cli import stage_main
+from stages.core.errors import InputError
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import read_json, read_table, write_json
 

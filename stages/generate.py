@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages.cli import stage_main
+from stages.core.cli import stage_main
 from stages.data import draw
 from stages.data import taxonomy as tx
 from stages.formats.openimages import BBOX_COLUMNS, LABEL_COLUMNS, MASK_COLUMNS

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.cli import stage_main
-from stages.errors import InputError
+from stages.core.cli import stage_main
+from stages.core.errors import InputError
 from stages.formats.io import read_table, write_table
 from stages.formats.tables import empty
 from stages.models.data import load_image

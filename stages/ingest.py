@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from stages.cli import stage_main
-from stages.errors import InputError
+from stages.core.cli import stage_main
+from stages.core.errors import InputError
 from stages.formats import openimages as oi
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import write_json, write_table

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.cli import stage_main
-from stages.errors import InputError
+from stages.core.cli import stage_main
+from stages.core.errors import InputError
 from stages.formats import openimages as oi
 from stages.formats.io import PROVENANCE_KEY, atomic_path, read_table
 from stages.formats.tables import BOX_COLUMNS, SCHEMAS, conform

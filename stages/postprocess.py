@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.cli import stage_main
+from stages.core.cli import stage_main
 from stages.formats.columns import concat
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import read_json, read_provenance, read_table

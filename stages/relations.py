@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.cli import stage_main
-from stages.errors import InputError
+from stages.core.cli import stage_main
+from stages.core.errors import InputError
 from stages.formats.io import read_table, write_json
 from stages.ops.relations import RelationStats, mine_relations
 

@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages.cli import stage_main
-from stages.errors import InputError
+from stages.core.cli import stage_main
+from stages.core.errors import InputError
 from stages.formats.io import read_table, write_json, write_text
 
 log = logging.getLogger(__name__)

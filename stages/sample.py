@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.cli import stage_main
+from stages.core.cli import stage_main
 from stages.formats.io import read_table, write_table
 
 METHODS = ("class_aware", "uniform")

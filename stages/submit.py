@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.cli import stage_main
-from stages.errors import InputError
+from stages.core.cli import stage_main
+from stages.core.errors import InputError
 from stages.formats import openimages as oi
 from stages.formats.io import read_table
 

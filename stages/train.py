@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from stages.cli import stage_main
-from stages.config import validate_config
-from stages.errors import InputError
+from stages.core.cli import stage_main
+from stages.core.config import validate_config
+from stages.core.errors import InputError
 from stages.experts import read_experts, restrict_to_classes
 from stages.formats.io import atomic_path, config_hash, read_table
 from stages.models.augment import AugmentStats, augment_stats, elaborate_augment

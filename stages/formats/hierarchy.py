@@ -15,7 +15,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from stages.errors import InputError
+from stages.core.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import stages
-from stages.errors import InputError
+from stages.core.errors import InputError
 from stages.formats.tables import SCHEMAS, conform
 
 PROVENANCE_KEY = b"orchard"

@@ -1,6 +1,6 @@
 """OpenImages Challenge files <-> canonical tables. The only module that knows the CSV column names and order.
 
-Every reader validates and raises :class:`~stages.errors.InputError` naming the file, the line (header = line 1)
+Every reader validates and raises :class:`~stages.core.errors.InputError` naming the file, the line (header = line 1)
 and the column as the user sees it in the file.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.errors import InputError
+from stages.core.errors import InputError
 from stages.formats.tables import BOX_COLUMNS, check_boxes, conform
 
 BBOX_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from stages.errors import InputError
+from stages.core.errors import InputError
 from stages.formats.openimages import SEG_SUBMISSION_COLUMNS, _read_csv
 from stages.formats.tables import conform
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages.errors import InputError
+from stages.core.errors import InputError
 from stages.formats.columns import codes, is_sorted, stable_argsort_int
 from stages.formats.io import arrow_table, atomic_path, string_columns, write_table
 from stages.formats.tables import conform, empty

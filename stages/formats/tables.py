@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from stages.errors import InputError
+from stages.core.errors import InputError
 
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from stages.errors import InputError
+from stages.core.errors import InputError
 from stages.formats.hierarchy import Hierarchy
 
 log = logging.getLogger(__name__)

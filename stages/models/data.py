@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from stages.errors import InputError
+from stages.core.errors import InputError
 
 
 def load_image(path: str) -> torch.Tensor:

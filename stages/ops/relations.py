@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from stages.errors import InputError
+from stages.core.errors import InputError
 from stages.formats.columns import codes
 from stages.formats.tables import BOX_COLUMNS
 

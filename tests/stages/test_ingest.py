@@ -158,8 +158,8 @@ def test_image_label_confidence_not_binary(tiny, tmp_path, capsys):
 def test_config_fails_schema(field, value, needle, tmp_path):
     import yaml
 
-    from stages.config import load_config
-    from stages.errors import InputError
+    from stages.core.config import load_config
+    from stages.core.errors import InputError
 
     cfg = yaml.safe_load((Path(__file__).parents[2] / "configs" / "default.yaml").read_text())
     node = cfg

@@ -16,8 +16,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 from stages import anchors as anchors_stage
 from stages import infer, train
-from stages.config import validate_config
-from stages.errors import InputError
+from stages.core.config import validate_config
+from stages.core.errors import InputError
 from stages.formats.io import read_table
 from stages.models.averaging import average_state_dicts
 from stages.models.cascade import CascadeRoIHeads

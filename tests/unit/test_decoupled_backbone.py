@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from stages.config import validate_config
-from stages.errors import InputError
+from stages.core.config import validate_config
+from stages.core.errors import InputError
 from stages.models.backbones import CLS_PREFIX, DecoupledBackbone, build_backbone
 from stages.models.detector import build_detector
 from tests.unit.detector_fixtures import tiny_batch

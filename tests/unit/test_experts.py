@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from stages import experts, ingest, train
-from stages.config import validate_config
-from stages.errors import InputError
+from stages.core.config import validate_config
+from stages.core.errors import InputError
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import write_json, write_table
 from stages.models.detector import build_detector

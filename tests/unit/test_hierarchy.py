@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import InputError
+from stages.core.errors import InputError
 from stages.formats.hierarchy import Hierarchy
 
 OID = Path(__file__).resolve().parents[3] / "shared" / "oid"

@@ -194,7 +194,7 @@ def test_split_restriction_scores_only_those_images():
 
 
 def test_unknown_gt_label_is_an_input_error():
-    from stages.errors import InputError
+    from stages.core.errors import InputError
 
     with pytest.raises(InputError, match="unknown label"):
         prepare_ground_truth(boxes=boxes(("i", "zz", *BOX)), image_labels=labels(), hierarchy=H, classes=CLASSES)

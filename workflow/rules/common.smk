@@ -5,7 +5,7 @@ import os
 import sys
 
 sys.path.insert(0, workflow.basedir)
-from stages.config import validate_config  # noqa: E402
+from stages.core.config import validate_config  # noqa: E402
 
 validate_config(config, source="config")
 

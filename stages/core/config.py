@@ -10,9 +10,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from stages.errors import InputError
+from stages.core.errors import InputError
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def _schema() -> dict:

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from stages.errors import InputError
+from stages.core.errors import InputError
 
 EXIT_BAD_INPUT = 2
 
