@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,27 @@ from stages.core.errors import InputError
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def _schema() -> dict:
+@functools.lru_cache(maxsize=1)
+def _schema_cached() -> dict:
     with open(SCHEMA_PATH) as f:
         return yaml.safe_load(f)
+
+
+def _schema() -> dict:
+    return copy.deepcopy(_schema_cached())
+
+
+def schema_default(*path: str) -> Any:
+    """The schema's default of one key, e.g. ``schema_default("postprocess", "iou_thr")`` or
+    ``schema_default("model", "box_nms_thresh")`` (a model entry's key). CLIs take their defaults from here
+    instead of restating them."""
+    schema = _schema_cached()
+    node = schema["$defs"]["model"] if path[0] == "model" else schema["properties"][path[0]]
+    for key in path[1:]:
+        node = node["properties"][key]
+    if "default" not in node:
+        raise KeyError(f"schema key {'/'.join(path)} has no default")
+    return copy.deepcopy(node["default"])
 
 
 def _with_defaults(validator_cls):
