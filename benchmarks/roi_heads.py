@@ -18,7 +18,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign
 
 from stages.models.cascade import CascadeRoIHeads
-from stages.models.tsd import TSDRoIHeads
+from stages.models.tsd import TSDRoIHeads, TSDSettings
 
 
 def _features(size: int, channels: int, device: torch.device) -> OrderedDict:
@@ -55,7 +55,7 @@ def main() -> None:
                                           0.5, 0.5, 512, 0.25, None, **common),
         "TSD": TSDRoIHeads(pool(), in_channels=c, num_classes=a.classes, **common),
         "cascade x4": CascadeRoIHeads(pool(), in_channels=c, num_classes=a.classes, **common),
-        "cascade x4 + TSD": CascadeRoIHeads(pool(), in_channels=c, num_classes=a.classes, decoupled=True,
+        "cascade x4 + TSD": CascadeRoIHeads(pool(), in_channels=c, num_classes=a.classes, decoupled=TSDSettings(),
                                             **common),
     }
     feats = _features(a.size, c, device)

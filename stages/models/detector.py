@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -27,7 +26,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from stages.models.backbones import CLS_PREFIX, build_backbone
 from stages.models.cascade import CascadeRoIHeads
-from stages.models.tsd import TSDRoIHeads
+from stages.models.heads import ExpertGate, roi_heads_settings
+from stages.models.tsd import TSDRoIHeads, TSDSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,35 +36,24 @@ DEFAULT_ANCHOR_SIZES = ((16.0,), (32.0,), (64.0,), (128.0,), (256.0,))
 DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 
-def expert_keep(class_logits: Tensor) -> Tensor:
-    """Boolean mask (N,) of the RoIs whose best foreground probability is at least the background's (column 0)."""
-    probs = F.softmax(class_logits.float(), -1)
-    return probs[:, 1:].max(1).values >= probs[:, 0]
-
-
-class SiblingRoIHeads(RoIHeads):
-    """torchvision's RoI heads plus the expert-model mode: with ``expert_mode`` an RoI whose background score
-    beats every foreground score is dropped before its boxes are decoded (test time only)."""
-
-    expert_mode: bool = False
+class SiblingRoIHeads(ExpertGate, RoIHeads):
+    """torchvision's RoI heads plus the expert-model mode (:class:`~stages.models.heads.ExpertGate`): with
+    ``expert_mode`` an RoI whose background score beats every foreground score is dropped before its boxes are
+    decoded (test time only)."""
 
     @classmethod
     def from_roi_heads(cls, roi_heads: RoIHeads, *, expert_mode: bool = False) -> "SiblingRoIHeads":
-        m = roi_heads.proposal_matcher
-        out = cls(roi_heads.box_roi_pool, roi_heads.box_head, roi_heads.box_predictor, m.high_threshold,
-                  m.low_threshold, roi_heads.fg_bg_sampler.batch_size_per_image,
-                  roi_heads.fg_bg_sampler.positive_fraction, tuple(roi_heads.box_coder.weights),
-                  roi_heads.score_thresh, roi_heads.nms_thresh, roi_heads.detections_per_img)
+        out = cls(roi_heads.box_roi_pool, roi_heads.box_head, roi_heads.box_predictor,
+                  **roi_heads_settings(roi_heads))
         out.expert_mode = bool(expert_mode)
         return out
 
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                                image_shapes: list[tuple[int, int]]):
-        if self.expert_mode:
-            keep = expert_keep(class_logits)
-            proposals = [p[k] for p, k in zip(proposals, keep.split([len(p) for p in proposals]))]
-            class_logits, box_regression = class_logits[keep], box_regression[keep]
-        return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        counts, (class_logits, box_regression, boxes) = self.expert_gate(
+            class_logits, [len(p) for p in proposals], class_logits, box_regression, torch.cat(proposals))
+        return super().postprocess_detections(class_logits, box_regression, list(boxes.split(counts)),
+                                              image_shapes)
 
 
 class RegressionPyramidRPN(RegionProposalNetwork):
@@ -140,17 +129,17 @@ def build_detector(cfg: Mapping[str, Any], *, num_classes: int,
     if decoupled:
         model.rpn = RegressionPyramidRPN.from_rpn(model.rpn)
     expert = bool(get("expert", False))
-    tsd_args = dict(gamma=float(get("tsd_gamma", 0.1)), margin_cls=float(get("margin_cls", 0.2)),
-                    margin_reg=float(get("margin_reg", 0.2)))
+    tsd = TSDSettings(gamma=float(get("tsd_gamma", 0.1)), margin_cls=float(get("margin_cls", 0.2)),
+                      margin_reg=float(get("margin_reg", 0.2)))
     if get("cascade", False):
         model.roi_heads = CascadeRoIHeads.from_roi_heads(
             model.roi_heads, num_classes=num_classes + 1, in_channels=fpn, representation_size=rep,
             stage_iou_thresholds=get("cascade_iou", [0.5, 0.5, 0.6, 0.7]),
             stage_loss_weights=get("cascade_weights", [0.75, 1.0, 0.25, 0.25]),
-            decoupled=head == "tsd", expert_mode=expert, **tsd_args)
+            decoupled=tsd if head == "tsd" else None, expert_mode=expert)
     elif head == "tsd":
         model.roi_heads = TSDRoIHeads.from_roi_heads(model.roi_heads, num_classes=num_classes + 1,
-                                                     in_channels=fpn, expert_mode=expert, **tsd_args)
+                                                     in_channels=fpn, expert_mode=expert, tsd=tsd)
     else:
         model.roi_heads = SiblingRoIHeads.from_roi_heads(model.roi_heads, expert_mode=expert)
     if get("weights"):

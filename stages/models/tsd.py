@@ -21,8 +21,8 @@ pooling torchvision's Faster R-CNN uses). When the offsets need a gradient (trai
 the offset nets learn); otherwise (inference) it runs ``roi_align`` on the k·k shifted bins, which gives the same
 values faster. No deformable-RoI-pool CUDA op is needed, so the same code runs on CPU and GPU.
 
-**Expert-model mode** (``expert_mode=True``, test time only): an RoI whose background probability beats every
-foreground probability is dropped before the regression branch runs.
+**Expert-model mode** (``expert_mode=True``, test time only; :class:`~stages.models.heads.ExpertGate`): an RoI
+whose background score beats every foreground score is dropped before the regression branch runs.
 
 Loss keys in training: ``loss_classifier``/``loss_box_reg`` (decoupled branches),
 ``loss_classifier_sibling``/``loss_box_reg_sibling`` (sibling head), ``loss_margin_cls``/``loss_margin_reg``.
@@ -30,6 +30,7 @@ Loss keys in training: ``loss_classifier``/``loss_box_reg`` (decoupled branches)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -40,7 +41,28 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from stages.models.backbones import CLS_PREFIX
+from stages.models.heads import TwoPathRoIHeads, detections, roi_heads_settings
 from stages.models.losses import margin_cls_loss, margin_reg_loss
+
+
+@dataclass(frozen=True)
+class TSDSettings:
+    """The Decoupling Head's hyper-parameters: offset scale γ; margins m_c, m_r of the Controllable Margin
+    Losses (0 disables the loss's margin, not the loss) and those losses' weight; the width of the offset nets
+    F_c, F_r; samples per bin side of the pooling."""
+
+    gamma: float = 0.1
+    margin_cls: float = 0.2
+    margin_reg: float = 0.2
+    margin_loss_weight: float = 1.0
+    offset_hidden: int = 256
+    sampling_ratio: int = 2
+
+    def __post_init__(self):
+        if self.gamma <= 0:
+            raise ValueError(f"gamma must be positive, got {self.gamma}")
+        if self.sampling_ratio < 1:
+            raise ValueError(f"sampling_ratio must be >= 1, got {self.sampling_ratio}")
 
 
 def deformable_roi_pool(features: list[Tensor], scales: list[float], levels: Tensor, rois: Tensor,
@@ -191,6 +213,44 @@ def rois_with_batch_index(proposals: list[Tensor]) -> Tensor:
     return torch.cat([torch.cat(idx), torch.cat(proposals)], 1)
 
 
+@dataclass(frozen=True)
+class PooledRoIs:
+    """The RoI feature F at the shared proposals P and what the decoupled branches sample from.
+
+    shared: F (N, C, k, k); rois: P as (N, 5) rows (image index, x1, y1, x2, y2); levels: int64 (N,) map of each
+    RoI; maps / cls_maps: the regression / classification pyramids (:func:`roi_levels`,
+    :func:`classification_maps`); scales: feature/image scale per map. Indexing with a mask or indices keeps
+    those RoIs (the maps stay)."""
+
+    shared: Tensor
+    rois: Tensor
+    levels: Tensor
+    maps: list[Tensor]
+    cls_maps: list[Tensor]
+    scales: list[float]
+
+    def __getitem__(self, keep: Tensor) -> "PooledRoIs":
+        return PooledRoIs(self.shared[keep], self.rois[keep], self.levels[keep], self.maps, self.cls_maps,
+                          self.scales)
+
+
+def pool_rois(box_roi_pool: MultiScaleRoIAlign, features: dict[str, Tensor], proposals: list[Tensor],
+              image_shapes: list[tuple[int, int]]) -> PooledRoIs:
+    """Pool F at ``proposals`` (per image (N_i, 4)) with ``box_roi_pool`` and gather what the branches need."""
+    shared = box_roi_pool(features, proposals, image_shapes)  # also sets up the level mapper
+    maps, scales, levels = roi_levels(box_roi_pool, features, proposals)
+    return PooledRoIs(shared, rois_with_batch_index(proposals), levels, maps,
+                      classification_maps(box_roi_pool, features, maps), scales)
+
+
+def square_output_size(box_roi_pool: MultiScaleRoIAlign) -> int:
+    """The RoI output size k of a pooler with a square k x k output (the decoupled branches need one)."""
+    k_h, k_w = box_roi_pool.output_size
+    if k_h != k_w:
+        raise ValueError(f"the Decoupling Head needs a square RoI output size, got {(k_h, k_w)}")
+    return int(k_h)
+
+
 def box_regression_loss(deltas: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
     """torchvision's Fast R-CNN box loss (smooth L1, beta 1/9, summed over positives / number of RoIs) for
     class-specific (N, C*4) or class-agnostic (N, 4) ``deltas``; targets (N, 4); labels int64 (N,)."""
@@ -213,25 +273,19 @@ class DecoupledHead(nn.Module):
     """The decoupled classification and regression branches of TSD for one set of shared proposals.
 
     ``num_reg_classes`` is ``num_classes`` for class-specific boxes (TSD as published) or 1 for class-agnostic
-    boxes (a cascade stage). ``shared`` is the RoI feature F at P, (N, C, k, k); ``rois`` (N, 5) rows
-    (image index, x1, y1, x2, y2); ``maps``/``scales``/``levels`` from :func:`roi_levels`.
+    boxes (a cascade stage). Both branches read a :class:`PooledRoIs`.
     """
 
     def __init__(self, *, in_channels: int, resolution: int, num_classes: int, num_reg_classes: int,
-                 representation_size: int = 1024, offset_hidden: int = 256, gamma: float = 0.1,
-                 sampling_ratio: int = 2):
+                 representation_size: int = 1024, settings: TSDSettings = TSDSettings()):
         super().__init__()
-        if gamma <= 0:
-            raise ValueError(f"gamma must be positive, got {gamma}")
-        if sampling_ratio < 1:
-            raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
         k = int(resolution)
         feat_dim = in_channels * k * k
         self.resolution = k
-        self.gamma = float(gamma)
-        self.sampling_ratio = int(sampling_ratio)
-        self.offset_cls = _offset_net(feat_dim, offset_hidden, k * k * 2)
-        self.offset_reg = _offset_net(feat_dim, offset_hidden, 2)
+        self.gamma = float(settings.gamma)
+        self.sampling_ratio = int(settings.sampling_ratio)
+        self.offset_cls = _offset_net(feat_dim, settings.offset_hidden, k * k * 2)
+        self.offset_reg = _offset_net(feat_dim, settings.offset_hidden, 2)
         self.cls_head = TwoMLPHead(feat_dim, representation_size)
         self.cls_score = nn.Linear(representation_size, num_classes)
         self.reg_head = TwoMLPHead(feat_dim, representation_size)
@@ -242,37 +296,39 @@ class DecoupledHead(nn.Module):
         return deformable_roi_pool(maps, scales, levels, rois, offsets, output_size=self.resolution,
                                    sampling_ratio=self.sampling_ratio)
 
-    def classify(self, shared: Tensor, maps: list[Tensor], scales: list[float], levels: Tensor,
-                 rois: Tensor) -> Tensor:
-        """Class logits (N, num_classes) from bins pooled at P + ΔC."""
-        n, k = rois.shape[0], self.resolution
+    def classify(self, pooled: PooledRoIs) -> Tensor:
+        """Class logits (N, num_classes) from bins pooled at P + ΔC (on the classification pyramid)."""
+        rois, k = pooled.rois, self.resolution
         wh = rois[:, 3:] - rois[:, 1:3]
-        delta_c = self.gamma * self.offset_cls(shared).view(n, k, k, 2) * wh[:, None, None, :]
-        return self.cls_score(self.cls_head(self._pool(maps, scales, levels, rois, delta_c)))
+        delta_c = self.gamma * self.offset_cls(pooled.shared).view(len(rois), k, k, 2) * wh[:, None, None, :]
+        return self.cls_score(self.cls_head(self._pool(pooled.cls_maps, pooled.scales, pooled.levels, rois,
+                                                       delta_c)))
 
-    def regress(self, shared: Tensor, maps: list[Tensor], scales: list[float], levels: Tensor,
-                rois: Tensor) -> tuple[Tensor, Tensor]:
+    def regress(self, pooled: PooledRoIs) -> tuple[Tensor, Tensor]:
         """(deltas (N, num_reg_classes*4) relative to P_r, P_r (N, 4)) with P_r = P + ΔR."""
-        n, k = rois.shape[0], self.resolution
+        rois, k = pooled.rois, self.resolution
         wh = rois[:, 3:] - rois[:, 1:3]
-        delta_r = self.gamma * self.offset_reg(shared) * wh  # (N, 2)
+        delta_r = self.gamma * self.offset_reg(pooled.shared) * wh  # (N, 2)
         rois_r = rois[:, 1:] + delta_r.repeat(1, 2)
         if torch.is_grad_enabled() and delta_r.requires_grad:
             # pooling P with ΔR on every bin is pooling at P_r, differentiable with respect to ΔR
-            feat = self._pool(maps, scales, levels, rois, delta_r[:, None, None, :].expand(n, k, k, 2))
+            feat = self._pool(pooled.maps, pooled.scales, pooled.levels, rois,
+                              delta_r[:, None, None, :].expand(len(rois), k, k, 2))
         else:  # the same values with one k x k roi_align per level (at P's level, as above)
-            feat = translated_roi_pool(maps, scales, levels, torch.cat([rois[:, :1], rois_r], 1), output_size=k,
+            feat = translated_roi_pool(pooled.maps, pooled.scales, pooled.levels,
+                                       torch.cat([rois[:, :1], rois_r], 1), output_size=k,
                                        sampling_ratio=self.sampling_ratio)
         return self.bbox_pred(self.reg_head(feat)), rois_r
 
 
 def decoupled_losses(*, class_logits: Tensor, deltas: Tensor, rois_r: Tensor, sibling_logits: Tensor,
                      sibling_deltas: Tensor, rois: Tensor, labels: Tensor, matched_gt: Tensor, box_coder,
-                     margin_cls: float, margin_reg: float) -> dict[str, Tensor]:
+                     settings: TSDSettings) -> dict[str, Tensor]:
     """The six TSD losses of one set of sampled RoIs (all tensors concatenated over images).
 
     rois_r: P_r (N, 4), attached to ΔR (the regression targets use it detached, the IoU margin loss attached);
-    rois: P (N, 4); labels int64 (N,); matched_gt (N, 4); box_coder: the coder of this head.
+    rois: P (N, 4); labels int64 (N,); matched_gt (N, 4); box_coder: the coder of this head; settings: the
+    margins (the margin losses are returned unweighted).
     Keys: classifier, box_reg, classifier_sibling, box_reg_sibling, margin_cls, margin_reg.
     """
     targets_r = box_coder.encode_single(matched_gt, rois_r.detach())
@@ -288,8 +344,8 @@ def decoupled_losses(*, class_logits: Tensor, deltas: Tensor, rois_r: Tensor, si
         "box_reg": box_regression_loss(deltas, targets_r, labels),
         "classifier_sibling": F.cross_entropy(sibling_logits, labels),
         "box_reg_sibling": box_regression_loss(sibling_deltas, targets_p, labels),
-        "margin_cls": margin_cls_loss(class_logits, sibling_logits, labels, margin=margin_cls),
-        "margin_reg": margin_reg_loss(tsd_boxes, sib_boxes, matched_gt[pos], margin=margin_reg),
+        "margin_cls": margin_cls_loss(class_logits, sibling_logits, labels, margin=settings.margin_cls),
+        "margin_reg": margin_reg_loss(tsd_boxes, sib_boxes, matched_gt[pos], margin=settings.margin_reg),
     }
 
 
@@ -303,62 +359,31 @@ def matched_gt_boxes(targets: list[dict[str, Tensor]], matched_idxs: list[Tensor
     return out
 
 
-def check_targets_types(targets: Optional[list[dict[str, Tensor]]]) -> None:
-    if targets is None:
-        raise ValueError("targets should not be None in training")
-    for t in targets:
-        if not t["boxes"].is_floating_point():
-            raise TypeError(f"target boxes must be of float type, got {t['boxes'].dtype}")
-        if t["labels"].dtype != torch.int64:
-            raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
-
-
-class TSDRoIHeads(RoIHeads):
+class TSDRoIHeads(TwoPathRoIHeads):
     """RoI heads with the Decoupling Head; same ``forward(features, proposals, image_shapes, targets=None)
     -> (detections, losses)`` contract as torchvision's :class:`RoIHeads` (boxes only: no masks/keypoints).
 
     box_roi_pool: a :class:`~torchvision.ops.MultiScaleRoIAlign` (its level mapping and output size k are
     reused); box_head, box_predictor: the sibling head (default TwoMLPHead + FastRCNNPredictor);
-    in_channels: FPN channels; num_classes: including background; gamma: offset scale γ; margin_cls/margin_reg:
-    m_c, m_r (0 disables the loss's margin, not the loss); offset_hidden: width of F_c, F_r;
-    sampling_ratio: samples per bin side; expert_mode: drop RoIs with background winning before regression.
+    in_channels: FPN channels; num_classes: including background; tsd: the Decoupling Head's settings;
+    sibling_loss_weight: weight of the sibling head's losses; expert_mode: drop RoIs with background winning
+    before regression (:class:`~stages.models.heads.ExpertGate`). The other arguments are torchvision's.
     The decoupled branches live in ``self.decoupled`` (:class:`DecoupledHead`).
     """
 
-    def __init__(
-        self,
-        box_roi_pool: MultiScaleRoIAlign,
-        box_head: Optional[nn.Module] = None,
-        box_predictor: Optional[nn.Module] = None,
-        *,
-        in_channels: int,
-        num_classes: int,
-        representation_size: int = 1024,
-        fg_iou_thresh: float = 0.5,
-        bg_iou_thresh: float = 0.5,
-        batch_size_per_image: int = 512,
-        positive_fraction: float = 0.25,
-        bbox_reg_weights: Optional[tuple[float, float, float, float]] = None,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        detections_per_img: int = 100,
-        gamma: float = 0.1,
-        margin_cls: float = 0.2,
-        margin_reg: float = 0.2,
-        margin_loss_weight: float = 1.0,
-        sibling_loss_weight: float = 1.0,
-        offset_hidden: int = 256,
-        sampling_ratio: int = 2,
-        expert_mode: bool = False,
-    ):
+    def __init__(self, box_roi_pool: MultiScaleRoIAlign, box_head: Optional[nn.Module] = None,
+                 box_predictor: Optional[nn.Module] = None, *, in_channels: int, num_classes: int,
+                 representation_size: int = 1024, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
+                 batch_size_per_image: int = 512, positive_fraction: float = 0.25,
+                 bbox_reg_weights: Optional[tuple[float, float, float, float]] = None, score_thresh: float = 0.05,
+                 nms_thresh: float = 0.5, detections_per_img: int = 100, tsd: TSDSettings = TSDSettings(),
+                 sibling_loss_weight: float = 1.0, expert_mode: bool = False):
         if not isinstance(box_roi_pool, MultiScaleRoIAlign):
             raise ValueError("TSDRoIHeads needs a torchvision MultiScaleRoIAlign as box_roi_pool")
-        k_h, k_w = box_roi_pool.output_size
-        if k_h != k_w:
-            raise ValueError(f"TSDRoIHeads needs a square RoI output size, got {box_roi_pool.output_size}")
+        k = square_output_size(box_roi_pool)
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
-        feat_dim = in_channels * k_h * k_w
+        feat_dim = in_channels * k * k
         if box_head is None:
             box_head = TwoMLPHead(feat_dim, representation_size)
         if box_predictor is None:
@@ -367,14 +392,12 @@ class TSDRoIHeads(RoIHeads):
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
                          detections_per_img)
         self.num_classes = num_classes
-        self.margin_cls = float(margin_cls)
-        self.margin_reg = float(margin_reg)
-        self.margin_loss_weight = float(margin_loss_weight)
+        self.tsd = tsd
         self.sibling_loss_weight = float(sibling_loss_weight)
         self.expert_mode = bool(expert_mode)
-        self.decoupled = DecoupledHead(in_channels=in_channels, resolution=int(k_h), num_classes=num_classes,
+        self.decoupled = DecoupledHead(in_channels=in_channels, resolution=k, num_classes=num_classes,
                                        num_reg_classes=num_classes, representation_size=representation_size,
-                                       offset_hidden=offset_hidden, gamma=gamma, sampling_ratio=sampling_ratio)
+                                       settings=tsd)
 
     @classmethod
     def from_roi_heads(cls, roi_heads: RoIHeads, *, num_classes: int, in_channels: Optional[int] = None,
@@ -388,15 +411,7 @@ class TSDRoIHeads(RoIHeads):
                 raise ValueError("cannot infer in_channels from this box_head; pass in_channels")
             k_h, k_w = pool.output_size
             in_channels = fc6.in_features // (k_h * k_w)
-        settings = dict(
-            fg_iou_thresh=roi_heads.proposal_matcher.high_threshold,
-            bg_iou_thresh=roi_heads.proposal_matcher.low_threshold,
-            batch_size_per_image=roi_heads.fg_bg_sampler.batch_size_per_image,
-            positive_fraction=roi_heads.fg_bg_sampler.positive_fraction,
-            bbox_reg_weights=tuple(roi_heads.box_coder.weights),
-            score_thresh=roi_heads.score_thresh, nms_thresh=roi_heads.nms_thresh,
-            detections_per_img=roi_heads.detections_per_img,
-        )
+        settings = roi_heads_settings(roi_heads)
         rep = getattr(getattr(roi_heads.box_head, "fc7", None), "out_features", None)
         if rep is not None:
             settings["representation_size"] = rep
@@ -404,55 +419,39 @@ class TSDRoIHeads(RoIHeads):
         return cls(pool, roi_heads.box_head, roi_heads.box_predictor, in_channels=in_channels,
                    num_classes=num_classes, **settings)
 
-    def forward(
-        self,
-        features: dict[str, Tensor],
-        proposals: list[Tensor],
-        image_shapes: list[tuple[int, int]],
-        targets: Optional[list[dict[str, Tensor]]] = None,
-    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
-        if self.training:
-            check_targets_types(targets)
-            proposals, matched_idxs, labels, _ = self.select_training_samples(proposals, targets)
-            matched_gt = matched_gt_boxes(targets, matched_idxs, proposals[0].dtype)
+    def train_losses(self, features: dict[str, Tensor], proposals: list[Tensor],
+                     image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        proposals, matched_idxs, labels, _ = self.select_training_samples(proposals, targets)
+        pooled = pool_rois(self.box_roi_pool, features, proposals, image_shapes)
+        class_logits = self.decoupled.classify(pooled)
+        box_regression, rois_r = self.decoupled.regress(pooled)
+        sib_logits, sib_regression = self.box_predictor(self.box_head(pooled.shared))
+        parts = decoupled_losses(class_logits=class_logits, deltas=box_regression, rois_r=rois_r,
+                                 sibling_logits=sib_logits, sibling_deltas=sib_regression, rois=pooled.rois[:, 1:],
+                                 labels=torch.cat(labels),
+                                 matched_gt=torch.cat(matched_gt_boxes(targets, matched_idxs, proposals[0].dtype)),
+                                 box_coder=self.box_coder, settings=self.tsd)
+        return {
+            "loss_classifier": parts["classifier"],
+            "loss_box_reg": parts["box_reg"],
+            "loss_classifier_sibling": self.sibling_loss_weight * parts["classifier_sibling"],
+            "loss_box_reg_sibling": self.sibling_loss_weight * parts["box_reg_sibling"],
+            "loss_margin_cls": self.tsd.margin_loss_weight * parts["margin_cls"],
+            "loss_margin_reg": self.tsd.margin_loss_weight * parts["margin_reg"],
+        }
 
-        counts = [p.shape[0] for p in proposals]
-        rois = rois_with_batch_index(proposals)
-        shared = self.box_roi_pool(features, proposals, image_shapes)  # F at P (also sets up the level mapper)
-        maps, scales, levels = roi_levels(self.box_roi_pool, features, proposals)
-        cls_maps = classification_maps(self.box_roi_pool, features, maps)
-        class_logits = self.decoupled.classify(shared, cls_maps, scales, levels, rois)
-
-        if not self.training and self.expert_mode:
-            probs = F.softmax(class_logits, -1)
-            keep = probs[:, 1:].max(1).values >= probs[:, 0]
-            shared, rois, levels, class_logits = shared[keep], rois[keep], levels[keep], class_logits[keep]
-            counts = [int(m.sum()) for m in keep.split(counts)]
-
-        box_regression, rois_r = self.decoupled.regress(shared, maps, scales, levels, rois)
-
-        if self.training:
-            sib_logits, sib_regression = self.box_predictor(self.box_head(shared))
-            parts = decoupled_losses(class_logits=class_logits, deltas=box_regression, rois_r=rois_r,
-                                     sibling_logits=sib_logits, sibling_deltas=sib_regression, rois=rois[:, 1:],
-                                     labels=torch.cat(labels), matched_gt=torch.cat(matched_gt),
-                                     box_coder=self.box_coder, margin_cls=self.margin_cls,
-                                     margin_reg=self.margin_reg)
-            losses = {
-                "loss_classifier": parts["classifier"],
-                "loss_box_reg": parts["box_reg"],
-                "loss_classifier_sibling": self.sibling_loss_weight * parts["classifier_sibling"],
-                "loss_box_reg_sibling": self.sibling_loss_weight * parts["box_reg_sibling"],
-                "loss_margin_cls": self.margin_loss_weight * parts["margin_cls"],
-                "loss_margin_reg": self.margin_loss_weight * parts["margin_reg"],
-            }
-            return [], losses
-
+    def detect(self, features: dict[str, Tensor], proposals: list[Tensor],
+               image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        pooled = pool_rois(self.box_roi_pool, features, proposals, image_shapes)
+        class_logits = self.decoupled.classify(pooled)
+        counts, (class_logits, pooled) = self.expert_gate(class_logits, [len(p) for p in proposals], class_logits,
+                                                          pooled)
+        box_regression, rois_r = self.decoupled.regress(pooled)
         # decode in fp32: torchvision's BoxCoder casts the boxes to the deltas' dtype (fp16/bf16 under AMP)
-        boxes, scores, labels_out = self.postprocess_detections(class_logits.float(), box_regression.float(),
-                                                                list(rois_r.split(counts)), image_shapes)
-        return [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels_out)], {}
+        return detections(*self.postprocess_detections(class_logits.float(), box_regression.float(),
+                                                       list(rois_r.split(counts)), image_shapes))
 
 
-__all__ = ["DecoupledHead", "TSDRoIHeads", "box_regression_loss", "classification_maps", "decoupled_losses",
-           "deformable_roi_pool", "roi_levels", "rois_with_batch_index", "select_deltas", "translated_roi_pool"]
+__all__ = ["DecoupledHead", "PooledRoIs", "TSDRoIHeads", "TSDSettings", "box_regression_loss",
+           "classification_maps", "decoupled_losses", "deformable_roi_pool", "pool_rois", "roi_levels",
+           "rois_with_batch_index", "select_deltas", "square_output_size", "translated_roi_pool"]

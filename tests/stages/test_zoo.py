@@ -21,7 +21,8 @@ from stages.core.errors import InputError
 from stages.formats.io import read_table
 from stages.models.averaging import average_state_dicts
 from stages.models.cascade import CascadeRoIHeads
-from stages.models.detector import SiblingRoIHeads, build_detector, expert_keep
+from stages.models.detector import SiblingRoIHeads, build_detector
+from stages.models.heads import foreground_wins
 from stages.models.tsd import TSDRoIHeads
 from tests.conftest import ROOT
 
@@ -93,7 +94,7 @@ def test_expert_mode_drops_background_rois():
     torch.manual_seed(0)
     model = build_detector({**TINY}, num_classes=3).eval()
     logits = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    assert expert_keep(logits).tolist() == [False, True, True]
+    assert foreground_wins(logits).tolist() == [False, True, True]
     heads: RoIHeads = model.roi_heads
     heads.score_thresh = 0.0
     props = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0], [1.0, 1.0, 30.0, 30.0]])]

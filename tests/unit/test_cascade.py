@@ -5,6 +5,7 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign
 
 from stages.models.cascade import CascadeRoIHeads
+from stages.models.tsd import TSDSettings
 from tests.unit.detector_fixtures import NUM_CLASSES, tiny_batch, tiny_faster_rcnn
 
 
@@ -120,7 +121,7 @@ def test_bad_configuration_rejected():
 
 
 def test_decoupled_cascade_trains_and_detects():
-    model = _cascade_model(decoupled=True, offset_hidden=16, stage_iou_thresholds=(0.5, 0.6),
+    model = _cascade_model(decoupled=TSDSettings(offset_hidden=16), stage_iou_thresholds=(0.5, 0.6),
                            stage_loss_weights=(1.0, 0.5))
     model.train()
     torch.manual_seed(1)
@@ -148,7 +149,7 @@ def test_decoupled_cascade_mean_score_and_expert_mode():
     torch.manual_seed(0)
     heads = CascadeRoIHeads(MultiScaleRoIAlign(["0"], 7, 2), in_channels=4, num_classes=3, representation_size=8,
                             stage_iou_thresholds=(0.5, 0.6), stage_loss_weights=(1.0, 1.0), score_thresh=0.0,
-                            nms_thresh=1.0, decoupled=True, offset_hidden=8)
+                            nms_thresh=1.0, decoupled=TSDSettings(offset_hidden=8))
     heads.eval()
     with torch.no_grad():
         for h in heads.decoupled:

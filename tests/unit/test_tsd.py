@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from stages.models.tsd import TSDRoIHeads, deformable_roi_pool, translated_roi_pool
+from stages.models.tsd import TSDRoIHeads, TSDSettings, deformable_roi_pool, pool_rois, translated_roi_pool
 from tests.unit.detector_fixtures import NUM_CLASSES, tiny_batch, tiny_faster_rcnn
 
 LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_classifier_sibling", "loss_box_reg_sibling",
@@ -85,7 +85,8 @@ def test_grid_and_bins_agree_on_random_offsets_tiny_rois_and_outside_samples():
 
 def _tsd_model(**kw):
     model = tiny_faster_rcnn()
-    model.roi_heads = TSDRoIHeads.from_roi_heads(model.roi_heads, num_classes=NUM_CLASSES, offset_hidden=32, **kw)
+    model.roi_heads = TSDRoIHeads.from_roi_heads(model.roi_heads, num_classes=NUM_CLASSES,
+                                                 tsd=TSDSettings(offset_hidden=32, **kw))
     return model
 
 
@@ -148,11 +149,11 @@ def test_eval_outputs_and_sibling_not_run():
         assert n > 0 and det["labels"].min() >= 1 and det["labels"].max() < NUM_CLASSES
 
 
-def _direct_heads(**kw):
+def _direct_heads(expert_mode=False, **tsd):
     torch.manual_seed(0)
     pool = MultiScaleRoIAlign(["0"], 7, 2)
-    heads = TSDRoIHeads(pool, in_channels=4, num_classes=3, representation_size=16, offset_hidden=8,
-                        score_thresh=0.0, nms_thresh=1.0, **kw)
+    heads = TSDRoIHeads(pool, in_channels=4, num_classes=3, representation_size=16, score_thresh=0.0,
+                        nms_thresh=1.0, tsd=TSDSettings(offset_hidden=8, **tsd), expert_mode=expert_mode)
     heads.eval()
     feats = {"0": torch.randn(1, 4, 16, 16)}
     proposals = [torch.tensor([[8.0, 8.0, 28.0, 48.0], [30.0, 10.0, 50.0, 20.0]])]
@@ -247,13 +248,8 @@ def test_eval_regression_pooling_matches_the_differentiable_path():
     heads, feats, proposals = _direct_heads()
     with torch.no_grad():
         heads.decoupled.offset_reg[-1].bias.copy_(torch.tensor([0.7, -0.4]))
-    heads(feats, proposals, [(64, 64)])  # sets up the pooler's scales
-    from stages.models.tsd import roi_levels, rois_with_batch_index
-
-    shared = heads.box_roi_pool(feats, proposals, [(64, 64)])
-    maps, scales, levels = roi_levels(heads.box_roi_pool, feats, proposals)
-    rois = rois_with_batch_index(proposals)
+    pooled = pool_rois(heads.box_roi_pool, feats, proposals, [(64, 64)])
     with torch.no_grad():
-        fast, rois_fast = heads.decoupled.regress(shared, maps, scales, levels, rois)
-    slow, rois_slow = heads.decoupled.regress(shared, maps, scales, levels, rois)  # grad enabled: grid sampling
+        fast, rois_fast = heads.decoupled.regress(pooled)
+    slow, rois_slow = heads.decoupled.regress(pooled)  # grad enabled: grid sampling
     assert torch.allclose(rois_fast, rois_slow) and torch.allclose(fast, slow, atol=1e-5)
