@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
@@ -105,22 +104,6 @@ def mine_experts(*, ap: Mapping[str, float | None], fc_weight: np.ndarray, label
         similarity[t] = dict(sorted(near.items(), key=lambda kv: (-kv[1], kv[0])))
         negatives.update(near)
     return {"targets": targets, "negatives": sorted(negatives), "similarity": similarity}
-
-
-def restrict_to_classes(*, images: pd.DataFrame, boxes: pd.DataFrame, classes: Sequence[str]
-                        ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The images holding at least one box of ``classes``, and only those classes' boxes."""
-    keep = boxes[boxes["label"].isin(set(classes))]
-    images = images[images["image_id"].isin(set(keep["image_id"]))]
-    return images, keep[keep["image_id"].isin(set(images["image_id"]))]
-
-
-def read_experts(path: str | Path) -> list[str]:
-    """Targets + negatives of an experts JSON (this stage's output)."""
-    obj = read_json(path)
-    if not isinstance(obj, dict) or not isinstance(obj.get("targets"), list) or not obj["targets"]:
-        raise InputError("an experts file needs a non-empty 'targets' list", file=path, field="targets")
-    return [*obj["targets"], *obj.get("negatives", [])]
 
 
 @stage_main

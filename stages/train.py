@@ -31,11 +31,11 @@ import torch.distributed as dist
 from stages.core.cli import stage_main
 from stages.core.config import validate_config
 from stages.core.errors import InputError
-from stages.experts import read_experts, restrict_to_classes
+from stages.formats.experts import read_experts, restrict_to_classes
 from stages.formats.io import atomic_path, config_hash, read_table
 from stages.models.augment import AugmentStats, augment_stats, elaborate_augment
 from stages.models.averaging import average_checkpoints
-from stages.models.data import DetectionDataset, collate, hflip
+from stages.models.data import DetectionDataset, SamplingDraw, collate, hflip, training_draw
 from stages.models.detector import build_detector, select_device
 
 log = logging.getLogger(__name__)
@@ -79,40 +79,42 @@ def find_resume(out_dir: Path, chash: str) -> Path | None:
     return None
 
 
-def plan_epoch(*, rng: np.random.Generator, n: int, batch_size: int, image_weights: np.ndarray,
-               class_images: Sequence[np.ndarray], class_weights: np.ndarray | None, class_first: bool,
+def plan_epoch(*, rng: np.random.Generator, n: int, batch_size: int, draw: SamplingDraw, class_first: bool,
                full_class_batch: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The sample of one epoch: (image indices (n,), class per sample (n,), -1 when none was drawn, flips (n,)).
+    """The sample of one epoch from the sample stage's ``draw``: (image indices (n,), class per sample (n,),
+    -1 when none was drawn, flips (n,)).
 
-    Image-first (default): images drawn with ``image_weights``. Class-first (``class_first`` or
-    ``full_class_batch``): a class is drawn with ``class_weights`` (over classes that have images), then one of
-    its images uniformly; with ``full_class_batch`` each run of ``batch_size`` samples draws distinct classes
-    (as many as there are; the rest of an oversized batch is drawn with replacement).
+    Image-first (default): images drawn with their probability in ``draw``. Class-first (``class_first`` or
+    ``full_class_batch``): (image, class) pairs drawn with their probability; with ``full_class_batch`` each run
+    of ``batch_size`` samples first draws distinct classes from the class marginal (as many as there are; the
+    rest of an oversized batch with replacement; the marginal of each position is unchanged when the classes
+    are equally likely, as under class-aware sampling), then a pair of each class with its probability given
+    the class.
     """
     if n % batch_size:
         raise ValueError(f"n={n} is not a multiple of batch_size={batch_size}")
     if not (class_first or full_class_batch):
-        order = rng.choice(len(image_weights), size=n, p=image_weights)
+        order = rng.choice(draw.n_images, size=n, p=draw.image_p())
         classes = np.full(n, -1, dtype=np.int64)
+    elif not full_class_batch:
+        picks = rng.choice(len(draw.p), size=n, p=draw.p)
+        order, classes = draw.image[picks], draw.cls[picks]
     else:
-        usable = np.asarray([c for c, ims in enumerate(class_images) if len(ims)], dtype=np.int64)
-        if not len(usable):
-            raise ValueError("no class has a training image")
-        p = np.ones(len(usable)) if class_weights is None else np.asarray(class_weights, np.float64)[usable]
-        p = p / p.sum()
-        if full_class_batch:
-            parts = []
-            for _ in range(n // batch_size):
-                k = min(batch_size, len(usable))
-                first = rng.choice(len(usable), size=k, replace=False, p=p)
-                rest = rng.choice(len(usable), size=batch_size - k, p=p)
-                parts.append(np.concatenate([first, rest]))
-            picks = np.concatenate(parts)
-        else:
-            picks = rng.choice(len(usable), size=n, p=p)
-        classes = usable[picks]
-        order = np.asarray([class_images[c][rng.integers(len(class_images[c]))] for c in classes], dtype=np.int64)
-        classes = classes + 1  # class indices are 1-based (0 is background)
+        keys, of_pair = np.unique(draw.cls, return_inverse=True)
+        q = np.bincount(of_pair, weights=draw.p)
+        parts = []
+        for _ in range(n // batch_size):
+            k = min(batch_size, len(keys))
+            first = rng.choice(len(keys), size=k, replace=False, p=q)
+            rest = rng.choice(len(keys), size=batch_size - k, p=q)
+            parts.append(np.concatenate([first, rest]))
+        picked_class = np.concatenate(parts)
+        picks = np.empty(n, dtype=np.int64)
+        for c in np.unique(picked_class):
+            at = np.flatnonzero(picked_class == c)
+            pairs = np.flatnonzero(of_pair == c)
+            picks[at] = rng.choice(pairs, size=len(at), p=draw.p[pairs] / q[c])
+        order, classes = draw.image[picks], draw.cls[picks]
     flips = rng.random(n) < 0.5
     return order, classes, flips
 
@@ -135,7 +137,8 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
           ckpt_dir: Path, device: torch.device, metrics_path: Path | None = None, log_every: int = 10,
           anchors: Mapping | None = None, stop_after_epoch: int | None = None) -> dict[str, Any]:
     """Train and return the final checkpoint dict (model state, labels, config). Writes one checkpoint per epoch
-    into ``ckpt_dir``. ``weights`` (image_id, weight) drives image-first sampling; None means uniform.
+    into ``ckpt_dir``. ``weights``: the sample stage's ``sampling`` table (image_id, label, weight), the draw of
+    every epoch (:func:`plan_epoch`); None means every image equally, without a class.
 
     Under an initialised ``torch.distributed`` process group every rank calls this with the same arguments;
     rank 0 alone writes checkpoints and metrics, and every rank returns the same result.
@@ -150,15 +153,9 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
                          "world": world})
     images = images.sort_values("image_id").reset_index(drop=True)
     ds = DetectionDataset(images, boxes, label_index)
-    if weights is not None:
-        w = weights.set_index("image_id")["weight"].reindex(images["image_id"]).fillna(0.0).to_numpy()
-        w = w / w.sum()
-    else:
-        w = np.full(len(images), 1.0 / len(images))
+    draw = training_draw(weights, image_ids=images["image_id"], label_index=label_index)
     elaborate = cfg["augment"] == "elaborate"
     class_first = elaborate or cfg["full_class_batch"]
-    class_images = ds.class_images(len(labels)) if class_first else []
-    class_weights = None if cfg["sampling"] == "class_aware" else np.asarray([len(x) for x in class_images], float)
     stats: AugmentStats | None = None
     if elaborate:
         box_wh, image_wh, box_labels = ds.box_sizes()
@@ -201,10 +198,8 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
             model.train()
             rng = np.random.default_rng([cfg["seed"], epoch])
             torch.manual_seed(cfg["seed"] * 1000 + epoch * world + rank)
-            order, classes, flips = plan_epoch(rng=rng, n=iters * global_bs, batch_size=global_bs,
-                                               image_weights=w, class_images=class_images,
-                                               class_weights=class_weights, class_first=class_first,
-                                               full_class_batch=cfg["full_class_batch"])
+            order, classes, flips = plan_epoch(rng=rng, n=iters * global_bs, batch_size=global_bs, draw=draw,
+                                               class_first=class_first, full_class_batch=cfg["full_class_batch"])
             t_epoch = time.time()
             for k in range(iters):
                 it = epoch * iters + k

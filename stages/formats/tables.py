@@ -14,6 +14,8 @@ import pandas as pd
 from stages.core.errors import InputError
 
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
+#: the label of a ``sampling`` row drawn without a class (an image without a box under uniform sampling)
+NO_CLASS = ""
 
 #: name -> (required columns with dtypes, optional columns with dtypes)
 SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
@@ -29,8 +31,9 @@ SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     # one row per edge of the class DAG; the root is not a class and never appears
     "hierarchy": ({"child": "object", "parent": "object"}, {}),
     "splits": ({"image_id": "object", "split": "object"}, {}),
-    # training sampling weights (sum to 1 over the train split)
-    "sampling": ({"image_id": "object", "weight": "float64"}, {}),
+    # the training draw (stages.sample): probability of each (image, class) pair of the train split, summing
+    # to 1; label NO_CLASS for an image drawn without a class
+    "sampling": ({"image_id": "object", "label": "object", "weight": "float64"}, {}),
     "detections": (
         {"image_id": "object", "label": "object", "score": "float64", "x_min": "float64",
          "y_min": "float64", "x_max": "float64", "y_max": "float64"},

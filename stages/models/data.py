@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from stages.core.errors import InputError
+from stages.formats.tables import NO_CLASS
 
 
 def load_image(path: str) -> torch.Tensor:
@@ -47,17 +49,6 @@ class DetectionDataset(torch.utils.data.Dataset):
         labels = np.array([self.label_index[lab] for lab in g["label"]], np.int64)
         return {"boxes": torch.from_numpy(xyxy), "labels": torch.from_numpy(labels)}
 
-    def class_images(self, num_classes: int) -> list[np.ndarray]:
-        """For class index c = 1..num_classes, entry c - 1 holds the (sorted) indices of images with a box of c."""
-        ids = {v: i for i, v in enumerate(self.images["image_id"])}
-        out: list[list[int]] = [[] for _ in range(num_classes)]
-        for image_id, g in self.by_image.items():
-            if image_id not in ids:
-                continue
-            for c in sorted({self.label_index[lab] for lab in g["label"]}):
-                out[c - 1].append(ids[image_id])
-        return [np.asarray(sorted(x), dtype=np.int64) for x in out]
-
     def box_sizes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(box (w, h) pixels (N, 2), their image's (w, h) (N, 2), class indices (N,)) over the dataset."""
         bw, iw, lab = [], [], []
@@ -84,3 +75,40 @@ def hflip(img: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Ten
 
 def collate(batch: Sequence) -> tuple[list, list]:
     return [b[0] for b in batch], [b[1] for b in batch]
+
+
+@dataclass(frozen=True)
+class SamplingDraw:
+    """The training draw as arrays: pair k is (image position ``image[k]``, class index ``cls[k]``, 1-based; -1
+    for a draw without a class) with probability ``p[k]`` (summing to 1); ``n_images`` images in all."""
+
+    image: np.ndarray
+    cls: np.ndarray
+    p: np.ndarray
+    n_images: int
+
+    def image_p(self) -> np.ndarray:
+        """Probability of each image position (n_images,): the sum of its pairs."""
+        return np.bincount(self.image, weights=self.p, minlength=self.n_images)
+
+
+def training_draw(weights: pd.DataFrame | None, *, image_ids: Sequence[str], label_index: Mapping[str, int]
+                  ) -> SamplingDraw:
+    """The sample stage's ``sampling`` table (image_id, label, weight) as the draw of a model trained on
+    ``image_ids`` (the positions are into this sequence) and the classes of ``label_index`` (label -> 1-based
+    index): the pairs of other images or classes are dropped and the rest renormalised (an expert model draws
+    from the stage's distribution conditioned on its classes). None: every image equally, without a class."""
+    ids = pd.Index(image_ids)
+    if weights is None:
+        n = len(ids)
+        return SamplingDraw(np.arange(n), np.full(n, -1, dtype=np.int64), np.full(n, 1.0 / n), n)
+    img = ids.get_indexer(weights["image_id"].to_numpy(dtype=object))
+    labels = weights["label"].to_numpy(dtype=object)
+    pos = pd.Index(list(label_index), dtype=object).get_indexer(labels)
+    index = np.append(np.fromiter(label_index.values(), np.int64, len(label_index)), 0)  # 0: not trained on
+    cls = np.where(labels == NO_CLASS, -1, index[pos])
+    keep = (img >= 0) & (cls != 0) & (weights["weight"].to_numpy() > 0)
+    p = weights["weight"].to_numpy(np.float64)[keep]
+    if not keep.any() or p.sum() <= 0:
+        raise InputError("the sampling table gives no weight to any training image and class", field="weight")
+    return SamplingDraw(img[keep].astype(np.int64), cls[keep], p / p.sum(), len(ids))

@@ -21,6 +21,7 @@ from stages.core.errors import InputError
 from stages.formats.io import read_table
 from stages.models.averaging import average_state_dicts
 from stages.models.cascade import CascadeRoIHeads
+from stages.models.data import SamplingDraw
 from stages.models.detector import SiblingRoIHeads, build_detector
 from stages.models.heads import foreground_wins
 from stages.models.tsd import TSDRoIHeads
@@ -187,19 +188,18 @@ def test_train_with_kmeans_anchors_elaborate_augment_and_averaging(tables, tmp_p
 
 
 def test_plan_epoch_full_class_batch_and_class_first():
-    class_images = [np.array([0, 1]), np.array([2]), np.array([], dtype=np.int64), np.array([1, 3])]
-    rng = np.random.default_rng(0)
-    order, classes, flips = train.plan_epoch(rng=rng, n=30, batch_size=3, image_weights=np.full(4, 0.25),
-                                             class_images=class_images, class_weights=None, class_first=True,
-                                             full_class_batch=True)
+    # pairs (image, class): class 1 in images 0 and 1, class 2 in image 2, class 4 in images 1 and 3 (class 3 none)
+    draw = SamplingDraw(image=np.array([0, 1, 2, 1, 3]), cls=np.array([1, 1, 2, 4, 4]), p=np.full(5, 0.2),
+                        n_images=4)
+    order, classes, flips = train.plan_epoch(rng=np.random.default_rng(0), n=30, batch_size=3, draw=draw,
+                                             class_first=True, full_class_batch=True)
     assert len(order) == len(classes) == len(flips) == 30
     for b in range(10):
         assert len(set(classes[3 * b:3 * b + 3])) == 3  # distinct classes in every batch
-    assert 3 not in set(classes)  # class 3 (index 2) has no image
-    for img, c in zip(order, classes):
-        assert img in class_images[c - 1]
-    again = train.plan_epoch(rng=np.random.default_rng(0), n=30, batch_size=3, image_weights=np.full(4, 0.25),
-                             class_images=class_images, class_weights=None, class_first=True,
+    assert 3 not in set(classes)  # class 3 has no image
+    pairs = set(zip(draw.image.tolist(), draw.cls.tolist()))
+    assert all((img, c) in pairs for img, c in zip(order.tolist(), classes.tolist()))
+    again = train.plan_epoch(rng=np.random.default_rng(0), n=30, batch_size=3, draw=draw, class_first=True,
                              full_class_batch=True)
     assert all(np.array_equal(x, y) for x, y in zip((order, classes, flips), again))
 

@@ -13,6 +13,7 @@ import torch
 from stages import experts, ingest, train
 from stages.core.config import validate_config
 from stages.core.errors import InputError
+from stages.formats.experts import read_experts, restrict_to_classes
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import write_json, write_table
 from stages.models.detector import build_detector
@@ -116,7 +117,7 @@ def test_experts_cli(tmp_path, capsys):
                          "--n-lowest", "1", "--sim-thr", "0.7", "--out", str(out)]) == 0
     got = json.loads(out.read_text())
     assert got["targets"] == ["/m/a"] and got["negatives"] == ["/m/b", "/m/c"] and got["ap"] == {"/m/a": 0.2}
-    assert experts.read_experts(out) == ["/m/a", "/m/b", "/m/c"]
+    assert read_experts(out) == ["/m/a", "/m/b", "/m/c"]
     assert "1 targets, 2 negatives" in capsys.readouterr().out
     write_json(tmp_path / "bad.json", {"mAP": 0.6})
     assert experts.main(["--model", str(tmp_path / "model.pt"), "--metrics", str(tmp_path / "bad.json"),
@@ -126,7 +127,7 @@ def test_experts_cli(tmp_path, capsys):
 def test_restrict_to_classes_keeps_images_with_a_chosen_box():
     images = pd.DataFrame({"image_id": ["i0", "i1", "i2"]})
     boxes = pd.DataFrame({"image_id": ["i0", "i0", "i1", "i2"], "label": ["/m/a", "/m/x", "/m/x", "/m/b"]})
-    im, bx = experts.restrict_to_classes(images=images, boxes=boxes, classes=["/m/a", "/m/b"])
+    im, bx = restrict_to_classes(images=images, boxes=boxes, classes=["/m/a", "/m/b"])
     assert list(im["image_id"]) == ["i0", "i2"]
     assert sorted(zip(bx["image_id"], bx["label"])) == [("i0", "/m/a"), ("i2", "/m/b")]
 

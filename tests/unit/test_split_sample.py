@@ -1,5 +1,6 @@
 """Split: disjoint, complete, deterministic, and closer to the whole's class distribution than a random split
-on a long-tailed dataset. Sampling: class-aware weights equal the two-step draw."""
+on a long-tailed dataset. Sampling: class-aware weights equal the two-step draw, and training draws exactly the
+stage's distribution in every mode."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.sample import expected_class_frequency, sampling_weights
+from stages.formats.tables import NO_CLASS
+from stages.models.data import training_draw
+from stages.sample import expected_class_frequency, image_weights, sampling_weights
 from stages.split import class_counts, js_divergence, random_split, split
 
 
@@ -67,7 +70,8 @@ def test_split_disjoint_complete_deterministic(n, seed):
 def test_class_aware_weights_equal_two_step_draw():
     boxes = long_tailed_boxes(300, 10, seed=2)
     ids = sorted(boxes["image_id"].unique())
-    w = sampling_weights(boxes=boxes, image_ids=ids, method="class_aware").set_index("image_id")["weight"]
+    table = sampling_weights(boxes=boxes, image_ids=ids, method="class_aware")
+    w = image_weights(table)
     # Monte-Carlo of the two-step draw: class uniformly, then an image containing it uniformly
     pres = boxes[["image_id", "label"]].drop_duplicates()
     by_class = pres.groupby("label")["image_id"].apply(list)
@@ -83,7 +87,7 @@ def test_class_aware_weights_equal_two_step_draw():
     emp = hits / draws
     assert np.abs(emp.reindex(w.index).to_numpy() - w.to_numpy()).max() < 0.003
     # under class-aware sampling the rarest class is drawn far more often than under uniform sampling
-    f_ca = expected_class_frequency(w.reset_index(), boxes)
+    f_ca = expected_class_frequency(table, boxes)
     f_u = expected_class_frequency(sampling_weights(boxes=boxes, image_ids=ids, method="uniform"), boxes)
     rare = f_u.index[0]
     assert f_ca[rare] > 3 * f_u[rare]
@@ -91,7 +95,75 @@ def test_class_aware_weights_equal_two_step_draw():
 
 def test_uniform_weights_and_bad_method():
     boxes = long_tailed_boxes(20, 3, seed=0)
-    w = sampling_weights(boxes=boxes, image_ids=boxes["image_id"].unique(), method="uniform")
-    assert np.allclose(w["weight"], 1 / len(w))
+    ids = [*boxes["image_id"].unique(), "bare0", "bare1"]  # two images without a box
+    table = sampling_weights(boxes=boxes, image_ids=ids, method="uniform")
+    w = image_weights(table)
+    assert len(w) == len(ids) and np.allclose(w, 1 / len(ids))
+    assert list(table.loc[table["image_id"].str.startswith("bare"), "label"]) == [NO_CLASS, NO_CLASS]
+    n_classes = table.groupby("image_id")["label"].transform("size")
+    assert np.allclose(table["weight"], 1 / (len(ids) * n_classes))  # split evenly among the image's classes
+    ca = sampling_weights(boxes=boxes, image_ids=ids, method="class_aware")
+    assert set(ca["image_id"]) == set(boxes["image_id"]) and NO_CLASS not in set(ca["label"])
     with pytest.raises(ValueError, match="unknown sampling method"):
         sampling_weights(boxes=boxes, image_ids=["img00000"], method="bogus")
+
+
+def _frequencies(keys: np.ndarray, n_keys: int) -> np.ndarray:
+    return np.bincount(keys, minlength=n_keys) / len(keys)
+
+
+def _assert_matches(freq: np.ndarray, p: np.ndarray, n: int) -> None:
+    """Monte-Carlo frequencies within 5 standard errors of the probabilities (and nothing drawn where p is 0)."""
+    se = np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(freq - p) <= 5 * se + 1e-12), np.max(np.abs(freq - p) / np.maximum(se, 1e-12))
+
+
+@pytest.mark.parametrize("method", ["class_aware", "uniform"])
+@pytest.mark.parametrize("mode", ["image_first", "class_first", "full_class_batch"])
+def test_training_draws_the_sample_stages_distribution(method, mode):
+    from stages.train import plan_epoch
+
+    boxes = long_tailed_boxes(40, 6, seed=3)
+    ids = sorted([*boxes["image_id"].unique(), "bare0"])
+    table = sampling_weights(boxes=boxes, image_ids=ids, method=method)
+    labels = sorted(boxes["label"].unique())
+    label_index = {lab: i + 1 for i, lab in enumerate(labels)}
+    draw = training_draw(table, image_ids=ids, label_index=label_index)
+    # exact: the draw's pairs are the table's rows, its image probabilities the table's image sums
+    assert [(ids[i], labels[c - 1] if c > 0 else NO_CLASS) for i, c in zip(draw.image, draw.cls)] == \
+        list(zip(table["image_id"], table["label"]))
+    np.testing.assert_allclose(draw.p, table["weight"], rtol=1e-12)
+    np.testing.assert_allclose(draw.image_p(), image_weights(table).reindex(ids, fill_value=0.0), rtol=1e-12)
+    # Monte-Carlo: what plan_epoch draws
+    n = 60_000 if mode == "full_class_batch" else 200_000
+    order, classes, _ = plan_epoch(rng=np.random.default_rng(0), n=n, batch_size=4, draw=draw,
+                                   class_first=mode == "class_first", full_class_batch=mode == "full_class_batch")
+    bent = mode == "full_class_batch" and method == "uniform"
+    if not bent:
+        _assert_matches(_frequencies(order, len(ids)), draw.image_p(), n)
+    if mode == "image_first":
+        assert (classes == -1).all()
+        return
+    pair_of = {(i, c): k for k, (i, c) in enumerate(zip(draw.image, draw.cls))}
+    drawn = np.asarray([pair_of[(i, c)] for i, c in zip(order, classes)])  # every draw is a pair of the table
+    if bent:  # distinct classes per batch bend a non-uniform class marginal; each class's pairs keep their odds
+        for c in np.unique(draw.cls):
+            rows = np.flatnonzero(draw.cls == c)
+            got = drawn[np.isin(drawn, rows)]
+            _assert_matches(_frequencies(np.searchsorted(rows, got), len(rows)), draw.p[rows] / draw.p[rows].sum(),
+                            len(got))
+        return
+    _assert_matches(_frequencies(drawn, len(draw.p)), draw.p, n)
+
+
+def test_an_expert_model_draws_the_stage_distribution_on_its_classes():
+    boxes = long_tailed_boxes(40, 6, seed=4)
+    ids = sorted(boxes["image_id"].unique())
+    table = sampling_weights(boxes=boxes, image_ids=ids, method="class_aware")
+    chosen = ["/m/c001", "/m/c004"]
+    draw = training_draw(table, image_ids=ids, label_index={lab: i + 1 for i, lab in enumerate(chosen)})
+    kept = table[table["label"].isin(chosen)]
+    np.testing.assert_allclose(draw.p, kept["weight"] / kept["weight"].sum(), rtol=1e-12)
+    # class-aware over the expert's classes: each class half of the draw
+    assert np.isclose(draw.p[draw.cls == 1].sum(), 0.5) and np.isclose(draw.p[draw.cls == 2].sum(), 0.5)
+    assert set(np.asarray(ids)[draw.image]) == set(boxes.loc[boxes["label"].isin(chosen), "image_id"])
