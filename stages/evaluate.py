@@ -29,7 +29,7 @@ from stages.core.errors import InputError
 from stages.formats import openimages as oi
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import read_table, write_json
-from stages.formats.tables import check_boxes
+from stages.formats.tables import check_boxes, check_labels
 from stages.metrics.detection import IOU_THR, MetricResult, evaluate_detections, prepare_ground_truth
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,6 @@ log = logging.getLogger(__name__)
 
 def _ext(path: str | os.PathLike) -> str:
     return Path(path).suffix.lower()
-
-
-def _check_labels(df: pd.DataFrame, known: set[str], path: object) -> None:
-    bad = ~df["label"].isin(known).to_numpy()
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise InputError(f"unknown label (MID) {df['label'].iloc[i]!r}: not in the class list", file=path,
-                         row=f"row {i}", field="label")
 
 
 def read_classes(path: str | os.PathLike) -> pd.DataFrame:
@@ -61,7 +53,7 @@ def read_boxes(path: str | os.PathLike, known: set[str]) -> pd.DataFrame:
     if _ext(path) != ".parquet":
         return oi.read_boxes(path, known_labels=known)
     df = read_table(path, "boxes")
-    _check_labels(df, known, path)
+    check_labels(df["label"], known, source=path)
     check_boxes(df, source=path)
     return df
 
@@ -70,7 +62,7 @@ def read_image_labels(path: str | os.PathLike, known: set[str]) -> pd.DataFrame:
     if _ext(path) != ".parquet":
         return oi.read_image_labels(path, known_labels=known)
     df = read_table(path, "image_labels")
-    _check_labels(df, known, path)
+    check_labels(df["label"], known, source=path)
     bad = ~df["confidence"].isin([0, 1]).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -87,7 +79,7 @@ def read_predictions(path: str | os.PathLike, known: set[str], *, table: str = "
             return read_segmentation_submission(path, known_labels=known)
         return oi.read_detection_submission(path, known_labels=known)
     df = read_table(path, table)
-    _check_labels(df, known, path)
+    check_labels(df["label"], known, source=path)
     check_boxes(df, source=path)
     bad = ~np.isfinite(df["score"].to_numpy(np.float64))
     if bad.any():

@@ -22,6 +22,7 @@ from stages.core.errors import InputError
 from stages.formats import openimages as oi
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import write_json, write_table
+from stages.formats.tables import check_labels
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,8 @@ class Tables:
 
 
 def check_hierarchy(h: Hierarchy, classes: pd.DataFrame, *, source: object) -> None:
-    known = set(classes["label"])
-    unknown = sorted(set(h.labels) - known)
-    if unknown:
-        raise InputError(f"unknown label (MID) {unknown[0]!r} in the hierarchy: not in the class descriptions"
-                         f" ({len(unknown)} unknown)", file=source, field="LabelName")
+    labels = sorted(h.labels)
+    check_labels(labels, set(classes["label"]), source=source, rows=[None] * len(labels), field="LabelName")
 
 
 def image_table(ids: Sequence[str], image_dir: Path, *, first_seen: dict[str, tuple[str, int]] | None = None,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from stages.core.errors import InputError
-from stages.formats.tables import BOX_COLUMNS, check_boxes, conform
+from stages.formats.tables import BOX_COLUMNS, check_boxes, check_labels, conform
 
 BBOX_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
                 "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
@@ -77,19 +77,6 @@ def _numeric(df: pd.DataFrame, col: str, path: object, *, integer: bool = False)
     return v.to_numpy(dtype=np.int64 if integer else np.float64)
 
 
-def _check_labels(df: pd.DataFrame, col: str, known: set[str] | None, path: object) -> None:
-    empty = (df[col].str.len() == 0).to_numpy()
-    if empty.any():
-        i = int(np.flatnonzero(empty)[0])
-        raise InputError("empty label", file=path, row=int(_lines(len(df))[i]), field=col)
-    if known is not None:
-        bad = ~df[col].isin(known).to_numpy()
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InputError(f"unknown label (MID) {df[col].iloc[i]!r}: not in the class descriptions",
-                             file=path, row=int(_lines(len(df))[i]), field=col)
-
-
 def _check_ids(df: pd.DataFrame, col: str, path: object) -> None:
     empty = (df[col].str.strip().str.len() == 0).to_numpy()
     if empty.any():
@@ -125,7 +112,7 @@ def read_boxes(path: str | os.PathLike, *, known_labels: set[str] | None = None)
     """``…-detection-bbox.csv`` -> ``boxes`` table (xyxy_norm)."""
     df = _read_csv(path, BBOX_REQUIRED)
     _check_ids(df, "ImageID", path)
-    _check_labels(df, "LabelName", known_labels, path)
+    check_labels(df["LabelName"], known_labels, source=path, rows=_lines(len(df)), field="LabelName")
     out = pd.DataFrame({"image_id": df["ImageID"], "label": df["LabelName"]})
     for ours, theirs in BOX_NAMES.items():
         out[ours] = _numeric(df, theirs, path)
@@ -145,7 +132,7 @@ def read_image_labels(path: str | os.PathLike, *, known_labels: set[str] | None 
     """``…-human-imagelabels.csv`` -> ``image_labels`` (confidence 1 verified present, 0 verified absent)."""
     df = _read_csv(path, ["ImageID", "LabelName", "Confidence"])
     _check_ids(df, "ImageID", path)
-    _check_labels(df, "LabelName", known_labels, path)
+    check_labels(df["LabelName"], known_labels, source=path, rows=_lines(len(df)), field="LabelName")
     conf = _numeric(df, "Confidence", path)
     bad = (conf != 0) & (conf != 1)
     if bad.any():
@@ -160,7 +147,7 @@ def read_masks_csv(path: str | os.PathLike, *, known_labels: set[str] | None = N
     """``…-segmentation.csv`` -> boxes of the mask instances with ``mask_path`` (relative to the mask dir)."""
     df = _read_csv(path, ["MaskPath", "ImageID", "LabelName", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"])
     _check_ids(df, "ImageID", path)
-    _check_labels(df, "LabelName", known_labels, path)
+    check_labels(df["LabelName"], known_labels, source=path, rows=_lines(len(df)), field="LabelName")
     names = {"x_min": "BoxXMin", "x_max": "BoxXMax", "y_min": "BoxYMin", "y_max": "BoxYMax"}
     out = pd.DataFrame({"image_id": df["ImageID"], "label": df["LabelName"]})
     for ours, theirs in names.items():
@@ -227,12 +214,7 @@ def read_detection_submission(path: str | os.PathLike, *, known_labels: set[str]
             raise InputError(f"prediction {k}: {col} is not a number: {arr[k, j]!r}", file=path,
                              row=int(line_of[k]), field="PredictionString")
         out[col] = v
-    if known_labels is not None:
-        bad = ~out["label"].isin(known_labels).to_numpy()
-        if bad.any():
-            k = int(np.flatnonzero(bad)[0])
-            raise InputError(f"unknown label (MID) {out['label'].iloc[k]!r}", file=path, row=int(line_of[k]),
-                             field="PredictionString")
+    check_labels(out["label"], known_labels, source=path, rows=line_of, field="PredictionString")
     check_boxes(out, source=path, rows=line_of, names={c: f"PredictionString:{c}" for c in BOX_COLUMNS})
     return conform(out, "detections", source=path)
 

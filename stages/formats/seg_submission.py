@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 
 from stages.core.errors import InputError
 from stages.formats.openimages import SEG_SUBMISSION_COLUMNS, _read_csv
-from stages.formats.tables import conform
+from stages.formats.tables import check_labels, conform
 
 
 def encode_mask(mask: np.ndarray) -> str:
@@ -38,6 +38,7 @@ def read_segmentation_submission(path: str | os.PathLike, *, known_labels: set[s
     """A segmentation submission -> ``masks`` table; boxes are the masks' bounding boxes (normalized)."""
     df = _read_csv(path, SEG_SUBMISSION_COLUMNS)
     rows: dict[str, list] = {c: [] for c in ["image_id", "label", "score", "rle", "mask_height", "mask_width"]}
+    lines = []
     for i, (img, w, h, ps) in enumerate(zip(df["ImageID"], df["ImageWidth"], df["ImageHeight"],
                                             df["PredictionString"])):
         line = i + 2
@@ -52,8 +53,6 @@ def read_segmentation_submission(path: str | os.PathLike, *, known_labels: set[s
                              "(LabelName Confidence EncodedMask)", file=path, row=line, field="PredictionString")
         for k in range(0, len(toks), 3):
             lab, sc, enc = toks[k:k + 3]
-            if known_labels is not None and lab not in known_labels:
-                raise InputError(f"unknown label (MID) {lab!r}", file=path, row=line, field="PredictionString")
             try:
                 score = float(sc)
                 counts = decode_counts(enc)
@@ -62,7 +61,9 @@ def read_segmentation_submission(path: str | os.PathLike, *, known_labels: set[s
                                  row=line, field="PredictionString") from exc
             for c, v in zip(rows, [img, lab, score, counts.decode(), h, w]):
                 rows[c].append(v)
+            lines.append(line)
     out = pd.DataFrame(rows)
+    check_labels(out["label"], known_labels, source=path, rows=lines, field="PredictionString")
     if len(out):
         rles = [{"size": [h, w], "counts": c.encode()} for c, h, w in
                 zip(out["rle"], out["mask_height"], out["mask_width"])]

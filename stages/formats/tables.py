@@ -6,7 +6,7 @@ Only :mod:`stages.formats.openimages` knows that OpenImages CSVs order them XMin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -84,6 +84,34 @@ def conform(df: pd.DataFrame, name: str, *, source: object = None, keep_categori
         except (TypeError, ValueError) as exc:
             raise InputError(f"cannot read as {dtype}: {exc}", file=source, field=col) from exc
     return pd.DataFrame(out, index=pd.RangeIndex(len(df)))
+
+
+def check_labels(labels: pd.Series | np.ndarray | Sequence[str], known: Collection[str] | None = None, *,
+                 source: object = None, rows: np.ndarray | Sequence[object] | None = None, field: str = "label"
+                 ) -> None:
+    """Raise :class:`InputError` at the first empty label, or label not in ``known`` (None: any non-empty label
+    is fine), naming ``source``, its row and ``field``. ``rows`` maps positions to the rows to report (e.g. CSV
+    line numbers; None entries report no row); by default ``row i``. Each distinct label is looked up once
+    (categorical columns through their categories)."""
+    values = labels if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels, dtype=object), dtype=object)
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        code, uniq = values.cat.codes.to_numpy(), pd.Index(values.cat.categories, dtype=object)
+    else:
+        code, uniq = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=True)
+        uniq = pd.Index(uniq, dtype=object)
+    bad = ~(uniq.map(lambda v: isinstance(v, str) and v != "").to_numpy(dtype=bool))
+    if known is not None:
+        bad |= ~uniq.isin(known)
+    bad_rows = np.append(bad, True)[code]  # code -1 (missing value) is bad too
+    if not bad_rows.any():
+        return
+    i = int(np.flatnonzero(bad_rows)[0])
+    lab = values.iloc[i]
+    row = f"row {i}" if rows is None else rows[i]
+    row = int(row) if isinstance(row, (int, np.integer)) else row
+    if isinstance(lab, str) and lab:
+        raise InputError(f"unknown label (MID) {lab!r}: not in the class list", file=source, row=row, field=field)
+    raise InputError("empty label", file=source, row=row, field=field)
 
 
 def check_boxes(df: pd.DataFrame, *, source: object = None, rows: np.ndarray | None = None,

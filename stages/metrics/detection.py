@@ -34,6 +34,7 @@ import pandas as pd
 
 from stages.core.errors import InputError
 from stages.formats.hierarchy import Hierarchy
+from stages.formats.tables import check_labels
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,10 @@ def _expand(cls: np.ndarray, ptr: np.ndarray, idx: np.ndarray) -> tuple[np.ndarr
 
 
 def _class_of(labels: pd.Series, index: pd.Index, table: str) -> np.ndarray:
-    c = index.get_indexer(labels.to_numpy(dtype=object))
+    c = codes(labels, index)
     if (c < 0).any():
-        i = int(np.flatnonzero(c < 0)[0])
-        raise InputError(f"unknown label (MID) {labels.iloc[i]!r}: not in the class list", file=table,
-                         row=f"row {i}", field="label")
-    return c.astype(np.int64)
+        check_labels(labels, index, source=table)
+    return c
 
 
 def _yxyx(df: pd.DataFrame) -> np.ndarray:

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from stages import evaluate
+from stages.core.errors import InputError
 from stages.evaluate import main
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import write_table
@@ -151,3 +153,35 @@ def test_unknown_split_is_an_error(raw, tmp_path, capsys):
     write_table(splits, pd.DataFrame({"image_id": ["img1"], "split": ["val_a"]}), "splits")
     err = _fails(args(raw, tmp_path / "m.json", **{"--split-ids": splits, "--split": "val_z"}), capsys)
     assert "splits.parquet" in err and "val_z" in err
+
+
+def test_one_label_check_names_file_row_and_field(tmp_path):
+    from stages.formats.seg_submission import encode_mask, read_segmentation_submission
+    from stages.formats.tables import check_labels
+    from stages.ingest import check_hierarchy
+
+    known = {"/m/a", "/m/b"}
+    check_labels(pd.Series(["/m/a", "/m/b", "/m/a"]), known)  # all known: no error
+    cases = [(pd.Series(["/m/a", "/m/x"]), {}, "row 1: field 'label': unknown label (MID) '/m/x'"),
+             (pd.Series(["/m/a", "", "/m/x"]), {}, "row 1: field 'label': empty label"),
+             (pd.Series(["/m/b", "/m/x"], dtype="category"), {"rows": [7, 9], "field": "LabelName"},
+              "line 9: field 'LabelName': unknown label (MID) '/m/x'")]
+    for labels, kw, msg in cases:
+        with pytest.raises(InputError) as e:
+            check_labels(labels, known, source="f.csv", **kw)
+        assert str(e.value).startswith("f.csv: " + msg), str(e.value)
+    check_labels(pd.Series(["/m/x"]), None)  # no class list: only empty labels are errors
+    # the same check behind every reader: a parquet table, a segmentation submission, the hierarchy
+    write_table(tmp_path / "b.parquet", pd.DataFrame(
+        {"image_id": ["i", "i"], "label": ["/m/a", "/m/q"], "x_min": 0.1, "y_min": 0.1, "x_max": 0.5,
+         "y_max": 0.5, "is_group_of": False}), "boxes")
+    with pytest.raises(InputError, match=r"b.parquet: row 1: field 'label': unknown label \(MID\) '/m/q'"):
+        evaluate.read_boxes(tmp_path / "b.parquet", known)
+    enc = encode_mask(np.ones((4, 4), bool))
+    (tmp_path / "s.csv").write_text(f"ImageID,ImageWidth,ImageHeight,PredictionString\ni,4,4,/m/a 0.9 {enc}\n"
+                                    f"j,4,4,/m/b 0.9 {enc} /m/q 0.5 {enc}\n")
+    with pytest.raises(InputError, match=r"s.csv: line 3: field 'PredictionString': unknown label \(MID\) '/m/q'"):
+        read_segmentation_submission(tmp_path / "s.csv", known_labels=known)
+    with pytest.raises(InputError, match=r"h.json: field 'LabelName': unknown label \(MID\) '/m/q'"):
+        check_hierarchy(Hierarchy.from_json_obj({"LabelName": "/m/root", "Subcategory": [
+            {"LabelName": "/m/a"}, {"LabelName": "/m/q"}]}), pd.DataFrame({"label": sorted(known)}), source="h.json")
