@@ -15,6 +15,14 @@ def iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def ioa(a, b) -> float:
+    """Intersection over the area of ``a`` (0 for an empty ``a``)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
+    return iw * ih / area if area > 0 else 0.0
+
+
 def _groups(groups):
     out: dict = {}
     for i, g in enumerate(groups):

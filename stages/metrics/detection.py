@@ -35,6 +35,7 @@ import pandas as pd
 from stages.core.errors import InputError
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.tables import check_labels
+from stages.ops.boxes import paired_ioa, paired_iou
 
 log = logging.getLogger(__name__)
 
@@ -270,19 +271,6 @@ def prepare_detections(*, gt: PreparedGroundTruth, detections: pd.DataFrame) -> 
 
 
 # ----- overlaps -------------------------------------------------------------------------------------------
-def _overlap(d: np.ndarray, g: np.ndarray, kind: str) -> np.ndarray:
-    """IoU (``kind='iou'``) or intersection over the detection's area (``'ioa'``) of row-aligned yxyx boxes,
-    with the official evaluator's floating-point operation order."""
-    ih = np.maximum(0.0, np.minimum(d[:, 2], g[:, 2]) - np.maximum(d[:, 0], g[:, 0]))
-    iw = np.maximum(0.0, np.minimum(d[:, 3], g[:, 3]) - np.maximum(d[:, 1], g[:, 1]))
-    inter = ih * iw
-    a_det = (d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1])
-    if kind == "ioa":
-        return inter / a_det
-    a_gt = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])
-    return inter / (a_det + a_gt - inter)
-
-
 def segment_pairs(lo: np.ndarray, cnt: np.ndarray, chunk: int = _PAIR_CHUNK):
     """Yield ``(sel, rep, target, seg_start)`` chunks of the pairs (i, lo[i] + j) for j < cnt[i].
 
@@ -311,6 +299,8 @@ def best_overlap(det_box: np.ndarray, det_key: np.ndarray, gt_key: np.ndarray, g
                  kind: str) -> tuple[np.ndarray, np.ndarray]:
     """For each detection (``det_key`` sorted): the highest overlap with a ground-truth box of the same key and
     that box's index (the first one on a tie, like ``np.argmax``); ``(-inf, -1)`` where the key has no box."""
+    # on yxyx boxes the paired ops do the official evaluator's floating-point operations (see stages.ops.boxes)
+    overlap = {"iou": paired_iou, "ioa": paired_ioa}[kind]
     n = len(det_key)
     best = np.full(n, -np.inf)
     arg = np.full(n, -1, dtype=np.int64)
@@ -322,7 +312,7 @@ def best_overlap(det_box: np.ndarray, det_key: np.ndarray, gt_key: np.ndarray, g
     lo = np.repeat(ulo, lens)
     cnt = np.repeat(np.searchsorted(gt_key, uk, "right") - ulo, lens)
     for sel, rep, tgt, seg_start in segment_pairs(lo, cnt):
-        v = _overlap(det_box[sel][rep], gt_box[tgt], kind)
+        v = overlap(det_box[sel][rep], gt_box[tgt])
         m = np.maximum.reduceat(v, seg_start)
         pos = np.arange(len(v), dtype=np.int64)
         first = np.minimum.reduceat(np.where(v == m[rep], pos, len(v)), seg_start)

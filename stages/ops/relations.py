@@ -34,6 +34,7 @@ import pandas as pd
 from stages.core.errors import InputError
 from stages.formats.columns import codes
 from stages.formats.tables import BOX_COLUMNS
+from stages.ops.boxes import paired_ioa
 
 _MATRICES = ("cooc", "inside", "inner_total", "contains", "outer_total")
 
@@ -118,11 +119,7 @@ def mine_relations(boxes: pd.DataFrame, *, ioa_thr: float = 0.9, images_per_chun
         lp, lq = lab[rows][p], lab[rows][q]
         keep = lp != lq
         p, q, lp, lq = p[keep], q[keep], lp[keep], lq[keep]
-        bp, bq = xy[rows][p], xy[rows][q]
-        iw = np.clip(np.minimum(bp[:, 2], bq[:, 2]) - np.maximum(bp[:, 0], bq[:, 0]), 0, None)
-        ih = np.clip(np.minimum(bp[:, 3], bq[:, 3]) - np.maximum(bp[:, 1], bq[:, 1]), 0, None)
-        aq = (bq[:, 2] - bq[:, 0]) * (bq[:, 3] - bq[:, 1])
-        ins = (aq > 0) & (iw * ih >= ioa_thr * aq)
+        ins = paired_ioa(xy[rows][q], xy[rows][p]) >= ioa_thr
         # inside[a, b]: distinct inner boxes q (class b) inside some box of class a
         u = np.unique(np.stack([q[ins], lp[ins]], 1), axis=0)
         if len(u):
@@ -188,11 +185,7 @@ def rescore(dets: pd.DataFrame, stats: RelationStats, *, conf_thr: float = 0.5, 
         if len(pr) == 0:
             continue
         inner, outer = (pr["row"], pr["crow"]) if det_is_inner else (pr["crow"], pr["row"])
-        bi, bo = xy[inner.to_numpy()], xy[outer.to_numpy()]
-        iw = np.clip(np.minimum(bi[:, 2], bo[:, 2]) - np.maximum(bi[:, 0], bo[:, 0]), 0, None)
-        ih = np.clip(np.minimum(bi[:, 3], bo[:, 3]) - np.maximum(bi[:, 1], bo[:, 1]), 0, None)
-        ai = (bi[:, 2] - bi[:, 0]) * (bi[:, 3] - bi[:, 1])
-        ok = (ai > 0) & (iw * ih >= stats.ioa_thr * ai)
+        ok = paired_ioa(xy[inner.to_numpy()], xy[outer.to_numpy()]) >= stats.ioa_thr
         rows = pr["row"].to_numpy()
         applies[rows] = True
         respect[rows[ok]] = True

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stages.ops._array import to_numpy
-from stages.ops.boxes import box_ioa, box_iou
+from stages.ops.boxes import box_ioa, box_iou, paired_ioa, paired_iou
 from stages.ops.nms import adj_nms, group_ids, nms, soft_nms, suppress, top_per_image
 from tests import ops_reference as ref
 
@@ -40,6 +40,21 @@ def test_box_iou_and_ioa_hand_computed():
     assert np.allclose(box_ioa(a, b), [[0.5, 0.0, 0.0]])
     t = box_iou(torch.from_numpy(a), torch.from_numpy(a))
     assert isinstance(t, torch.Tensor) and float(t) == 1.0
+
+
+def test_paired_and_pairwise_overlaps_match_the_reference_loop(kind):
+    rng = np.random.default_rng(3)
+    a, b = ref.random_boxes(rng, 40, grid=4), ref.random_boxes(rng, 40, grid=4)  # grid: touching / equal boxes
+    a[5] = [0.2, 0.2, 0.2, 0.6]  # zero area: IoA 0
+    (ta, _, _), (tb, _, _) = _t(kind, a, [0], [0]), _t(kind, b, [0], [0])
+    iou = [[ref.iou(x, y) for y in b] for x in a]
+    ioa = [[ref.ioa(x, y) for y in b] for x in a]
+    np.testing.assert_allclose(N(box_iou(ta, tb)), iou, atol=1e-12)
+    np.testing.assert_allclose(N(box_ioa(ta, tb)), ioa, atol=1e-12)
+    np.testing.assert_allclose(N(paired_iou(ta, tb)), np.diag(iou), atol=1e-12)
+    np.testing.assert_allclose(N(paired_ioa(ta, tb)), np.diag(ioa), atol=1e-12)
+    # yxyx boxes give the same values (both axes are treated alike)
+    np.testing.assert_array_equal(N(paired_ioa(ta[:, [1, 0, 3, 2]], tb[:, [1, 0, 3, 2]])), N(paired_ioa(ta, tb)))
 
 
 @pytest.mark.parametrize("grid,ties", [(None, False), (8, True), (4, False)])
