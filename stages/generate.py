@@ -22,9 +22,12 @@ their 3-level hierarchy are in :mod:`stages.data.taxonomy`. Phenomena:
   blobs, bars, arcs, photo patches), per-image blur, noise and JPEG quality. Level 0 reproduces the original
   easy dataset byte for byte.
 
-Layout: :func:`plan_dataset` decides every image, box and label (cheap, no pixels); :func:`render_image` draws
-one planned image and its instance masks; :func:`generate` writes the files atomically (the whole directory is
-built next to ``out_dir`` and renamed into place).
+Layout: :func:`plan_dataset` decides every image, box and label (cheap, no pixels) by the recipe of each split
+(:func:`plan_split`): the long tail of classes (:class:`LongTail`), the units that show them (:class:`Units`, of
+:class:`Objects`), their placement and occlusion (:func:`place`, :func:`mark_occluded`) and the labels of each
+image (:func:`plan_image`, :func:`verified_absent`); :func:`render_image` draws one planned image and its
+instance masks; :func:`generate` writes the files atomically (the whole directory is built next to ``out_dir``
+and renamed into place).
 
 Files written (OpenImages Challenge 2019 names and columns)::
 
@@ -59,6 +62,7 @@ from stages.core.cli import stage_main
 from stages.data import draw
 from stages.data import taxonomy as tx
 from stages.formats.openimages import BBOX_COLUMNS, LABEL_COLUMNS, MASK_COLUMNS
+from stages.ops.boxes import box_ioa, paired_ioa
 
 log = logging.getLogger(__name__)
 
@@ -318,28 +322,49 @@ def _zipf(n: int, exponent: float) -> np.ndarray:
     return p / p.sum()
 
 
-class _Planner:
-    """Lays out placements ("units": one object, a disc on its pole, a frame with its contents, a group-of
-    cluster) with a private Generator. Unit coordinates are relative to the unit's top-left corner."""
+# The recipe of one split (one private Generator, drawn from in this order per image): the image size; per
+# primary class a unit (:class:`Units`, whose objects come from :class:`Objects`) and its placement
+# (:func:`place`); occlusion marks; box ids; verified-absent labels (:func:`verified_absent`); the render seed.
+# How many units an image gets and their primary classes (:class:`LongTail`) are drawn for the whole split first.
 
-    def __init__(self, rng: np.random.Generator, *, zipf_exponent: float, group_of_rate: float,
-                 difficulty: Difficulty):
+
+class LongTail:
+    """Which classes appear: the primary class of each unit from a Zipf law over the leaves (exact quotas), and
+    the digits inside frames from a Zipf law over the digit classes, both in ``FREQUENCY_RANK`` order."""
+
+    def __init__(self, zipf_exponent: float):
+        self.p_leaf = _zipf(len(tx.FREQUENCY_RANK), zipf_exponent)
+        self.digit_rank = [lab for lab in tx.FREQUENCY_RANK if tx.BY_LABEL[lab].kind == "glyph"]
+        self.p_digit = _zipf(len(self.digit_rank), zipf_exponent)
+
+    def primaries(self, rng: np.random.Generator, n: int) -> list[str]:
+        """``n`` primary classes in random order with exact Zipf quotas (largest remainder), so that the long
+        tail does not depend on sampling luck."""
+        want = self.p_leaf * n
+        q = np.floor(want).astype(int)
+        q[np.argsort(-(want - q), kind="stable")[:n - q.sum()]] += 1
+        labs = np.repeat(np.arange(len(q)), q)
+        return [tx.FREQUENCY_RANK[i] for i in rng.permutation(labs)]
+
+    def digit(self, rng: np.random.Generator) -> str:
+        return self.digit_rank[int(rng.choice(len(self.digit_rank), p=self.p_digit))]
+
+
+class Objects:
+    """One object of a class at (0, 0): its shape and size by kind (smaller with the difficulty), then its look
+    (colour and opacity jitter, none at level 0)."""
+
+    def __init__(self, rng: np.random.Generator, difficulty: Difficulty):
         self.rng = rng
         self.k = difficulty
-        self.p_leaf = _zipf(len(tx.FREQUENCY_RANK), zipf_exponent)
-        digit_rank = [lab for lab in tx.FREQUENCY_RANK if tx.BY_LABEL[lab].kind == "glyph"]
-        self.digit_rank = digit_rank
-        self.p_digit = _zipf(len(digit_rank), zipf_exponent)
-        self.group_of_rate = group_of_rate
         _, targets = draw.digits()
         self.glyphs_of = [np.flatnonzero(targets == d) for d in range(10)]
         self.aspects = draw.glyph_ink_aspects()
 
-    # one object, sized, at (0, 0)
-    def _obj(self, label: str, size: float | None = None, **kw) -> PlannedObject:
-        return self._look(self._shape(label, size, **kw))
+    def __call__(self, label: str, size: float | None = None, **kw) -> PlannedObject:
+        return self.look(self.shape(label, size, **kw))
 
-    def _shape(self, label: str, size: float | None = None, **kw) -> PlannedObject:
+    def shape(self, label: str, size: float | None = None, **kw) -> PlannedObject:
         rng, spec, k = self.rng, tx.BY_LABEL[label], self.k
         shade = float(rng.uniform(*k.shade))
         if spec.kind == "glyph":
@@ -364,7 +389,7 @@ class _Planner:
                                  shade=shade, **kw)
         raise ValueError(f"not a standalone kind: {spec.kind}")
 
-    def _look(self, o: PlannedObject) -> PlannedObject:
+    def look(self, o: PlannedObject) -> PlannedObject:
         """Per-instance colour and opacity jitter (none at level 0, where no random number is drawn)."""
         k, rng = self.k, self.rng
         if not k.hard:
@@ -377,16 +402,39 @@ class _Planner:
         color = tuple(int(v) for v in np.clip(np.round(c), 0, 255))
         return replace(o, color=color, opacity=float(rng.uniform(k.min_opacity, 1.0)))
 
-    def _frame(self, first_inner: str | None) -> list[PlannedObject]:
+
+class Units:
+    """The unit of a primary class, coordinates relative to its top-left corner: one object, a disc on its pole
+    (co-occurrence), a frame holding 1-2 digits (surround), or a group-of cluster (group-of)."""
+
+    def __init__(self, rng: np.random.Generator, objects: Objects, tail: LongTail, group_of_rate: float):
+        self.rng = rng
+        self.obj = objects
+        self.tail = tail
+        self.group_of_rate = group_of_rate
+
+    def __call__(self, lab: str) -> list[PlannedObject]:
         rng = self.rng
+        if lab == tx.FRAME:
+            return self.frame(None)
+        if lab == tx.INSIDE_FRAME and rng.random() < 0.8:
+            return self.frame(lab)
+        if lab == tx.DISC and rng.random() < 0.95:
+            return self.disc_on_pole()
+        if lab in tx.GROUPABLE and rng.random() < self.group_of_rate:
+            return self.group(lab)
+        return [self.obj(lab)]
+
+    def frame(self, first_inner: str | None) -> list[PlannedObject]:
+        rng, k = self.rng, self.obj.k
         n_in = 1 if rng.random() < 0.5 else 2
-        inner_labels = [first_inner or (tx.INSIDE_FRAME if rng.random() < 0.5 else self._digit())]
-        inner_labels += [self._digit() for _ in range(n_in - 1)]
+        inner_labels = [first_inner or (tx.INSIDE_FRAME if rng.random() < 0.5 else self.tail.digit(rng))]
+        inner_labels += [self.tail.digit(rng) for _ in range(n_in - 1)]
         t = int(rng.integers(4, 8))
         pad = int(rng.integers(8, 16))
         inners, x = [], t + pad
         for lab in inner_labels:
-            o = self._obj(lab, size=rng.uniform(*self.k.frame_inner))
+            o = self.obj(lab, size=rng.uniform(*k.frame_inner))
             inners.append(o.moved(x, t + pad))
             x += (o.x1 - o.x0) + int(rng.integers(6, 14))
         inner_h = max(o.y1 for o in inners) - (t + pad)
@@ -395,32 +443,33 @@ class _Planner:
         # centre the contents vertically
         inners = [o.moved(0, (inner_h - (o.y1 - o.y0)) // 2) for o in inners]
         spec = tx.BY_LABEL[tx.FRAME]
-        fr = self._look(PlannedObject(tx.FRAME, "frame", 0, 0, fw, fh, color=spec.color,
-                                      shade=float(rng.uniform(*self.k.shade)), thickness=t))
+        fr = self.obj.look(PlannedObject(tx.FRAME, "frame", 0, 0, fw, fh, color=spec.color,
+                                         shade=float(rng.uniform(*k.shade)), thickness=t))
         return [fr, *inners]
 
-    def _disc_on_pole(self) -> list[PlannedObject]:
-        rng = self.rng
-        lo, hi = self.k.pole_width
-        pole = self._obj(tx.POLE, size=rng.uniform(lo - 1, hi - 3))
+    def disc_on_pole(self) -> list[PlannedObject]:
+        rng, k = self.rng, self.obj.k
+        lo, hi = k.pole_width
+        pole = self.obj(tx.POLE, size=rng.uniform(lo - 1, hi - 3))
         pw, ph = pole.x1, pole.y1
-        d = max(self.k.disc_size[0] - 2, pw * rng.uniform(2.6, 3.6))
-        disc = self._obj(tx.DISC, size=d)
+        d = max(k.disc_size[0] - 2, pw * rng.uniform(2.6, 3.6))
+        disc = self.obj(tx.DISC, size=d)
         dw, dh = disc.x1, disc.y1
         top = int(round(dh * 0.65))
         pole = replace(pole, x0=(dw - pw) // 2, y0=top, x1=(dw - pw) // 2 + pw, y1=top + ph, is_occluded=1)
         return [pole, disc]
 
-    def _group(self, label: str) -> list[PlannedObject]:
+    def group(self, label: str) -> list[PlannedObject]:
+        """4-8 unboxed members of ``label`` in a tight grid and one group-of box around them."""
         rng = self.rng
         k = int(rng.integers(4, 9))
         cols = int(rng.integers(2, min(k, 4) + 1))
-        size = rng.uniform(*self.k.group_member)
+        size = rng.uniform(*self.obj.k.group_member)
         members, x, y, row_h = [], 0, 0, 0
         for i in range(k):
             if i and i % cols == 0:
                 x, y, row_h = 0, y + row_h + int(rng.integers(1, 4)), 0
-            o = self._obj(label, size=size * rng.uniform(0.9, 1.1), boxed=False)
+            o = self.obj(label, size=size * rng.uniform(0.9, 1.1), boxed=False)
             dy = int(rng.integers(0, 3))
             members.append(o.moved(x, y + dy))
             x += (o.x1 - o.x0) + int(rng.integers(1, 4))
@@ -429,125 +478,122 @@ class _Planner:
         box = PlannedObject(label, "group", 0, 0, gw, gh, is_group_of=True)
         return [*members, box]
 
-    def _digit(self) -> str:
-        return self.digit_rank[int(self.rng.choice(len(self.digit_rank), p=self.p_digit))]
 
-    def primaries(self, n: int) -> list[str]:
-        """``n`` primary classes in random order with exact Zipf quotas (largest remainder), so that the long
-        tail does not depend on sampling luck."""
-        want = self.p_leaf * n
-        q = np.floor(want).astype(int)
-        q[np.argsort(-(want - q), kind="stable")[:n - q.sum()]] += 1
-        labs = np.repeat(np.arange(len(q)), q)
-        return [tx.FREQUENCY_RANK[i] for i in self.rng.permutation(labs)]
+def _xyxy(boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+    return np.asarray(boxes, np.float64).reshape(-1, 4)
 
-    def unit(self, lab: str) -> list[PlannedObject]:
-        rng = self.rng
-        if lab == tx.FRAME:
-            return self._frame(None)
-        if lab == tx.INSIDE_FRAME and rng.random() < 0.8:
-            return self._frame(lab)
-        if lab == tx.DISC and rng.random() < 0.95:
-            return self._disc_on_pole()
-        if lab in tx.GROUPABLE and rng.random() < self.group_of_rate:
-            return self._group(lab)
-        return [self._obj(lab)]
 
-    def images(self, image_ids: Sequence[str], split: str, size: tuple[int, int]) -> list[PlannedImage]:
-        if self.k.hard:
-            lo, hi = self.k.units_per_image
-            n_units = self.rng.integers(lo, hi + 1, size=len(image_ids))
+def _over_smaller(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over the smaller area of paired boxes: the larger of the two IoAs."""
+    return np.maximum(paired_ioa(a, b), paired_ioa(b, a))
+
+
+def place(rng: np.random.Generator, unit: Sequence[PlannedObject], *, size: tuple[int, int],
+          objects: Sequence[PlannedObject], placed: Sequence[tuple[int, int, int, int]], k: Difficulty
+          ) -> tuple[int, int, int, int] | None:
+    """Where a unit goes in an image of ``size`` (w, h) already holding ``objects`` in earlier units at
+    ``placed``: the first of up to 40 random positions (2-px margin) that overlaps earlier units by at most 8 %
+    of the smaller area at level 0; above it, one that covers at most ``max_cover`` of any earlier box (group-of
+    boxes included, so nothing lands inside a group) and at most half of an earlier unit. None if none fits."""
+    w, h = size
+    uw, uh = max(o.x1 for o in unit), max(o.y1 for o in unit)
+    if uw > w - 4 or uh > h - 4:
+        return None
+    earlier, earlier_units = _xyxy([(o.x0, o.y0, o.x1, o.y1) for o in objects]), _xyxy(placed)
+    for _try in range(40):
+        x = int(rng.integers(2, w - uw - 1))
+        y = int(rng.integers(2, h - uh - 1))
+        cand = (x, y, x + uw, y + uh)
+        c = _xyxy([cand])
+        if k.hard:
+            ok = (paired_ioa(earlier, c) <= k.max_cover).all() and (_over_smaller(c, earlier_units) <= 0.5).all()
         else:
-            n_units = self.rng.choice([2, 3, 4], p=[0.3, 0.4, 0.3], size=len(image_ids))
-        prim = self.primaries(int(n_units.sum()))
-        starts = np.concatenate([[0], np.cumsum(n_units)])
-        return [self.image(i, split, size, prim[starts[k]:starts[k + 1]]) for k, i in enumerate(image_ids)]
-
-    def image(self, image_id: str, split: str, size: tuple[int, int], primaries: Sequence[str]) -> PlannedImage:
-        rng = self.rng
-        lo, hi = size
-        w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-        placed: list[tuple[int, int, int, int]] = []
-        objects: list[PlannedObject] = []
-        unit_of: list[int] = []
-        hard, cover = self.k.hard, self.k.max_cover
-        for lab in primaries:
-            unit = self.unit(lab)
-            uw, uh = max(o.x1 for o in unit), max(o.y1 for o in unit)
-            if uw > w - 4 or uh > h - 4:
-                continue
-            for _try in range(40):
-                x = int(rng.integers(2, w - uw - 1))
-                y = int(rng.integers(2, h - uh - 1))
-                cand = (x, y, x + uw, y + uh)
-                if hard:
-                    # partial occlusion allowed: the new unit may cover at most `cover` of any earlier box
-                    # (group-of boxes included, so nothing lands inside a group) and never hide one whole
-                    ok = all(_covered(_box(o), cand) <= cover for o in objects) and \
-                        all(_overlap(cand, p) <= 0.5 for p in placed)
-                else:
-                    ok = all(_overlap(cand, p) <= 0.08 for p in placed)
-                if ok:
-                    placed.append(cand)
-                    unit_of += [len(placed)] * len(unit)
-                    objects += [o.moved(x, y) for o in unit]
-                    break
-        if hard:
-            objects = _mark_occluded(objects, unit_of)
-        objects = [o.moved(0, 0, box_id=f"{int(rng.integers(0, 2**32)):08x}") if o.boxed else o for o in objects]
-        negatives = self._negatives({o.label for o in objects if o.boxed}) if split == "train" else ()
-        return PlannedImage(image_id, split, w, h, int(rng.integers(0, 2**63)), tuple(objects), negatives,
-                            self.k.level)
-
-    def _negatives(self, present: set[str]) -> tuple[str, ...]:
-        rng = self.rng
-        k = int(rng.integers(1, 4))
-        neg: list[str] = []
-        for a, b in tx.CONFUSED_PAIRS:
-            for x, y in ((a, b), (b, a)):
-                if x in present and y not in present and rng.random() < 0.6:
-                    neg.append(y)
-        absent = [lab for lab in tx.LEAVES if lab not in present and lab not in neg]
-        extra = max(0, k - len(neg))
-        if extra and absent:
-            neg += [absent[i] for i in rng.choice(len(absent), size=min(extra, len(absent)), replace=False)]
-        return tuple(sorted(set(neg)))
+            ok = (_over_smaller(c, earlier_units) <= 0.08).all()
+        if ok:
+            return cand
+    return None
 
 
-def _box(o: PlannedObject) -> tuple[int, int, int, int]:
-    return o.x0, o.y0, o.x1, o.y1
-
-
-def _covered(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """The share of box ``a`` that box ``b`` covers."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    return iw * ih / ((a[2] - a[0]) * (a[3] - a[1]))
-
-
-def _mark_occluded(objects: list[PlannedObject], unit_of: list[int]) -> list[PlannedObject]:
+def mark_occluded(objects: list[PlannedObject], unit_of: list[int]) -> list[PlannedObject]:
     """``IsOccluded=1`` on every boxed object whose box is covered (by more than 2 %) by a drawn object of a
     later placement (objects are drawn in list order)."""
-    out = []
-    for i, o in enumerate(objects):
-        if o.boxed and not o.is_occluded:
-            later = (p for p, u in zip(objects[i + 1:], unit_of[i + 1:]) if u != unit_of[i] and p.kind != "group")
-            if any(_covered(_box(o), _box(p)) > 0.02 for p in later):
-                o = replace(o, is_occluded=1)
-        out.append(o)
-    return out
+    boxes = _xyxy([(o.x0, o.y0, o.x1, o.y1) for o in objects])
+    ioa = box_ioa(boxes, boxes)  # [i, j]: the share of box i that box j covers
+    unit = np.asarray(unit_of)
+    drawn = np.asarray([o.kind != "group" for o in objects], bool)
+    later = np.triu(np.ones((len(objects),) * 2, bool), 1) & (unit[:, None] != unit[None, :]) & drawn[None, :]
+    covered = ((ioa > 0.02) & later).any(1)
+    return [replace(o, is_occluded=1) if o.boxed and not o.is_occluded and hit else o
+            for o, hit in zip(objects, covered)]
 
 
-def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """Intersection over the smaller area."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    small = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return iw * ih / small
+def verified_absent(rng: np.random.Generator, present: set[str]) -> tuple[str, ...]:
+    """1-3 verified-absent leaf labels of a labelled image, preferring the confusable partner of a present
+    class."""
+    k = int(rng.integers(1, 4))
+    neg: list[str] = []
+    for a, b in tx.CONFUSED_PAIRS:
+        for x, y in ((a, b), (b, a)):
+            if x in present and y not in present and rng.random() < 0.6:
+                neg.append(y)
+    absent = [lab for lab in tx.LEAVES if lab not in present and lab not in neg]
+    extra = max(0, k - len(neg))
+    if extra and absent:
+        neg += [absent[i] for i in rng.choice(len(absent), size=min(extra, len(absent)), replace=False)]
+    return tuple(sorted(set(neg)))
+
+
+def plan_image(rng: np.random.Generator, image_id: str, split: str, size: tuple[int, int],
+               primaries: Sequence[str], *, units: Units, k: Difficulty) -> PlannedImage:
+    """One image: its size, a unit per primary class where one fits, occlusion marks (level > 0), box ids,
+    verified-absent labels (labelled images) and the seed of its rendering."""
+    lo, hi = size
+    w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+    placed: list[tuple[int, int, int, int]] = []
+    objects: list[PlannedObject] = []
+    unit_of: list[int] = []
+    for lab in primaries:
+        unit = units(lab)
+        at = place(rng, unit, size=(w, h), objects=objects, placed=placed, k=k)
+        if at is not None:
+            placed.append(at)
+            unit_of += [len(placed)] * len(unit)
+            objects += [o.moved(at[0], at[1]) for o in unit]
+    if k.hard:
+        objects = mark_occluded(objects, unit_of)
+    objects = [o.moved(0, 0, box_id=f"{int(rng.integers(0, 2**32)):08x}") if o.boxed else o for o in objects]
+    negatives = verified_absent(rng, {o.label for o in objects if o.boxed}) if split == "train" else ()
+    return PlannedImage(image_id, split, w, h, int(rng.integers(0, 2**63)), tuple(objects), negatives, k.level)
+
+
+def plan_split(rng: np.random.Generator, image_ids: Sequence[str], split: str, size: tuple[int, int], *,
+               zipf_exponent: float, group_of_rate: float, k: Difficulty) -> list[PlannedImage]:
+    """The images of one split from one Generator: the number of units of every image, their primary classes
+    (exact long-tail quotas over the whole split), then each image in turn."""
+    tail = LongTail(zipf_exponent)
+    units = Units(rng, Objects(rng, k), tail, group_of_rate)
+    if k.hard:
+        lo, hi = k.units_per_image
+        n_units = rng.integers(lo, hi + 1, size=len(image_ids))
+    else:
+        n_units = rng.choice([2, 3, 4], p=[0.3, 0.4, 0.3], size=len(image_ids))
+    prim = tail.primaries(rng, int(n_units.sum()))
+    starts = np.concatenate([[0], np.cumsum(n_units)])
+    return [plan_image(rng, image_id, split, size, prim[starts[i]:starts[i + 1]], units=units, k=k)
+            for i, image_id in enumerate(image_ids)]
+
+
+def _image_ids(seed: int, n: int) -> list[str]:
+    """``n`` distinct 16-hex-digit image ids from their own stream (labelled images first, then test images)."""
+    rng = np.random.default_rng([seed, 7])
+    ids: list[str] = []
+    seen: set[str] = set()
+    while len(ids) < n:
+        i = f"{int(rng.integers(0, 2**63)):016x}"
+        if i not in seen:
+            seen.add(i)
+            ids.append(i)
+    return ids
 
 
 def plan_dataset(*, n_train_images: int, n_test_images: int, image_size: tuple[int, int] = (256, 320),
@@ -565,20 +611,12 @@ def plan_dataset(*, n_train_images: int, n_test_images: int, image_size: tuple[i
     lo, hi = image_size
     if not 128 <= lo <= hi:
         raise ValueError(f"image_size must be (min, max) with 128 <= min <= max, got {image_size}")
-    id_rng = np.random.default_rng([seed, 7])
-    ids: list[str] = []
-    seen: set[str] = set()
-    while len(ids) < n_train_images + n_test_images:
-        i = f"{int(id_rng.integers(0, 2**63)):016x}"
-        if i not in seen:
-            seen.add(i)
-            ids.append(i)
+    ids = _image_ids(seed, n_train_images + n_test_images)
+    exponent = k.zipf_exponent if zipf_exponent is None else zipf_exponent
     images = []
     for split, stream, id_slice in (("train", 0, ids[:n_train_images]), ("test", 1, ids[n_train_images:])):
-        planner = _Planner(np.random.default_rng([seed, stream]),
-                           zipf_exponent=k.zipf_exponent if zipf_exponent is None else zipf_exponent,
-                           group_of_rate=group_of_rate, difficulty=k)
-        images += planner.images(id_slice, split, (lo, hi))
+        images += plan_split(np.random.default_rng([seed, stream]), id_slice, split, (lo, hi),
+                             zipf_exponent=exponent, group_of_rate=group_of_rate, k=k)
     return DatasetPlan(tuple(images), seed)
 
 

@@ -56,7 +56,8 @@ def image_weights(weights: pd.DataFrame) -> pd.Series:
 
 def expected_class_frequency(weights: pd.DataFrame, boxes: pd.DataFrame) -> pd.Series:
     """Probability that a drawn image contains each class (a diagnostic: flat under class-aware sampling)."""
-    pres = boxes[["image_id", "label"]].drop_duplicates().merge(image_weights(weights).reset_index(), on="image_id")
+    pres = boxes[["image_id", "label"]].drop_duplicates()
+    pres = pres.merge(image_weights(weights).reset_index(), on="image_id")
     return pres.groupby("label")["weight"].sum().sort_values()
 
 

@@ -183,5 +183,6 @@ def test_one_label_check_names_file_row_and_field(tmp_path):
     with pytest.raises(InputError, match=r"s.csv: line 3: field 'PredictionString': unknown label \(MID\) '/m/q'"):
         read_segmentation_submission(tmp_path / "s.csv", known_labels=known)
     with pytest.raises(InputError, match=r"h.json: field 'LabelName': unknown label \(MID\) '/m/q'"):
-        check_hierarchy(Hierarchy.from_json_obj({"LabelName": "/m/root", "Subcategory": [
-            {"LabelName": "/m/a"}, {"LabelName": "/m/q"}]}), pd.DataFrame({"label": sorted(known)}), source="h.json")
+        h = Hierarchy.from_json_obj({"LabelName": "/m/root",
+                                     "Subcategory": [{"LabelName": "/m/a"}, {"LabelName": "/m/q"}]})
+        check_hierarchy(h, pd.DataFrame({"label": sorted(known)}), source="h.json")
