@@ -15,7 +15,7 @@ import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from stages import anchors as anchors_stage
-from stages import infer, train
+from stages import infer, sample, train
 from stages.core.config import validate_config
 from stages.core.errors import InputError
 from stages.formats.io import read_table
@@ -170,8 +170,10 @@ def test_train_with_kmeans_anchors_elaborate_augment_and_averaging(tables, tmp_p
                                "--max-size", "96", "--out", str(anchors)]) == 0
     cfg = {**TINY, "anchors": "kmeans", "augment": "elaborate", "full_class_batch": True, "epochs": 3,
            "lr_steps": [3], "average_epochs": [2, 3], "aug_rotate_std": [5.0, 20.0]}
+    sampling = tmp_path / "class_aware.parquet"  # class-first training draws from the sample stage's table
+    assert sample.main(["--boxes", str(out / "boxes.parquet"), "--splits", str(splits), "--out", str(sampling)]) == 0
     run = tmp_path / "run"
-    assert train.main(_train_args(out, splits, run, cfg, "--anchors", str(anchors))) == 0
+    assert train.main(_train_args(out, splits, run, cfg, "--anchors", str(anchors), "--sampling", str(sampling))) == 0
     result = torch.load(run / "model.pt", weights_only=False)
     assert result["averaged_epochs"] == [2, 3] and result["anchors"] == json.loads(anchors.read_text())
     ck = [torch.load(run / "ckpt" / f"epoch_{e:03d}.pt", weights_only=False)["model"] for e in (1, 2)]
