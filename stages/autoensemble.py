@@ -118,6 +118,17 @@ def load_leaves(paths: Mapping[str, Path], *, labels: pd.Index, split: str | Non
     return dets, images
 
 
+def evaluated_only(d: Dets, *, images: pd.Index, gt: PreparedGroundTruth) -> Dets:
+    """The rows of ``d`` whose (image, class) the metric scores. Every operator works within one image and
+    class, so a tree's mAP is the same with or without the others (unless ``max_per_image`` caps the
+    output: it counts every class of an image)."""
+    n = gt.n_classes
+    img = gt.image_index.get_indexer(images)[d.key // n]
+    ok = img >= 0
+    ok[ok] = gt.is_evaluated(img[ok] * n + d.key[ok] % n)
+    return d.take(np.flatnonzero(ok))
+
+
 def _in_file(exc: InputError, source: object) -> InputError:
     return exc if exc.file is not None else InputError(exc.message, file=source, row=exc.row, field=exc.field)
 
@@ -479,6 +490,8 @@ def suggest_node(trial, node: Node) -> Node:
         ops["iou_thr"] = trial.suggest_float("iou_thr", *IOU_RANGE)
     if ops["method"] in ("adj_nms", "soft_nms"):
         ops["sigma"] = trial.suggest_float("sigma", *SIGMA_RANGE)
+    ops = {k: round(v, 4) if isinstance(v, float) else v for k, v in ops.items()}    # readable trees
+    ops["weights"] = [round(w, 4) for w in ops["weights"]]
     return make_node(node.children, classes=[None if c is None else list(c) for c in node.classes],
                      min_iou=node.min_iou, score_thr=node.score_thr, **ops)
 
@@ -524,6 +537,8 @@ def search_main(a: argparse.Namespace) -> None:
         if not (gt.num_gt > 0).any():
             raise InputError(f"split {name!r} has no ground-truth box: nothing to score", file=a.split_ids,
                              field="split")
+        if settings.max_per_image is None:
+            dets = {k: evaluated_only(v, images=images, gt=gt) for k, v in dets.items()}
         return Split(name, TreeRunner(dets, images=images, labels=labels, cache_bytes=a.cache_mb << 20), gt)
 
     search, check = split(a.search_split, s_paths), split(a.check_split, c_paths)

@@ -164,7 +164,7 @@ def parse_tree(obj: object, *, source: object = "tree", leaves: Collection[str] 
     if errors:
         path = [str(p) for p in errors[0].absolute_path]
         row = f"node {path[1]}" if len(path) >= 2 and path[0] == "nodes" else None
-        field = "/".join(path[2:] if row else path) or "(top level)"
+        field = "/".join(path[2:] if row else path) or (None if row else "(top level)")
         raise InputError(f"does not match {SCHEMA_PATH.name}: {errors[0].message}", file=source, row=row,
                          field=field)
     nodes = {name: _node_from_json(n) for name, n in obj["nodes"].items()}
