@@ -72,7 +72,8 @@ def model_detections(rng: np.random.Generator, boxes: pd.DataFrame, distractors:
                  _jitter(rng, hit[cols].to_numpy(), noise))
     fd = distractors[rng.random(len(distractors)) < 0.7]
     fds = _frame(fd["image_id"].to_numpy(), fd["label"].to_numpy(),
-                 np.clip(rng.beta(2, 3 + 2 * quality, len(fd)), 1e-3, 1.0), _jitter(rng, fd[cols].to_numpy(), noise))
+                 np.clip(rng.beta(2, 3 + 2 * quality, len(fd)), 1e-3, 1.0),
+                 _jitter(rng, fd[cols].to_numpy(), noise))
     imgs = np.unique(np.concatenate([boxes["image_id"].to_numpy(dtype=object),
                                      distractors["image_id"].to_numpy(dtype=object)]))
     have = pd.concat([tps["image_id"], fds["image_id"]]).value_counts().reindex(imgs, fill_value=0).to_numpy()
@@ -126,7 +127,7 @@ def search_args(p: dict, out, *extra: str) -> list[str]:
     """``stages.autoensemble search`` arguments for :func:`write_inputs` files, outputs under ``out``."""
     return ["search", "--search-leaves", *[f"{n}={q}" for n, q in p["leaves"]["val_a"].items()],
             "--check-leaves", *[f"{n}={q}" for n, q in p["leaves"]["val_b"].items()],
-            "--boxes", str(p["boxes"]), "--image-labels", str(p["image_labels"]), "--hierarchy", str(p["hierarchy"]),
-            "--classes", str(p["classes"]), "--split-ids", str(p["splits"]), "--search-split", "val_a",
-            "--check-split", "val_b", "--out-tree", str(out / "tree.json"), "--log", str(out / "log.jsonl"),
+            "--boxes", str(p["boxes"]), "--image-labels", str(p["image_labels"]),
+            "--hierarchy", str(p["hierarchy"]), "--classes", str(p["classes"]), "--split-ids", str(p["splits"]),
+            "--search-split", "val_a", "--check-split", "val_b", "--out-tree", str(out / "tree.json"), "--log", str(out / "log.jsonl"),
             "--scores", str(out / "scores.json"), *extra]

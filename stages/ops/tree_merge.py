@@ -184,8 +184,9 @@ class TreeRunner:
         name = tree.root if name is None else name
         missing = [v for v in tree.walk(name) if tree.is_leaf(v) and v not in self.leaves]
         if missing:
-            raise InputError(f"no detections given for leaf {missing[0]!r}", row=f"node {tree.parent()[missing[0]][0]}"
-                             if missing[0] != tree.root else None, field="children")
+            parent = tree.parent().get(missing[0])
+            raise InputError(f"no detections given for leaf {missing[0]!r}",
+                             row=None if parent is None else f"node {parent[0]}", field="children")
         return self._run(tree, name, keys)
 
     def _run(self, tree: Tree, name: str, keys: dict[str, str]) -> Dets:

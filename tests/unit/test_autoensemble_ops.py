@@ -96,7 +96,8 @@ def reference_merge(children, node):
                             score_thr=node.score_thr)
         out = {kept[i]: v for i, v in soft.items()}
     sel = sorted(out)
-    return Dets(np.array([k[i] for i in sel], dtype=np.int64), b[sel].reshape(-1, 4), np.array([out[i] for i in sel]))
+    return Dets(np.array([k[i] for i in sel], dtype=np.int64), b[sel].reshape(-1, 4),
+                np.array([out[i] for i in sel]))
 
 
 OPERATORS = [
@@ -233,7 +234,7 @@ def test_cache_recomputes_only_changed_paths_and_scores_the_same(scored, seed):
 
 
 def test_one_node_edit_recomputes_exactly_its_path(scored):
-    dets, images, labels, gt = scored
+    dets, images, labels, _ = scored
     runner = TreeRunner(dets, images=images, labels=labels)
     tree = _random_tree(np.random.default_rng(3), sorted(dets))
     runner.output(tree)
