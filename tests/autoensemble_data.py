@@ -129,5 +129,5 @@ def search_args(p: dict, out, *extra: str) -> list[str]:
             "--check-leaves", *[f"{n}={q}" for n, q in p["leaves"]["val_b"].items()],
             "--boxes", str(p["boxes"]), "--image-labels", str(p["image_labels"]),
             "--hierarchy", str(p["hierarchy"]), "--classes", str(p["classes"]), "--split-ids", str(p["splits"]),
-            "--search-split", "val_a", "--check-split", "val_b", "--out-tree", str(out / "tree.json"), "--log", str(out / "log.jsonl"),
-            "--scores", str(out / "scores.json"), *extra]
+            "--search-split", "val_a", "--check-split", "val_b", "--out-tree", str(out / "tree.json"),
+            "--log", str(out / "log.jsonl"), "--scores", str(out / "scores.json"), *extra]
