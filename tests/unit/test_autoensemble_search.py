@@ -187,3 +187,21 @@ def test_search_bad_leaves(inputs, tmp_path, capsys):
     assert autoensemble.main(bad) == 2
     assert "expected NAME=PATH, not 'm0'" in capsys.readouterr().err
     assert not (tmp_path / "tree.json").exists() and not (tmp_path / "log.jsonl").exists()
+
+
+def test_expert_leaf_keeps_its_class_filter(inputs, tmp_path):
+    (tmp_path / "experts.json").write_text(json.dumps({"targets": ["/m/c1"], "negatives": ["/m/c2"]}))
+    assert _search(inputs, tmp_path, "--leaf-classes", f"m0={tmp_path / 'experts.json'}",
+                   "--max-candidates", "25") == 0
+    tree = json.loads((tmp_path / "tree.json").read_text())
+    slots = [(c, cls) for n in tree["nodes"].values() for c, cls in zip(n["children"], n["classes"])]
+    assert sorted(c for c, _ in slots if c.startswith("m")) == ["m0", "m1", "m2", "m3"]
+    assert all((cls == ["/m/c1", "/m/c2"]) == (c == "m0") for c, cls in slots)
+
+
+def test_minutes_budget_spent_still_gives_a_full_tree(inputs, tmp_path):
+    assert autoensemble.main(ad.search_args(inputs, tmp_path, "--max-candidates", "0",
+                                            "--max-minutes", "0.00001")) == 0
+    tree = json.loads((tmp_path / "tree.json").read_text())
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert len(tree["nodes"]) == 3 and scores["chosen"]["key"] == scores["shape_only"]["key"]
