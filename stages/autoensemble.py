@@ -172,9 +172,9 @@ class Split:
     runner: TreeRunner
     gt: PreparedGroundTruth
 
-    def score(self, tree: Tree, vertex: str | None = None) -> float:
-        """mAP of the tree's output (or of one vertex's subtree)."""
-        return float(evaluate_detections(gt=self.gt, detections=self.runner.frame(tree, vertex)).map)
+    def score(self, tree: Tree) -> float:
+        """mAP of the tree's output."""
+        return float(evaluate_detections(gt=self.gt, detections=self.runner.frame(tree)).map)
 
 
 @dataclass(frozen=True)
@@ -594,7 +594,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sp.add_argument("--max-per-image", type=int, default=0, help="cap per image in every tree's output (0 = none)")
     sp.add_argument("--cache-mb", type=int, default=1024, help="node-output cache per split")
     a = p.parse_args(argv)
-    if a.command == "apply" and bool(a.split_ids) != bool(a.split) and a.split_ids:
+    if a.command == "apply" and a.split_ids and not a.split:
         p.error("--split-ids needs --split")
     if a.command == "search" and not a.max_candidates and a.max_minutes is None:
         p.error("give a budget: --max-candidates and/or --max-minutes")

@@ -178,16 +178,14 @@ class TreeRunner:
             self._masks[classes] = m
         return self._masks[classes]
 
-    def output(self, tree: Tree, name: str | None = None) -> Dets:
-        """The detections of vertex ``name`` (default the root), before the root's ``max_per_image``."""
-        keys = tree.keys()
-        name = tree.root if name is None else name
-        missing = [v for v in tree.walk(name) if tree.is_leaf(v) and v not in self.leaves]
+    def output(self, tree: Tree) -> Dets:
+        """The detections at the tree's root, before its ``max_per_image``."""
+        missing = [v for v in tree.leaves if v not in self.leaves]
         if missing:
             parent = tree.parent().get(missing[0])
             raise InputError(f"no detections given for leaf {missing[0]!r}",
                              row=None if parent is None else f"node {parent[0]}", field="children")
-        return self._run(tree, name, keys)
+        return self._run(tree, tree.root, tree.keys())
 
     def _run(self, tree: Tree, name: str, keys: dict[str, str]) -> Dets:
         if tree.is_leaf(name):
@@ -209,7 +207,7 @@ class TreeRunner:
                 total -= self._cache.popitem(last=False)[1].nbytes
         return out
 
-    def frame(self, tree: Tree, name: str | None = None) -> pd.DataFrame:
-        """The ``detections`` table of vertex ``name`` (default the root), capped at ``tree.max_per_image``."""
-        return to_frame(self.output(tree, name), images=self.images, labels=self.labels,
+    def frame(self, tree: Tree) -> pd.DataFrame:
+        """The tree's output as a ``detections`` table, capped at ``tree.max_per_image``."""
+        return to_frame(self.output(tree), images=self.images, labels=self.labels,
                         max_per_image=tree.max_per_image)

@@ -97,11 +97,11 @@ def test_resume_after_a_kill_gives_the_same_tree(inputs, searched, tmp_path, mon
     score = autoensemble.Split.score
     calls = {"n": 0}
 
-    def dying(self, tree, vertex=None):
+    def dying(self, tree):
         calls["n"] += 1
         if calls["n"] > 23:
             raise Killed
-        return score(self, tree, vertex)
+        return score(self, tree)
 
     monkeypatch.setattr(autoensemble.Split, "score", dying)
     with pytest.raises(Killed):
