@@ -26,7 +26,9 @@ The search (:class:`Search`) is scored in process with the challenge metric on t
    whose check-split mAP is within ``--guard`` of the best check-split mAP among them).
 
 Every candidate differs from the current best in one node or one leaf's place, so the subtree cache
-(:class:`stages.ops.tree_merge.TreeRunner`) recomputes only the changed paths. Every scored candidate is
+(:class:`stages.ops.tree_merge.TreeRunner`) recomputes only the changed paths. Leaves are read once, kept as
+compact arrays and cut down to the (image, class) pairs the metric scores (:func:`evaluated_only`); the ground
+truth is prepared once per split. Every scored candidate is
 appended to the JSONL log; a search started again with the same log and settings replays the logged scores
 (no recomputation) and continues where it stopped, to the same result for a ``--max-candidates`` budget
 (a ``--max-minutes`` budget stops where the time runs out, so it is not reproducible).
