@@ -29,6 +29,7 @@ from stages.core.errors import InputError
 from stages.formats import openimages as oi
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import read_table, write_json
+from stages.formats.readers import read_classes
 from stages.formats.tables import check_boxes
 from stages.metrics.detection import IOU_THR, MetricResult, evaluate_detections, prepare_ground_truth
 
@@ -45,16 +46,6 @@ def _check_labels(df: pd.DataFrame, known: set[str], path: object) -> None:
         i = int(np.flatnonzero(bad)[0])
         raise InputError(f"unknown label (MID) {df['label'].iloc[i]!r}: not in the class list", file=path,
                          row=f"row {i}", field="label")
-
-
-def read_classes(path: str | os.PathLike) -> pd.DataFrame:
-    return read_table(path, "classes") if _ext(path) == ".parquet" else oi.read_classes(path)
-
-
-def read_hierarchy(path: str | os.PathLike, classes: pd.DataFrame) -> Hierarchy:
-    if _ext(path) == ".parquet":
-        return Hierarchy.from_edges(read_table(path, "hierarchy"), labels=classes["label"])
-    return Hierarchy.from_json(path)
 
 
 def read_boxes(path: str | os.PathLike, known: set[str]) -> pd.DataFrame:
@@ -143,7 +134,7 @@ def _merge_mask_boxes(mask_boxes: pd.DataFrame, rles: list[dict], boxes: pd.Data
 def evaluate_files(args: argparse.Namespace) -> MetricResult:
     classes = read_classes(args.classes)
     known = set(classes["label"])
-    hierarchy = read_hierarchy(args.hierarchy, classes)
+    hierarchy = Hierarchy.read(args.hierarchy, labels=classes["label"])
     labels = read_image_labels(args.image_labels, known)
     image_ids = split_image_ids(args.split_ids, args.split) if args.split_ids else None
     if args.masks:
