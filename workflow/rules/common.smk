@@ -84,6 +84,15 @@ def images_for(wildcards):
     return rules.ingest.output.images
 
 
+def variant_key(variants, key):
+    """`key` of the job's variant in `variants` (POSTPROCESS or ENSEMBLE), for params and input conditions: the
+    value itself when every variant has the same (a function per job costs DAG-building time at 10^4 jobs)."""
+    values = [v[key] for v in variants.values()]
+    if all(v == values[0] for v in values):
+        return values[0]
+    return lambda wildcards: variants[wildcards.variant][key]
+
+
 def model_metrics(models, splits):
     """Metric files of models after the configured post-processing (their AP for re-weighting and mining)."""
     return expand(rules.evaluate.output.json, stage="postprocess", variant="default", name=models, split=splits)

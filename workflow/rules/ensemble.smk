@@ -17,13 +17,13 @@ rule ensemble:
     wildcard_constraints:
         variant=one_of(ENSEMBLE),
     params:
-        reweight=lookup(dpath="{variant}/reweight", within=ENSEMBLE),
-        vote=lookup(dpath="{variant}/vote", within=ENSEMBLE),
-        k=lookup(dpath="{variant}/k", within=ENSEMBLE),
-        score_weight=lookup(dpath="{variant}/score_weight", within=ENSEMBLE),
-        box_weight=lookup(dpath="{variant}/box_weight", within=ENSEMBLE),
-        min_iou=lookup(dpath="{variant}/min_iou", within=ENSEMBLE),
-        method=lookup(dpath="{variant}/method", within=ENSEMBLE),
+        reweight=variant_key(ENSEMBLE, "reweight"),
+        vote=variant_key(ENSEMBLE, "vote"),
+        k=variant_key(ENSEMBLE, "k"),
+        score_weight=variant_key(ENSEMBLE, "score_weight"),
+        box_weight=variant_key(ENSEMBLE, "box_weight"),
+        min_iou=variant_key(ENSEMBLE, "min_iou"),
+        method=variant_key(ENSEMBLE, "method"),
         # the final suppression's thresholds and cap are the postprocess section's
         iou_thr=config["postprocess"]["iou_thr"],
         sigma=config["postprocess"]["sigma"],

@@ -27,10 +27,8 @@ rule postprocess:
     input:
         dets=rules.infer.output.dets,
         # the hierarchy / relation statistics when the variant expands / rescores (none otherwise)
-        hierarchy=branch(
-            lookup(dpath="{variant}/expand_hierarchy", within=POSTPROCESS), then=rules.ingest.output.hierarchy
-        ),
-        relations=branch(lookup(dpath="{variant}/relations", within=POSTPROCESS), then=rules.relations.output.stats),
+        hierarchy=branch(variant_key(POSTPROCESS, "expand_hierarchy"), then=rules.ingest.output.hierarchy),
+        relations=branch(variant_key(POSTPROCESS, "relations"), then=rules.relations.output.stats),
     output:
         dets="results/postprocess/{variant}/{model}/{split}/shard{shard}.parquet",
     log:
@@ -40,17 +38,17 @@ rule postprocess:
     wildcard_constraints:
         variant=one_of(POSTPROCESS),
     params:
-        method=lookup(dpath="{variant}/method", within=POSTPROCESS),
-        iou_thr=lookup(dpath="{variant}/iou_thr", within=POSTPROCESS),
-        sigma=lookup(dpath="{variant}/sigma", within=POSTPROCESS),
-        score_thr=lookup(dpath="{variant}/score_thr", within=POSTPROCESS),
-        max_per_image=lookup(dpath="{variant}/max_per_image", within=POSTPROCESS),
-        conf_thr=lookup(dpath="{variant}/conf_thr", within=POSTPROCESS),
-        cooc_weight=lookup(dpath="{variant}/cooc_weight", within=POSTPROCESS),
-        surround_thr=lookup(dpath="{variant}/surround_thr", within=POSTPROCESS),
-        min_support=lookup(dpath="{variant}/min_support", within=POSTPROCESS),
-        boost=lookup(dpath="{variant}/boost", within=POSTPROCESS),
-        penalty=lookup(dpath="{variant}/penalty", within=POSTPROCESS),
+        method=variant_key(POSTPROCESS, "method"),
+        iou_thr=variant_key(POSTPROCESS, "iou_thr"),
+        sigma=variant_key(POSTPROCESS, "sigma"),
+        score_thr=variant_key(POSTPROCESS, "score_thr"),
+        max_per_image=variant_key(POSTPROCESS, "max_per_image"),
+        conf_thr=variant_key(POSTPROCESS, "conf_thr"),
+        cooc_weight=variant_key(POSTPROCESS, "cooc_weight"),
+        surround_thr=variant_key(POSTPROCESS, "surround_thr"),
+        min_support=variant_key(POSTPROCESS, "min_support"),
+        boost=variant_key(POSTPROCESS, "boost"),
+        penalty=variant_key(POSTPROCESS, "penalty"),
     conda:
         ENV
     shell:
