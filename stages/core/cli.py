@@ -62,9 +62,9 @@ def add_config_args(p: argparse.ArgumentParser, section: str, keys: Sequence[str
     for key in keys:
         node = schema_property(section, key)
         desc = node.get("description", "").replace("%", "%%")
-        metavar = "{true,false}" if node["type"] == "boolean" else None if "enum" in node else key.upper()
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=_TYPES[node["type"]], default=node["default"],
-                       choices=node.get("enum"), metavar=metavar, help=f"{desc} (default: %(default)s)".lstrip())
+                       choices=node.get("enum"), metavar="{true,false}" if node["type"] == "boolean" else None,
+                       help=f"{desc} (default: %(default)s)".lstrip())
 
 
 def add_stream_args(p: argparse.ArgumentParser) -> None:
