@@ -8,7 +8,7 @@ the slow per-image reference (``tests/metric_reference.py``) on a subset, checki
 Segmentation: 1,000 images x 20 predicted masks; the RLE metric against the same metric with mask IoU computed
 by decoding every mask densely.
 
-    python benchmarks/metric.py [--oid-dir ../shared/oid] [--per-image 10 100 300] [--ref-images 300]
+    python benchmarks/metric.py [--oid-dir tests/fixtures/oid2019] [--per-image 10 100 300] [--ref-images 300]
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def bench_segmentation(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--oid-dir", type=Path, default=ROOT.parent / "shared" / "oid")
+    p.add_argument("--oid-dir", type=Path, default=ROOT / "tests" / "fixtures" / "oid2019")
     p.add_argument("--images", type=int, default=N_IMAGES)
     p.add_argument("--per-image", type=int, nargs="+", default=[10, 100, 300])
     p.add_argument("--ref-images", type=int, default=300)

@@ -53,16 +53,16 @@ import pandas as pd
 
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
-from stages.evaluate import (
+from stages.formats.experts import read_experts
+from stages.formats.hierarchy import Hierarchy
+from stages.formats.io import read_json, read_provenance, write_json
+from stages.formats.readers import (
     read_boxes,
     read_classes,
-    read_hierarchy,
     read_image_labels,
     read_predictions,
     split_image_ids,
 )
-from stages.experts import read_experts
-from stages.formats.io import read_json, read_provenance, write_json
 from stages.formats.stream import TableWriter
 from stages.metrics.detection import PreparedGroundTruth, evaluate_detections, prepare_ground_truth
 from stages.ops.ensemble_tree import Node, Tree, insert_leaf, make_node, parse_tree, remove_leaf, renumber
@@ -527,7 +527,7 @@ def search_main(a: argparse.Namespace) -> None:
     unknown = sorted({c for v in leaf_classes.values() for c in v} - known)
     if unknown:
         raise InputError(f"class {unknown[0]!r} is not in the class list", field="--leaf-classes")
-    hierarchy = read_hierarchy(a.hierarchy, classes)
+    hierarchy = Hierarchy.read(a.hierarchy, labels=classes["label"])
     boxes, image_labels = read_boxes(a.boxes, known), read_image_labels(a.image_labels, known)
     t0 = time.perf_counter()
 

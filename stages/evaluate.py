@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,73 +27,11 @@ from stages.core.cli import stage_main
 from stages.core.errors import InputError
 from stages.formats import openimages as oi
 from stages.formats.hierarchy import Hierarchy
-from stages.formats.io import read_table, write_json
-from stages.formats.tables import check_boxes, check_labels
+from stages.formats.io import write_json
+from stages.formats.readers import read_boxes, read_classes, read_image_labels, read_predictions, split_image_ids
 from stages.metrics.detection import IOU_THR, MetricResult, evaluate_detections, prepare_ground_truth
 
 log = logging.getLogger(__name__)
-
-
-def _ext(path: str | os.PathLike) -> str:
-    return Path(path).suffix.lower()
-
-
-def read_classes(path: str | os.PathLike) -> pd.DataFrame:
-    return read_table(path, "classes") if _ext(path) == ".parquet" else oi.read_classes(path)
-
-
-def read_hierarchy(path: str | os.PathLike, classes: pd.DataFrame) -> Hierarchy:
-    if _ext(path) == ".parquet":
-        return Hierarchy.from_edges(read_table(path, "hierarchy"), labels=classes["label"])
-    return Hierarchy.from_json(path)
-
-
-def read_boxes(path: str | os.PathLike, known: set[str]) -> pd.DataFrame:
-    if _ext(path) != ".parquet":
-        return oi.read_boxes(path, known_labels=known)
-    df = read_table(path, "boxes")
-    check_labels(df["label"], known, source=path)
-    check_boxes(df, source=path)
-    return df
-
-
-def read_image_labels(path: str | os.PathLike, known: set[str]) -> pd.DataFrame:
-    if _ext(path) != ".parquet":
-        return oi.read_image_labels(path, known_labels=known)
-    df = read_table(path, "image_labels")
-    check_labels(df["label"], known, source=path)
-    bad = ~df["confidence"].isin([0, 1]).to_numpy()
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise InputError("confidence must be 0 or 1", file=path, row=f"row {i}", field="confidence")
-    return df
-
-
-def read_predictions(path: str | os.PathLike, known: set[str], *, table: str = "detections") -> pd.DataFrame:
-    """Kaggle submission CSV or a ``detections``/``masks`` parquet, validated (MIDs, coordinates)."""
-    if _ext(path) != ".parquet":
-        if table == "masks":
-            from stages.formats.seg_submission import read_segmentation_submission
-
-            return read_segmentation_submission(path, known_labels=known)
-        return oi.read_detection_submission(path, known_labels=known)
-    df = read_table(path, table)
-    check_labels(df["label"], known, source=path)
-    check_boxes(df, source=path)
-    bad = ~np.isfinite(df["score"].to_numpy(np.float64))
-    if bad.any():
-        raise InputError("score is not a finite number", file=path, row=f"row {int(np.flatnonzero(bad)[0])}",
-                         field="score")
-    return df
-
-
-def split_image_ids(path: str | os.PathLike, split: str) -> np.ndarray:
-    sp = read_table(path, "splits")
-    ids = sp.loc[sp["split"] == split, "image_id"].to_numpy(dtype=object)
-    if not len(ids):
-        raise InputError(f"no image in split {split!r} (splits present: {sorted(sp['split'].unique())})",
-                         file=path, field="split")
-    return ids
 
 
 def _read_gt_masks(masks_csv: str, mask_dir: str, known: set[str], sizes: dict[str, tuple[int, int]]
@@ -135,7 +72,7 @@ def _merge_mask_boxes(mask_boxes: pd.DataFrame, rles: list[dict], boxes: pd.Data
 def evaluate_files(args: argparse.Namespace) -> MetricResult:
     classes = read_classes(args.classes)
     known = set(classes["label"])
-    hierarchy = read_hierarchy(args.hierarchy, classes)
+    hierarchy = Hierarchy.read(args.hierarchy, labels=classes["label"])
     labels = read_image_labels(args.image_labels, known)
     image_ids = split_image_ids(args.split_ids, args.split) if args.split_ids else None
     if args.masks:

@@ -33,7 +33,8 @@ import numpy as np
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
 from stages.formats.hierarchy import Hierarchy
-from stages.formats.io import read_json, read_table, write_json
+from stages.formats.io import write_json
+from stages.formats.readers import read_class_aps
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +126,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise InputError(f"cannot load the model: {exc}", file=a.model) from exc
     if not isinstance(ckpt, Mapping) or "model" not in ckpt or "labels" not in ckpt:
         raise InputError("not a stages.train checkpoint (needs 'model' and 'labels')", file=a.model)
-    metrics = read_json(a.metrics)
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("per_class"), dict):
-        raise InputError("metric JSON without 'per_class'", file=a.metrics, field="per_class")
-    ap = {c: v.get("ap") for c, v in metrics["per_class"].items() if isinstance(v, dict)}
-    hierarchy = None
-    if a.hierarchy:
-        hierarchy = (Hierarchy.from_json(a.hierarchy) if a.hierarchy.suffix == ".json"
-                     else Hierarchy.from_edges(read_table(a.hierarchy, "hierarchy")))
+    ap = read_class_aps(a.metrics)
+    hierarchy = Hierarchy.read(a.hierarchy) if a.hierarchy else None
     weight = classifier_weight(ckpt["model"], source=a.model)
     out = mine_experts(ap=ap, fc_weight=weight, labels=list(ckpt["labels"]), n_lowest=a.n_lowest,
                        sim_thr=a.sim_thr, hierarchy=hierarchy)

@@ -1,11 +1,14 @@
 """Post-process one model's detections: hierarchy expansion, NMS / soft-NMS / adj-NMS, relationship
 rescoring, a per-image cap.
 
-    python -m stages.postprocess --detections in.parquet --out out.parquet --method adj_nms \
-        [--iou-thr 0.5 --sigma 0.5 --score-thr 0.001 --max-per-image 0] \
-        [--expand-hierarchy hierarchy.json|hierarchy.parquet] [--relations stats.json ...]
+    python -m stages.postprocess --detections in.parquet --out out.parquet [--method adj_nms --iou-thr 0.5 \
+        --sigma 0.5 --score-thr 0.001 --max-per-image 300] [--expand-hierarchy hierarchy.json|hierarchy.parquet] \
+        [--relations stats.json [--conf-thr 0.5 --cooc-weight 0.5 ...]]
 
-Works on any ``detections`` parquet; processed in image shards (``--rows-per-shard``), so memory stays flat.
+Every option named after a key of the config's ``postprocess`` section takes that key's schema default.
+``--expand-hierarchy`` and ``--relations`` with no file (as the DAG passes them when the config turns them off)
+skip that step. Works on any ``detections`` parquet; processed in image shards (``--rows-per-shard``), so memory
+stays flat.
 """
 
 from __future__ import annotations
@@ -19,34 +22,41 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.core.cli import stage_main
+from stages.core.cli import add_config_args, add_stream_args, stage_main
 from stages.formats.columns import concat
 from stages.formats.hierarchy import Hierarchy
-from stages.formats.io import read_json, read_provenance, read_table
+from stages.formats.io import read_json, read_provenance
 from stages.formats.stream import TableWriter, image_shards, pipeline, read_shard
 from stages.ops.hierarchy import expand_hierarchy
-from stages.ops.nms import METHODS, suppress, top_per_image
+from stages.ops.nms import suppress, top_per_image
 from stages.ops.relations import RelationStats, rescore
 
 log = logging.getLogger(__name__)
 
+#: config keys of the suppression (the ensemble's suppression reads the last four too)
+SUPPRESS_KEYS = ("method", "iou_thr", "sigma", "score_thr", "max_per_image")
+
 
 @dataclass(frozen=True)
 class RescoreParams:
-    conf_thr: float = 0.5
-    cooc_weight: float = 0.5
-    surround_thr: float = 0.9
-    min_support: int = 20
-    boost: float = 0.1
-    penalty: float = 0.1
+    """Relationship rescoring's parameters (config keys of the ``postprocess`` section)."""
+
+    conf_thr: float
+    cooc_weight: float
+    surround_thr: float
+    min_support: int
+    boost: float
+    penalty: float
 
 
-def postprocess(dets: pd.DataFrame, *, method: str = "adj_nms", iou_thr: float = 0.5, sigma: float = 0.5,
-                score_thr: float = 0.001, max_per_image: int = 0, hierarchy: Hierarchy | None = None,
-                relations: RelationStats | None = None, rescore_params: RescoreParams = RescoreParams(),
-                device: object = None) -> pd.DataFrame:
-    """expand (if ``hierarchy``) -> suppress with ``method`` -> rescore (if ``relations``) -> keep the
-    ``max_per_image`` best per image (0 = all). Returns a detections table sorted by image_id, score desc."""
+def postprocess(dets: pd.DataFrame, *, method: str, iou_thr: float, sigma: float, score_thr: float,
+                max_per_image: int, hierarchy: Hierarchy | None = None, relations: RelationStats | None = None,
+                rescore_params: RescoreParams | None = None, device: object = None) -> pd.DataFrame:
+    """expand (if ``hierarchy``) -> suppress with ``method`` -> rescore (if ``relations``, with
+    ``rescore_params``) -> keep the ``max_per_image`` best per image (0 = all). Returns a detections table sorted
+    by image_id, score desc."""
+    if relations is not None and rescore_params is None:
+        raise ValueError("relations need rescore_params")
     if hierarchy is not None:
         dets = expand_hierarchy(dets, hierarchy)
     out = suppress(dets, method=method, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr, device=device)
@@ -57,44 +67,18 @@ def postprocess(dets: pd.DataFrame, *, method: str = "adj_nms", iou_thr: float =
     return out
 
 
-def load_hierarchy(path: str | Path) -> Hierarchy:
-    """A hierarchy from the challenge JSON or from the ``hierarchy`` parquet table (child, parent)."""
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        return Hierarchy.from_json(path)
-    return Hierarchy.from_edges(read_table(path, "hierarchy"))
-
-
-def load_relations(path: str | Path) -> RelationStats:
-    return RelationStats.from_json_obj(read_json(path), source=path)
-
-
-def add_suppress_args(p: argparse.ArgumentParser, *, method: str = "adj_nms") -> None:
-    p.add_argument("--method", choices=METHODS, default=method)
-    p.add_argument("--iou-thr", type=float, default=0.5, help="NMS / linear soft-NMS IoU threshold")
-    p.add_argument("--sigma", type=float, default=0.5, help="gaussian soft-NMS / adj-NMS: w = exp(-IoU^2/sigma)")
-    p.add_argument("--score-thr", type=float, default=0.001, help="drop boxes whose (decayed) score <= this")
-    p.add_argument("--max-per-image", type=int, default=0, help="keep the N best boxes per image (0 = all)")
-    p.add_argument("--rows-per-shard", type=int, default=1 << 20, help="rows processed at once (memory bound)")
-    p.add_argument("--device", default=None,
-                   help="auto (default): torch on CUDA when a GPU is visible, else numpy on the CPU; cpu; cuda[:N]")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stages.postprocess", description=__doc__.split("\n\n")[0])
     p.add_argument("--detections", required=True, type=Path, nargs="+",
                    help="one or more detections files (image shards, scales or models), processed together")
     p.add_argument("--out", required=True, type=Path)
-    add_suppress_args(p)
-    p.add_argument("--expand-hierarchy", type=Path, default=None, metavar="JSON_OR_PARQUET")
-    p.add_argument("--relations", type=Path, default=None, metavar="STATS_JSON")
-    d = RescoreParams()
-    p.add_argument("--conf-thr", type=float, default=d.conf_thr)
-    p.add_argument("--cooc-weight", type=float, default=d.cooc_weight)
-    p.add_argument("--surround-thr", type=float, default=d.surround_thr)
-    p.add_argument("--min-support", type=int, default=d.min_support)
-    p.add_argument("--boost", type=float, default=d.boost)
-    p.add_argument("--penalty", type=float, default=d.penalty)
+    add_config_args(p, "postprocess", SUPPRESS_KEYS)
+    add_stream_args(p)
+    p.add_argument("--expand-hierarchy", type=Path, nargs="?", metavar="JSON_OR_PARQUET",
+                   help="add parent-class boxes (the hierarchy JSON or table); no file: do not expand")
+    p.add_argument("--relations", type=Path, nargs="?", metavar="STATS_JSON",
+                   help="rescore with these relation statistics (stages.relations); no file: no rescoring")
+    add_config_args(p, "postprocess", RescoreParams.__dataclass_fields__)
     return p.parse_args(argv)
 
 
@@ -102,12 +86,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse_args(argv)
     t0 = time.perf_counter()
-    hierarchy = load_hierarchy(a.expand_hierarchy) if a.expand_hierarchy else None
-    relations = load_relations(a.relations) if a.relations else None
-    rp = RescoreParams(conf_thr=a.conf_thr, cooc_weight=a.cooc_weight, surround_thr=a.surround_thr,
-                       min_support=a.min_support, boost=a.boost, penalty=a.penalty)
-    prov = {"stage": "postprocess", "input": [str(d) for d in a.detections], "method": a.method, "iou_thr": a.iou_thr,
-            "sigma": a.sigma, "score_thr": a.score_thr, "max_per_image": a.max_per_image,
+    hierarchy = Hierarchy.read(a.expand_hierarchy) if a.expand_hierarchy else None
+    relations = RelationStats.from_json_obj(read_json(a.relations), source=a.relations) if a.relations else None
+    rp = RescoreParams(**{k: getattr(a, k) for k in RescoreParams.__dataclass_fields__})
+    prov = {"stage": "postprocess", "input": [str(d) for d in a.detections], "method": a.method,
+            "iou_thr": a.iou_thr, "sigma": a.sigma, "score_thr": a.score_thr, "max_per_image": a.max_per_image,
             "expand_hierarchy": str(a.expand_hierarchy) if a.expand_hierarchy else None,
             "relations": str(a.relations) if a.relations else None, "rescore": asdict(rp) if relations else None,
             # what the input was (model, infer scales, ensemble settings...): the provenance chain stays readable

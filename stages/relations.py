@@ -1,6 +1,9 @@
 """Mine co-occurrence and surround statistics from the training boxes (see :mod:`stages.ops.relations`).
 
-    python -m stages.relations --boxes boxes.parquet --splits splits.parquet --split train --out stats.json
+    python -m stages.relations --boxes boxes.parquet --splits splits.parquet --split train --out stats.json \
+        [--ioa-thr 0.9]
+
+``--ioa-thr`` is the config key ``postprocess.ioa_thr`` (its schema default when not given).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.core.cli import stage_main
+from stages.core.cli import add_config_args, stage_main
 from stages.core.errors import InputError
 from stages.formats.io import read_table, write_json
 from stages.ops.relations import RelationStats, mine_relations
@@ -21,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def relations(*, boxes: pd.DataFrame, splits: pd.DataFrame | None = None, split: str = "train",
-              ioa_thr: float = 0.9) -> RelationStats:
+              ioa_thr: float) -> RelationStats:
     """Statistics over the boxes of the images in ``split`` (all boxes when ``splits`` is None)."""
     if splits is not None:
         ids = splits.loc[splits["split"] == split, "image_id"]
@@ -37,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--boxes", required=True, type=Path)
     p.add_argument("--splits", type=Path, default=None)
     p.add_argument("--split", default="train")
-    p.add_argument("--ioa-thr", type=float, default=0.9, help="a box is inside another if IoA >= this")
+    add_config_args(p, "postprocess", ["ioa_thr"])
     p.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
     boxes = read_table(a.boxes, "boxes")

@@ -1,13 +1,14 @@
-"""Collect metric JSONs (results/evaluate/<stage>/<name>/<split>.json) into one table (JSON and Markdown) and,
-with ``--out-html``, a self-contained HTML report: mAP per model and stage on val_a / val_b (table and chart),
-ablation tables, per-class AP plots and sample images with their detections (images embedded as base64 PNG).
+"""Collect metric JSONs (results/evaluate/<stage>/<variant>/<name>/<split>.json) into one table (JSON and
+Markdown) and, with ``--out-html``, a self-contained HTML report: mAP per model and stage on val_a / val_b (table
+and chart), ablation tables, per-class AP plots and sample images with their detections (images embedded as
+base64 PNG).
 
-    python -m stages.report --metrics results/evaluate/*/*/*.json results/evaluate/merge/*.json \\
+    python -m stages.report --metrics results/evaluate/*/default/*/*.json \\
         [--out-json results/metrics.json] [--out-md results/metrics.md] \\
-        [--out-html results/report.html --detections results/merge/val_a.parquet results/merge/test.parquet \\
+        [--out-html results/report.html --detections results/ensemble/default/all/val_a.parquet \\
          --images results/ingest/images.parquet results/ingest/test_images.parquet \\
          --boxes results/ingest/boxes.parquet --classes results/ingest/classes.parquet \\
-         --ablation ablation/nms.tsv ablation/heads.json]
+         --ablation results/ablation/postprocess.json results/ablation/ensemble.json]
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from PIL import Image
 
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
-from stages.formats.io import read_table, write_json, write_text
+from stages.formats.io import read_canonical, read_table, write_json, write_text
+from stages.formats.readers import read_class_names, read_metrics
+from stages.viz.overlay import render_image
 
 log = logging.getLogger(__name__)
 
@@ -36,54 +39,52 @@ VAL_SPLITS = ("val_a", "val_b")
 
 
 # ----- metric files -----------------------------------------------------------------------------------------
-def _metric_key(p: Path) -> tuple[str, str, str]:
-    """(stage, name, split) from results/evaluate/<stage>/<name...>/<split>.json (name = stage when absent)."""
+#: a run's identity: the stage, its variant ("default": the configured chain; else an ablation variant), the
+#: model or ensemble group
+RUN = ["stage", "variant", "name"]
+
+
+def _metric_key(p: Path) -> tuple[str, str, str, str]:
+    """(stage, variant, name, split) from .../evaluate/<stage>/<variant>/<name>/<split>.json (the DAG's layout)."""
     parts = p.with_suffix("").parts
-    i = parts.index("evaluate") if "evaluate" in parts else len(parts) - 3
-    rest = parts[i + 1:]
-    return rest[0], "/".join(rest[1:-1]) or rest[0], rest[-1]
-
-
-def _read_metric(p: Path) -> dict:
-    try:
-        m = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"unreadable metrics JSON: {exc}", file=p) from exc
-    if not isinstance(m, dict) or "mAP" not in m:
-        raise InputError("no 'mAP' key", file=p, field="mAP")
-    return m
+    rest = parts[parts.index("evaluate") + 1:] if "evaluate" in parts else ()
+    if len(rest) != 4:
+        raise InputError("a metric file's path must end in evaluate/<stage>/<variant>/<name>/<split>.json",
+                         file=p)
+    return rest[0], rest[1], rest[2], rest[3]
 
 
 def _float(v: object) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _metrics(paths: Sequence[Path]) -> Iterator[tuple[tuple[str, str, str], dict]]:
-    """``((stage, name, split), metric JSON)`` of each metric file."""
+def _metrics(paths: Sequence[Path]) -> Iterator[tuple[tuple[str, str, str, str], dict]]:
+    """``((stage, variant, name, split), metric JSON)`` of each metric file."""
     for p in map(Path, paths):
-        m = _read_metric(p)
-        yield _metric_key(p), m
+        yield _metric_key(p), read_metrics(p)
 
 
 def metrics_frame(paths: Sequence[Path]) -> pd.DataFrame:
-    """One row per (stage, name) with a column of mAP per split, from the metric files' paths and contents."""
-    rows = [{"stage": stage, "name": name, "split": split, "mAP": _float(m["mAP"])}
-            for (stage, name, split), m in _metrics(paths)]
+    """One row per run (stage, variant, name) with a column of mAP per split, from the metric files."""
+    rows = [{"stage": stage, "variant": variant, "name": name, "split": split, "mAP": _float(m["mAP"])}
+            for (stage, variant, name, split), m in _metrics(paths)]
     df = pd.DataFrame(rows)
-    return df.pivot_table(index=["stage", "name"], columns="split", values="mAP").reset_index()
+    out = df.pivot_table(index=RUN, columns="split", values="mAP").reset_index()
+    out.columns.name = None
+    return out
 
 
 def per_class_frame(paths: Sequence[Path]) -> pd.DataFrame:
-    """Long table of per-class results: stage, name, split, label, class_name, ap (NaN: no ground truth),
-    n_gt, n_det, n_tp — one row per class of each metric file's ``per_class``."""
+    """Long table of per-class results: stage, variant, name, split, label, class_name, ap (NaN: no ground
+    truth), n_gt, n_det, n_tp — one row per class of each metric file's ``per_class``."""
     rows = []
-    for (stage, name, split), m in _metrics(paths):
-        for label, c in (m.get("per_class") or {}).items():
-            rows.append({"stage": stage, "name": name, "split": split, "label": label,
-                         "class_name": c.get("name", label), "ap": _float(c.get("ap")),
+    for (stage, variant, name, split), m in _metrics(paths):
+        for label, c in m["per_class"].items():
+            rows.append({"stage": stage, "variant": variant, "name": name, "split": split, "label": label,
+                         "class_name": c.get("name", label), "ap": _float(c["ap"]),
                          "n_gt": int(c.get("n_gt", 0)), "n_det": int(c.get("n_det", 0)),
                          "n_tp": int(c.get("n_tp", 0))})
-    cols = ["stage", "name", "split", "label", "class_name", "ap", "n_gt", "n_det", "n_tp"]
+    cols = [*RUN, "split", "label", "class_name", "ap", "n_gt", "n_det", "n_tp"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -95,22 +96,27 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_name(stage: str, name: str) -> str:
-    """How a (stage, name) row is called in the report: ``merge`` or ``postprocess/r50``."""
-    return stage if stage == name else f"{stage}/{name}"
+def run_name(stage: str, variant: str, name: str) -> str:
+    """How a run is called in the report: ``postprocess/r50``, or ``postprocess/nms/r50`` for a variant."""
+    return f"{stage}/{name}" if variant == "default" else f"{stage}/{variant}/{name}"
 
 
-def best_run(metrics: pd.DataFrame) -> str | None:
-    """The non-merge run with the highest mean mAP over the validation splits present (None if there is none)."""
-    splits = [s for s in VAL_SPLITS if s in metrics] or [c for c in metrics if c not in ("stage", "name")]
-    cand = metrics[metrics["stage"] != "merge"]
+def _splits(metrics: pd.DataFrame) -> list[str]:
+    return [s for s in VAL_SPLITS if s in metrics] or [c for c in metrics if c not in RUN]
+
+
+def best_run(metrics: pd.DataFrame, stage: str) -> str | None:
+    """The run of ``stage`` with the highest mean mAP over the validation splits present (None if there is
+    none)."""
+    splits = _splits(metrics)
+    cand = metrics[metrics["stage"] == stage]
     if cand.empty or not splits:
         return None
     mean = cand[splits].mean(axis=1, skipna=True)
     if mean.isna().all():
         return None
     r = cand.loc[mean.idxmax()]
-    return run_name(r["stage"], r["name"])
+    return run_name(r["stage"], r["variant"], r["name"])
 
 
 def class_ap_table(per_class: pd.DataFrame) -> pd.DataFrame:
@@ -120,7 +126,7 @@ def class_ap_table(per_class: pd.DataFrame) -> pd.DataFrame:
     pc = per_class.dropna(subset=["ap"])
     if pc.empty:
         return pd.DataFrame(columns=["label", "class_name", "n_gt"])
-    pc = pc.assign(run=[run_name(s, n) for s, n in zip(pc["stage"], pc["name"])])
+    pc = pc.assign(run=[run_name(*r) for r in pc[RUN].itertuples(index=False)])
     ap = pc.pivot_table(index="label", columns="run", values="ap", aggfunc="mean")
     info = pc.groupby("label").agg(class_name=("class_name", "first"), n_gt=("n_gt", "max"))
     out = info.join(ap).reset_index()
@@ -159,8 +165,8 @@ def map_chart(metrics: pd.DataFrame) -> bytes:
     """Grouped horizontal bars: mAP of each run on each validation split. PNG bytes."""
     from matplotlib.figure import Figure
 
-    splits = [s for s in VAL_SPLITS if s in metrics] or [c for c in metrics if c not in ("stage", "name")]
-    runs = [run_name(s, n) for s, n in zip(metrics["stage"], metrics["name"])]
+    splits = _splits(metrics)
+    runs = [run_name(*r) for r in metrics[RUN].itertuples(index=False)]
     fig = Figure(figsize=(8, 1.0 + 0.45 * len(runs) * max(1, len(splits)) / 2))
     ax = fig.add_subplot()
     y = np.arange(len(runs))
@@ -233,8 +239,6 @@ def draw_samples(*, title: str, dets: pd.DataFrame, images: pd.DataFrame, proven
                  gt: pd.DataFrame | None = None, names: Mapping[str, str] | None = None, n: int = 6,
                  score_thr: float = 0.3, min_side: int = 384, source: object = None) -> Samples:
     """Draw ``n`` sample images of a detections table (with ground truth when given) for the report."""
-    from stages.inspect import render_image
-
     out = []
     for image_id in sample_ids(dets, images, n=n, score_thr=score_thr):
         img = render_image(image_id=image_id, images=images, dets=dets, names=names, score_thr=score_thr,
@@ -278,9 +282,8 @@ def build_html(*, metrics: pd.DataFrame, per_class: pd.DataFrame,
              f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"]
     parts.append("<h2 id='map'>mAP per model and stage</h2>")
     m = metrics.copy()
-    m.columns.name = None
-    m.insert(0, "run", [run_name(s, n) for s, n in zip(m["stage"], m["name"])])
-    parts.append(_table(m.drop(columns=["stage", "name"]), "metrics"))
+    m.insert(0, "run", [run_name(*r) for r in m[RUN].itertuples(index=False)])
+    parts.append(_table(m.drop(columns=RUN), "metrics"))
     if len(m):
         parts.append(img_tag(map_chart(metrics), "mAP per model and stage"))
 
@@ -293,8 +296,8 @@ def build_html(*, metrics: pd.DataFrame, per_class: pd.DataFrame,
     if len(table):
         parts.append("<h2 id='per-class'>Per-class AP</h2>")
         runs = [c for c in table.columns if c not in ("label", "class_name", "n_gt")]
-        best = best_run(metrics)
-        shown = [r for r in (best, "merge") if r in runs] or runs[:1]
+        best = [best_run(metrics, stage) for stage in ("postprocess", "ensemble")]
+        shown = [r for r in best if r in runs] or runs[:1]
         png, caption = class_ap_chart(table, shown, max_classes=max_classes)
         parts.append(f"<figure style='max-width:none'>{img_tag(png, 'per-class AP')}"
                      f"<figcaption>{e(caption)}</figcaption></figure>")
@@ -345,8 +348,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.out_md:
         write_text(a.out_md, to_markdown(df))
     if a.out_html:
-        from stages.inspect import read_canonical, read_class_names
-
         if a.detections and not a.images:
             raise InputError("--detections needs --images to find the image files", field="--images")
         images = (pd.concat([read_table(x, "images") for x in a.images], ignore_index=True)

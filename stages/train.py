@@ -31,6 +31,7 @@ import torch.distributed as dist
 from stages.core.cli import stage_main
 from stages.core.config import validate_config
 from stages.core.errors import InputError
+from stages.core.provenance import code_version
 from stages.formats.experts import read_experts, restrict_to_classes
 from stages.formats.io import atomic_path, config_hash, read_table
 from stages.models.augment import AugmentStats, augment_stats, elaborate_augment
@@ -339,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                        stop_after_epoch=a.stop_after_epoch)
         if rank == 0:
             with atomic_path(a.out) as tmp:
-                torch.save(result, tmp)
+                torch.save({**result, "code": code_version()}, tmp)
             print(f"train: {result['epochs']} epochs, {len(result['labels'])} classes, {world} process(es)"
                   f" -> {a.out}")
     finally:

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
 from stages.core.errors import InputError
@@ -19,28 +18,39 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "co
 @functools.lru_cache(maxsize=1)
 def _schema_cached() -> dict:
     with open(SCHEMA_PATH) as f:
-        return yaml.safe_load(f)
+        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def _schema() -> dict:
     return copy.deepcopy(_schema_cached())
 
 
-def schema_default(*path: str) -> Any:
-    """The schema's default of one key, e.g. ``schema_default("postprocess", "iou_thr")`` or
-    ``schema_default("model", "box_nms_thresh")`` (a model entry's key). CLIs take their defaults from here
-    instead of restating them."""
+def schema_property(*path: str) -> dict:
+    """The schema of one key, e.g. ``schema_property("postprocess", "iou_thr")`` or ``schema_property("model",
+    "box_nms_thresh")`` (a model entry's key): type, default, bounds, description."""
     schema = _schema_cached()
     node = schema["$defs"]["model"] if path[0] == "model" else schema["properties"][path[0]]
     for key in path[1:]:
         node = node["properties"][key]
+    return copy.deepcopy(node)
+
+
+def schema_default(*path: str) -> Any:
+    """The schema's default of one key (see :func:`schema_property`). CLIs take their defaults from here
+    instead of restating them."""
+    node = schema_property(*path)
     if "default" not in node:
         raise KeyError(f"schema key {'/'.join(path)} has no default")
-    return copy.deepcopy(node["default"])
+    return node["default"]
 
 
-def _with_defaults(validator_cls):
-    validate_props = validator_cls.VALIDATORS["properties"]
+def defaults_validator(schema: dict):
+    """A draft 2020-12 validator of ``schema`` that fills in defaults while validating. (jsonschema is imported
+    here, not at the top: the stages' CLIs read schema defaults without validating.)"""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    validate_props = base.VALIDATORS["properties"]
 
     def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
@@ -50,7 +60,7 @@ def _with_defaults(validator_cls):
         yield from validate_props(validator, properties, instance, schema)
 
     # defaults inside $ref'd sections (every model entry) are filled too: $ref re-enters "properties"
-    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema)
 
 
 def validate_config(config: dict[str, Any], *, source: object = "config", cross_refs: bool = True
@@ -58,7 +68,7 @@ def validate_config(config: dict[str, Any], *, source: object = "config", cross_
     """Validate ``config`` (in place: defaults are filled in) or raise :class:`InputError` naming the key.
     ``cross_refs=False`` skips the checks between models (validating one model section on its own)."""
     schema = _schema()
-    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    validator = defaults_validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
@@ -116,6 +126,16 @@ def validate_config(config: dict[str, Any], *, source: object = "config", cross_
         if key is not None and key not in ens["groups"]:
             raise InputError(f"unknown ensemble group {key!r}; groups are {sorted(ens['groups'])}", file=source,
                              field=field)
+    for kind in ("postprocess", "ensemble"):
+        keys = set(schema["properties"][kind]["properties"]) - {"groups"}
+        for variant, spec in abl.get(kind, {}).items():
+            if variant == "default":
+                raise InputError("'default' names the configured chain, not an ablation variant", file=source,
+                                 field=f"ablation/{kind}/default")
+            unknown = sorted(set(spec) - keys)
+            if unknown:
+                raise InputError(f"unknown key(s) {unknown}; a variant changes keys of the {kind} section "
+                                 f"{sorted(keys)}", file=source, field=f"ablation/{kind}/{variant}")
     fr = config.get("split", {}).get("fractions")
     if fr is not None and abs(sum(fr) - 1.0) > 1e-6:
         raise InputError(f"fractions {fr} must sum to 1", file=source, field="split/fractions")

@@ -6,16 +6,17 @@ JSON form (as the challenge ships it): ``{"LabelName": root, "Subcategory": [{"L
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from stages.core.errors import InputError
+from stages.formats.io import read_json, read_table
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,7 @@ class Hierarchy:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Hierarchy:
-        try:
-            with open(path) as f:
-                obj = json.load(f)
-        except FileNotFoundError as exc:
-            raise InputError("file not found", file=path) from exc
-        except json.JSONDecodeError as exc:
-            raise InputError(f"malformed JSON: {exc.msg}", file=path, row=exc.lineno) from exc
-        return cls.from_json_obj(obj, source=path)
+        return cls.from_json_obj(read_json(path), source=path)
 
     @classmethod
     def from_edges(cls, edges: pd.DataFrame, labels: Iterable[str] = (), root: str = "/m/0bl9f") -> Hierarchy:
@@ -75,6 +69,14 @@ class Hierarchy:
         h = cls(parents={k: tuple(sorted(v)) for k, v in parents.items()}, root=root)
         h._check_acyclic("hierarchy table")
         return h
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, labels: Iterable[str] = ()) -> Hierarchy:
+        """From the challenge JSON or the ``hierarchy`` parquet table (child, parent), by extension; ``labels``
+        adds classes without parents to a table (the JSON names every class)."""
+        if Path(path).suffix.lower() == ".parquet":
+            return cls.from_edges(read_table(path, "hierarchy"), labels=labels)
+        return cls.from_json(path)
 
     def to_edges(self) -> pd.DataFrame:
         rows = [(c, p) for c in sorted(self.parents) for p in self.parents[c]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -15,11 +16,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import stages
 from stages.core.errors import InputError
+from stages.core.provenance import code_version
 from stages.formats.tables import SCHEMAS, conform
 
 PROVENANCE_KEY = b"orchard"
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -80,8 +83,9 @@ def write_table(path: str | os.PathLike, df: pd.DataFrame, name: str, *,
                 provenance: Mapping[str, object] | None = None) -> None:
     """Write a canonical table as parquet, conformed to its schema, with provenance in the file metadata.
 
-    The metadata key ``orchard`` holds JSON: table name, columns, code version and whatever the stage passes
-    (stage, model, config hash...). DuckDB (``parquet_kv_metadata``), pyarrow and pandas users can read it.
+    The metadata key ``orchard`` holds JSON: table name, columns, the code that wrote it (``code``: git commit and
+    dirty flag, or the package version; see :mod:`stages.core.provenance`) and whatever the stage passes (stage,
+    model, config hash...). DuckDB (``parquet_kv_metadata``), pyarrow and pandas users can read it.
     """
     df = conform(df, name, source=path)
     table = arrow_table(df, name, provenance)
@@ -95,7 +99,7 @@ def arrow_table(df: pd.DataFrame, name: str, provenance: Mapping[str, object] | 
     table = pa.Table.from_pandas(df, preserve_index=False)
     fields = [pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type)
               for f in table.schema]
-    prov = {"table": name, "columns": list(df.columns), "orchard_version": stages.__version__}
+    prov = {"table": name, "columns": list(df.columns), "code": code_version()}
     prov.update(provenance or {})
     schema = pa.schema(fields, metadata={PROVENANCE_KEY: json.dumps(prov, default=str).encode()})
     return table.cast(schema) if table.schema != schema else table.replace_schema_metadata(schema.metadata)
@@ -107,15 +111,29 @@ def string_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
 
 
-def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a canonical table and conform it to its schema (clear error if it is not that table)."""
-    path = Path(path)
+def _read_parquet(path: Path, read):
+    """``read(path)`` (a pyarrow reader), with a missing or unreadable file as :class:`InputError`."""
     if not path.exists():
         raise InputError("file not found", file=path)
     try:
-        df = pq.read_table(path, columns=columns).to_pandas()
+        return read(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"not a readable parquet file: {exc}", file=path) from exc
+
+
+def _provenance(schema: pa.Schema, path: Path) -> dict:
+    raw = (schema.metadata or {}).get(PROVENANCE_KEY)
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        log.warning("%s: unreadable provenance metadata ignored", path)
+        return {}
+
+
+def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a canonical table and conform it to its schema (clear error if it is not that table)."""
+    path = Path(path)
+    df = _read_parquet(path, lambda p: pq.read_table(p, columns=columns)).to_pandas()
     if columns is not None:
         return df
     return conform(df, name, source=path)
@@ -124,15 +142,33 @@ def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None 
 def read_provenance(path: str | os.PathLike) -> dict:
     """The ``orchard`` provenance of a parquet file written by :func:`write_table` ({} when it has none)."""
     path = Path(path)
-    if not path.exists():
-        raise InputError("file not found", file=path)
-    try:
-        meta = pq.read_schema(path).metadata or {}
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"not a readable parquet file: {exc}", file=path) from exc
-    raw = meta.get(PROVENANCE_KEY)
-    return json.loads(raw) if raw else {}
+    return _provenance(_read_parquet(path, pq.read_schema), path)
 
 
-__all__ = ["SCHEMAS", "atomic_path", "config_hash", "read_json", "read_provenance", "read_table", "write_json",
-           "write_table", "write_text"]
+#: tables tried, in this order, when a file's metadata does not name its table (most specific first)
+_GUESS_ORDER = ("masks", "detections", "boxes", "image_labels", "images", "sampling", "splits", "hierarchy",
+                "classes")
+
+
+def read_canonical(path: str | os.PathLike) -> tuple[str, pd.DataFrame, dict]:
+    """Read any canonical parquet file: (table name, conformed frame, provenance dict).
+
+    The table is the one the file's ``orchard`` metadata names, else the first schema whose required columns
+    the file has. A missing file, a file that is not parquet, or one that matches no table is an
+    :class:`InputError`.
+    """
+    path = Path(path)
+    table = _read_parquet(path, pq.read_table)
+    prov = _provenance(table.schema, path)
+    df = table.to_pandas()
+    name = prov.get("table")
+    if name not in SCHEMAS:
+        name = next((n for n in _GUESS_ORDER if set(SCHEMAS[n][0]) <= set(df.columns)), None)
+    if name is None:
+        raise InputError(f"not a canonical table: columns {list(df.columns)} match none of {sorted(SCHEMAS)}",
+                         file=path)
+    return name, conform(df, name, source=path), prov
+
+
+__all__ = ["SCHEMAS", "atomic_path", "config_hash", "read_canonical", "read_json", "read_provenance", "read_table",
+           "write_json", "write_table", "write_text"]

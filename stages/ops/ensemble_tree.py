@@ -26,7 +26,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from stages.core.config import _with_defaults
+from stages.core.config import defaults_validator
 from stages.core.errors import InputError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "autoensemble_tree.schema.yaml"
@@ -37,7 +37,7 @@ FORMAT = "orchard-autoensemble-tree/1"
 def _validator() -> jsonschema.Validator:
     with open(SCHEMA_PATH) as f:
         schema = yaml.safe_load(f)
-    return _with_defaults(jsonschema.Draft202012Validator)(schema)
+    return defaults_validator(schema)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ class RelationStats:
     inner_total: np.ndarray          # [L, L]
     contains: np.ndarray             # [L, L] (outer a, inner b)
     outer_total: np.ndarray          # [L, L]
-    ioa_thr: float = 0.9
+    ioa_thr: float                   # a box is inside another when IoA >= this (mining and rescoring)
 
     def conditional(self) -> np.ndarray:
         """``P[i, j] = p(i|j) = C_ij / C_j`` (0 where C_j = 0)."""
@@ -81,12 +81,12 @@ class RelationStats:
             if cc.shape != (n,):
                 raise ValueError(f"class_count has {cc.size} entries for {n} labels")
             return cls(labels=labels, n_images=int(obj["n_images"]), class_count=cc,
-                       ioa_thr=float(obj.get("ioa_thr", 0.9)), **mats)
+                       ioa_thr=float(obj["ioa_thr"]), **mats)
         except (KeyError, ValueError, IndexError, TypeError) as exc:
             raise InputError(f"not a relation statistics file: {exc!r}", file=source) from exc
 
 
-def mine_relations(boxes: pd.DataFrame, *, ioa_thr: float = 0.9, images_per_chunk: int = 20000) -> RelationStats:
+def mine_relations(boxes: pd.DataFrame, *, ioa_thr: float, images_per_chunk: int = 20000) -> RelationStats:
     """Count co-occurrence and surround statistics over all images of a ``boxes`` table (filter it to the
     training split first). Memory is bounded by ``images_per_chunk`` images' box pairs."""
     labels, lab = np.unique(boxes["label"].to_numpy().astype(str), return_inverse=True)
@@ -134,16 +134,14 @@ def mine_relations(boxes: pd.DataFrame, *, ioa_thr: float = 0.9, images_per_chun
                          **mats)
 
 
-def rescore(dets: pd.DataFrame, stats: RelationStats, *, conf_thr: float = 0.5, cooc_weight: float = 0.5,
-            surround_thr: float = 0.9, min_support: int = 20, boost: float = 0.1,
-            penalty: float = 0.1) -> pd.DataFrame:
+def rescore(dets: pd.DataFrame, stats: RelationStats, *, conf_thr: float, cooc_weight: float,
+            surround_thr: float, min_support: int, boost: float, penalty: float) -> pd.DataFrame:
     """Rescore a ``detections`` table with ``stats`` (see module doc). Rows, order and boxes are unchanged;
     only ``score`` changes. Labels unknown to ``stats`` are left alone."""
     if len(dets) == 0:
         return dets.copy()
     out = dets.reset_index(drop=True).copy()
-    index = {lab: i for i, lab in enumerate(stats.labels)}
-    li = out["label"].map(index).fillna(-1).astype(np.int64).to_numpy()
+    li = pd.Index(stats.labels).get_indexer(out["label"]).astype(np.int64)  # -1: a label unknown to stats
     img, _ = codes(out["image_id"])
     score = out["score"].to_numpy(np.float64).copy()
     known = li >= 0

@@ -1,5 +1,5 @@
-"""Inspect: the summary's numbers on a hand-built table, drawings that change exactly the pixels of the boxes
-(and masks), and every bad input ending in exit 2 with a message."""
+"""Inspect: the summary's numbers on a hand-built table, drawings (stages.viz.overlay) that change exactly the pixels
+of the boxes (and masks), reading any canonical table, and every bad input ending in exit 2 with a message."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from stages import inspect
-from stages.formats.io import write_table
+from stages.formats.io import read_canonical, write_table
+from stages.viz import overlay
 
 W, H = 100, 80
 GREY = (128, 128, 128)
@@ -77,23 +78,23 @@ def test_main_prints_summary_and_provenance(tmp_path, capsys):
 
 def test_table_guessed_without_metadata(tmp_path):
     dets_frame().drop(columns=["model"]).to_parquet(tmp_path / "plain.parquet")
-    name, df, prov = inspect.read_canonical(tmp_path / "plain.parquet")
+    name, df, prov = read_canonical(tmp_path / "plain.parquet")
     assert (name, prov, len(df)) == ("detections", {}, 6)
     pd.DataFrame({"image_id": ["a"], "split": ["val_a"]}).to_parquet(tmp_path / "s.parquet")
-    assert inspect.read_canonical(tmp_path / "s.parquet")[0] == "splits"
+    assert read_canonical(tmp_path / "s.parquet")[0] == "splits"
 
 
 def test_drawn_pixels_are_exactly_the_box_outline(grey):
     d = pd.DataFrame({"image_id": ["i"], "label": ["/m/cat"], "score": [0.9],
                       "x_min": [0.1], "y_min": [0.25], "x_max": [0.5], "y_max": [0.75]})
-    out = inspect.draw_detections(grey, d, labels=False, line_width=2)
+    out = overlay.draw_detections(grey, d, labels=False, line_width=2)
     assert out.size == grey.size
     # x: 10 .. ceil(50)-1 = 49; y: 20 .. 59
     np.testing.assert_array_equal(changed(grey, out), outline(10, 20, 49, 59, 2))
-    colour = inspect.class_colours(["/m/cat"])["/m/cat"]
+    colour = overlay.class_colours(["/m/cat"])["/m/cat"]
     assert tuple(np.asarray(out)[20, 30]) == colour
 
-    tagged = inspect.draw_detections(grey, d, labels=True, line_width=2)
+    tagged = overlay.draw_detections(grey, d, labels=True, line_width=2)
     diff = changed(grey, tagged)
     band = outline(10, 20, 49, 59, 2)
     assert diff[band].all()
@@ -105,9 +106,9 @@ def test_drawn_pixels_are_exactly_the_box_outline(grey):
 def test_threshold_and_ground_truth_dashed(grey):
     d = pd.DataFrame({"image_id": ["i"], "label": ["/m/cat"], "score": [0.2],
                       "x_min": [0.1], "y_min": [0.25], "x_max": [0.5], "y_max": [0.75]})
-    assert not changed(grey, inspect.draw_detections(grey, d, score_thr=0.3)).any()
+    assert not changed(grey, overlay.draw_detections(grey, d, score_thr=0.3)).any()
     gt = d.drop(columns=["score"]).assign(is_group_of=False)
-    out = inspect.draw_detections(grey, d.iloc[:0], gt=gt, labels=False, line_width=1)
+    out = overlay.draw_detections(grey, d.iloc[:0], gt=gt, labels=False, line_width=1)
     diff, band = changed(grey, out), outline(10, 20, 49, 59, 1)
     assert not (diff & ~band).any()
     assert 0.3 * band.sum() < diff.sum() < 0.8 * band.sum()  # dashed: part of the outline only
@@ -120,16 +121,16 @@ def test_masks_filled_inside_their_rle(grey):
     d = pd.DataFrame({"image_id": ["i"], "label": ["/m/dog"], "score": [0.9], "x_min": [0.2], "y_min": [0.375],
                       "x_max": [0.4], "y_max": [0.625], "rle": [rle["counts"].decode()], "mask_height": [H],
                       "mask_width": [W]})
-    out = inspect.draw_detections(grey, d, labels=False, line_width=1)
+    out = overlay.draw_detections(grey, d, labels=False, line_width=1)
     diff = changed(grey, out)
     np.testing.assert_array_equal(diff, m.astype(bool))  # the outline lies on the mask's border pixels
-    colour = np.asarray(inspect.class_colours(["/m/dog"])["/m/dog"], float)
+    colour = np.asarray(overlay.class_colours(["/m/dog"])["/m/dog"], float)
     inner = np.asarray(out)[40, 30].astype(float)
     np.testing.assert_allclose(inner, np.round(0.55 * np.asarray(GREY) + 0.45 * colour), atol=1)
     # a mask stored at another resolution is resized onto the image
     half = mask_utils.encode(np.asfortranarray(m[::2, ::2].copy()))
     d2 = d.assign(rle=[half["counts"].decode()], mask_height=[H // 2], mask_width=[W // 2])
-    assert changed(grey, inspect.draw_detections(grey, d2, labels=False, line_width=1)).sum() == m.sum()
+    assert changed(grey, overlay.draw_detections(grey, d2, labels=False, line_width=1)).sum() == m.sum()
 
 
 def _files(tmp_path):

@@ -67,6 +67,64 @@ def test_postprocess_hierarchy_relations_cap(tmp_path):
     assert outs[0].groupby("image_id").size().max() <= 5
 
 
+def test_rescoring_parameters_reach_the_rescoring_and_empty_optional_files_switch_steps_off(tmp_path):
+    """The DAG passes ``--relations`` / ``--expand-hierarchy`` without a file when the config turns the step off;
+    with a file, the rescoring config keys decide what rescoring does (all effects 0: no change)."""
+    d = _dets(2, n=300)
+    write_table(tmp_path / "in.parquet", d, "detections")
+    boxes = d.drop(columns=["score", "model"]).assign(is_group_of=False)
+    write_table(tmp_path / "boxes.parquet", boxes, "boxes")
+    assert relations_stage.main(["--boxes", str(tmp_path / "boxes.parquet"), "--ioa-thr", "0.5",
+                                 "--out", str(tmp_path / "rel.json")]) == 0
+    assert json.loads((tmp_path / "rel.json").read_text())["ioa_thr"] == 0.5
+
+    def run(name, *args):
+        out = tmp_path / f"{name}.parquet"
+        assert postprocess_stage.main(["--detections", str(tmp_path / "in.parquet"), *args, "--method", "nms",
+                                       "--out", str(out)]) == 0
+        return _key(read_table(out, "detections"))
+
+    plain = run("plain", "--expand-hierarchy", "--relations")
+    pd.testing.assert_frame_equal(plain, run("flagless"))
+    rel = ["--relations", str(tmp_path / "rel.json"), "--min-support", "1", "--surround-thr", "0.1"]
+    neutral = run("neutral", *rel, "--cooc-weight", "0", "--boost", "0", "--penalty", "0")
+    pd.testing.assert_frame_equal(neutral, plain)
+    rescored = run("rescored", *rel)
+    assert len(rescored) == len(plain) and not np.allclose(rescored["score"], plain["score"])
+    assert read_provenance(tmp_path / "rescored.parquet")["rescore"]["min_support"] == 1
+
+
+def test_gather_form_keeps_every_row(tmp_path):
+    """The DAG's gather: ``--method none --score-thr 0 --max-per-image 0`` only joins files."""
+    parts = [_dets(3, n=500), _dets(4, n=400)]
+    for i, part in enumerate(parts):
+        write_table(tmp_path / f"s{i}.parquet", part, "detections")
+    assert postprocess_stage.main(["--detections", str(tmp_path / "s0.parquet"), str(tmp_path / "s1.parquet"),
+                                   "--method", "none", "--score-thr", "0", "--max-per-image", "0",
+                                   "--out", str(tmp_path / "all.parquet")]) == 0
+    pd.testing.assert_frame_equal(_key(read_table(tmp_path / "all.parquet", "detections")),
+                                  _key(pd.concat(parts)), check_categorical=False)
+
+
+def test_cli_options_are_the_schema_keys(capsys):
+    """Option defaults, types and choices come from the config schema; bad values exit 2 naming the option."""
+    from stages.core.config import schema_default
+
+    a = postprocess_stage.parse_args(["--detections", "x.parquet", "--out", "y.parquet"])
+    for key in ("method", "iou_thr", "sigma", "score_thr", "max_per_image", "conf_thr", "cooc_weight",
+                "surround_thr", "min_support", "boost", "penalty"):
+        assert getattr(a, key) == schema_default("postprocess", key), key
+    assert a.expand_hierarchy is None and a.relations is None
+    for argv, msg in ((["--method", "fancy"], "invalid choice: 'fancy'"),
+                      (["--min-support", "2.5"], "--min-support: invalid int value"),):
+        with pytest.raises(SystemExit) as e:
+            postprocess_stage.parse_args(["--detections", "x", "--out", "y", *argv])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ensemble_stage.main(["--detections", "x", "--out", "y", "--vote", "maybe"])
+    assert "not a boolean: 'maybe'" in capsys.readouterr().err
+
+
 def test_postprocess_bad_input_exits_2(tmp_path, capsys):
     (tmp_path / "bad.parquet").write_text("not parquet")
     rc = postprocess_stage.main(["--detections", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "o")])
@@ -79,7 +137,7 @@ def _ap_json(path, aps):
                                 "per_class": {k: {"name": k, "ap": v} for k, v in aps.items()}}))
 
 
-def test_ensemble_cli_roundtrip(tmp_path):
+def test_ensemble_cli_roundtrip(tmp_path, capsys):
     for i in range(2):
         write_table(tmp_path / f"d{i}.parquet", _dets(10 + i, model=f"m{i}"), "detections")
     _ap_json(tmp_path / "a0.json", {"/m/cat": 0.5, "/m/dog": 0.2, "/m/animal": 0.1})
@@ -91,19 +149,26 @@ def test_ensemble_cli_roundtrip(tmp_path):
     sharded, whole = read_table(tmp_path / "e.parquet", "detections"), read_table(tmp_path / "e1.parquet",
                                                                                    "detections")
     pd.testing.assert_frame_equal(_key(sharded), _key(whole))
-    assert ensemble_stage.main(base + ["--no-reweight", "--no-vote", "--out", str(tmp_path / "e2.parquet")]) == 0
+    assert ensemble_stage.main(base + ["--reweight", "false", "--vote", "False", "--out",
+                                       str(tmp_path / "e2.parquet")]) == 0
     plain = read_table(tmp_path / "e2.parquet", "detections")
     assert not plain.equals(whole) and len(plain) > 0
     # one model without re-weighting = its post-processing
-    assert ensemble_stage.main(["--detections", str(tmp_path / "d0.parquet"), "--no-reweight",
+    assert ensemble_stage.main(["--detections", str(tmp_path / "d0.parquet"), "--reweight", "false",
                                 "--out", str(tmp_path / "one.parquet")]) == 0
     assert postprocess_stage.main(["--detections", str(tmp_path / "d0.parquet"),
                                    "--out", str(tmp_path / "pp.parquet")]) == 0
     pd.testing.assert_frame_equal(read_table(tmp_path / "one.parquet", "detections"),
                                   read_table(tmp_path / "pp.parquet", "detections"))
-    # mismatched AP list
+    # mismatched AP list; AP files without re-weighting; a metric file without per-class AP
     assert ensemble_stage.main(base + ["--ap-metrics", str(tmp_path / "a0.json"), "--out",
                                        str(tmp_path / "x.parquet")]) == 2
+    assert ensemble_stage.main(base + aps + ["--reweight", "false", "--out", str(tmp_path / "x.parquet")]) == 2
+    (tmp_path / "bad.json").write_text(json.dumps({"mAP": 0.1}))
+    assert ensemble_stage.main(base + ["--ap-metrics", str(tmp_path / "bad.json"), str(tmp_path / "a1.json"),
+                                       "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "no 'per_class' object" in capsys.readouterr().err
+    assert not (tmp_path / "x.parquet").exists()
 
 
 def test_postprocess_keeps_the_upstream_provenance(tmp_path):

@@ -18,8 +18,8 @@ SPLITS = {"img0": "val_a", "img1": "val_a", "img2": "val_b", "img3": "val_b"}
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    """Ingested tiny dataset; detections of two models (a: the ground truth, b: a worse copy) and the merge;
-    their metric JSONs under results/evaluate/<stage>/<name>/<split>.json."""
+    """Ingested tiny dataset; detections of two models (a: the ground truth, b: a worse copy) and an ensemble;
+    their metric JSONs under results/evaluate/<stage>/<variant>/<name>/<split>.json, as the DAG lays them out."""
     tmp_path = tmp_path_factory.mktemp("report")
     ing = tmp_path / "ingest"
     assert ingest.main(ingest_args(write_tiny_dataset(tmp_path / "oid"), ing)) == 0
@@ -30,7 +30,8 @@ def results(tmp_path_factory) -> dict:
     # b misses img0's cat and boxes img1's dog in the wrong place
     bad = good.iloc[1:].reset_index(drop=True)
     bad.loc[0 if bad.loc[0, "image_id"] == "img1" else 1, ["x_min", "x_max"]] = [0.0, 0.05]
-    runs = {"postprocess/a": good, "postprocess/b": bad, "merge": good}
+    runs = {"postprocess/default/a": good, "postprocess/default/b": bad, "postprocess/nms/a": bad,
+            "ensemble/default/all": good}
     metrics = []
     for run, dets in runs.items():
         for split in ("val_a", "val_b"):
@@ -44,25 +45,30 @@ def results(tmp_path_factory) -> dict:
                                   "--split-ids", str(tmp_path / "splits.parquet"), "--split", split,
                                   "--out", str(out)]) == 0
             metrics.append(out)
-    return {"ingest": ing, "metrics": metrics, "merge_val": tmp_path / "results/merge/val_a.parquet"}
+    return {"ingest": ing, "metrics": metrics,
+            "ensemble_val": tmp_path / "results/ensemble/default/all/val_a.parquet"}
 
 
 def test_metrics_and_per_class_frames(results):
     df = report.metrics_frame(results["metrics"])
     mAP = {p: json.loads(p.read_text())["mAP"] for p in results["metrics"]}
-    row = df.set_index(["stage", "name"])
+    row = df.set_index(["stage", "variant", "name"])
     for p, v in mAP.items():
-        stage, name, split = report._metric_key(p)
-        assert row.loc[(stage, name), split] == pytest.approx(v)
+        stage, variant, name, split = report._metric_key(p)
+        assert row.loc[(stage, variant, name), split] == pytest.approx(v)
     # a finds every box; the parent class Animal (from the hierarchy) has ground truth but no detection
-    assert row.loc[("postprocess", "a"), "val_a"] == pytest.approx(0.75)
-    assert row.loc[("postprocess", "b"), "val_a"] == pytest.approx(0.25)  # b: only img0's car is right
-    assert report.best_run(df) == "postprocess/a"
+    assert row.loc[("postprocess", "default", "a"), "val_a"] == pytest.approx(0.75)
+    assert row.loc[("postprocess", "default", "b"), "val_a"] == pytest.approx(0.25)  # b: only img0's car is right
+    assert row.loc[("postprocess", "nms", "a"), "val_a"] == pytest.approx(0.25)
+    assert report.best_run(df, "postprocess") == "postprocess/a"
+    assert report.best_run(df, "ensemble") == "ensemble/all"
 
     pc = report.per_class_frame(results["metrics"])
-    assert set(pc["name"]) == {"a", "b", "merge"} and len(pc) == 6 * 4  # 6 files x 4 classes
+    assert set(pc["name"]) == {"a", "b", "all"} and set(pc["variant"]) == {"default", "nms"}
+    assert len(pc) == 8 * 4  # 8 files x 4 classes
     table = report.class_ap_table(pc)
-    assert set(table.columns) == {"label", "class_name", "n_gt", "postprocess/a", "postprocess/b", "merge"}
+    assert set(table.columns) == {"label", "class_name", "n_gt", "postprocess/a", "postprocess/b",
+                                  "postprocess/nms/a", "ensemble/all"}
     cat = table.set_index("label").loc["/m/cat"]
     assert cat["class_name"] == "Cat" and cat["postprocess/a"] == 1.0 and cat["postprocess/b"] < 1.0
 
@@ -72,9 +78,10 @@ def test_old_cli_unchanged(results, tmp_path, capsys):
     assert report.main(["--metrics", *map(str, results["metrics"]), "--out-json", str(out_json),
                         "--out-md", str(out_md)]) == 0
     recs = json.loads(out_json.read_text())
-    assert {(r["stage"], r["name"]) for r in recs} == {("postprocess", "a"), ("postprocess", "b"),
-                                                       ("merge", "merge")}
-    assert "| postprocess | b | 0.2500 | 0.6667 |" in out_md.read_text()
+    assert {(r["stage"], r["variant"], r["name"]) for r in recs} == {
+        ("postprocess", "default", "a"), ("postprocess", "default", "b"), ("postprocess", "nms", "a"),
+        ("ensemble", "default", "all")}
+    assert "| postprocess | default | b | 0.2500 | 0.6667 |" in out_md.read_text()
 
 
 def _imgs(page: str) -> list[tuple[str, bytes]]:
@@ -89,7 +96,7 @@ def test_html_report(results, tmp_path):
     out = tmp_path / "report.html"
     rc = report.main(["--metrics", *map(str, results["metrics"]), "--out-html", str(out),
                       "--ablation", str(tmp_path / "nms.tsv"), str(tmp_path / "heads.json"),
-                      "--detections", str(results["merge_val"]), "--images", str(ing / "images.parquet"),
+                      "--detections", str(results["ensemble_val"]), "--images", str(ing / "images.parquet"),
                       str(ing / "test_images.parquet"), "--boxes", str(ing / "boxes.parquet"),
                       "--classes", str(ing / "classes.parquet"), "--samples", "3", "--score-thr", "0.3"])
     assert rc == 0
@@ -101,7 +108,8 @@ def test_html_report(results, tmp_path):
     assert all(data.startswith(b"\x89PNG\r\n\x1a\n") for _, data in imgs)
     # samples: evenly spread over the 4 labelled images with a detection >= 0.3
     assert [alt for alt, _ in imgs[2:]] == ["img0", "img2", "img3"]
-    assert "<td>postprocess/a</td>" in page and "<td>merge</td>" in page
+    assert "<td>postprocess/a</td>" in page and "<td>ensemble/all</td>" in page
+    assert "<td>postprocess/nms/a</td>" in page
     assert "<h3>nms</h3>" in page and "<td>soft_nms</td>" in page and "<td>0.5300</td>" in page
     assert "<h3>heads</h3>" in page and "<td>tsd</td>" in page
     assert "<td>Cat</td>" in page  # the per-class table
@@ -124,19 +132,30 @@ def test_read_ablation_forms(tmp_path):
     assert report.read_ablation(tmp_path / "c.csv").to_dict("records") == [{"x": 1, "y": 2}]
 
 
-@pytest.mark.parametrize("case", ["bad_json", "no_map", "dets_without_images", "bad_ablation", "not_detections"])
+@pytest.mark.parametrize("case", ["bad_json", "no_map", "no_ap", "not_a_metric_path", "dets_without_images",
+                                  "bad_ablation", "not_detections"])
 def test_bad_input_exits_2(results, tmp_path, capsys, case):
     argv = ["--metrics", *map(str, results["metrics"]), "--out-html", str(tmp_path / "r.html")]
+    bad = tmp_path / "evaluate" / "postprocess" / "default" / "x" / "val_a.json"
+    bad.parent.mkdir(parents=True)
     if case == "bad_json":
-        (tmp_path / "x.json").write_text("{")
-        argv[1:1] = [str(tmp_path / "x.json")]
-        msg = "unreadable metrics JSON"
+        bad.write_text("{")
+        argv[1:1] = [str(bad)]
+        msg = "malformed JSON"
     elif case == "no_map":
-        (tmp_path / "x.json").write_text("{}")
-        argv[1:1] = [str(tmp_path / "x.json")]
+        bad.write_text("{}")
+        argv[1:1] = [str(bad)]
         msg = "no 'mAP' key"
+    elif case == "no_ap":
+        bad.write_text('{"mAP": 0.5, "per_class": {"/m/cat": {"name": "Cat", "ap": "high"}}}')
+        argv[1:1] = [str(bad)]
+        msg = "val_a.json: per_class./m/cat: field 'ap': ap is not a number: 'high'"
+    elif case == "not_a_metric_path":
+        (tmp_path / "x.json").write_text(results["metrics"][0].read_text())
+        argv[1:1] = [str(tmp_path / "x.json")]
+        msg = "must end in evaluate/<stage>/<variant>/<name>/<split>.json"
     elif case == "dets_without_images":
-        argv += ["--detections", str(results["merge_val"])]
+        argv += ["--detections", str(results["ensemble_val"])]
         msg = "--detections needs --images"
     elif case == "bad_ablation":
         (tmp_path / "abl.json").write_text("[1,")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from stages import infer, train
+from stages.core.provenance import code_version
 from stages.formats.io import read_provenance, read_table
 
 TINY_MODEL = {"backbone": "resnet_small", "width": 8, "fpn_channels": 16, "epochs": 2, "batch_size": 2,
@@ -63,6 +64,10 @@ def test_train_checkpoints_resume_and_infer(tables, tmp_path):
     assert dets[["x_min", "y_min", "x_max", "y_max"]].stack().between(0, 1).all()
     assert (dets["x_min"] <= dets["x_max"]).all()
     assert read_provenance(dets_path)["stage"] == "infer"
+    # both name the code that made them (the git commit here, the version outside a checkout)
+    code = code_version()
+    assert read_provenance(dets_path)["code"] == code
+    assert torch.load(tmp_path / "full" / "model.pt", weights_only=False)["code"] == code
 
 
 def test_shards_partition_images():

@@ -35,7 +35,7 @@ def test_apply_two_leaves_equals_ensemble_stage(inputs, tmp_path):
     assert _apply(inputs, tree, tmp_path / "auto.parquet", "--split-ids", str(inputs["splits"]),
                   "--split", "val_a") == 0
     leaves = inputs["leaves"]["val_a"]
-    assert ensemble.main(["--detections", str(leaves["m1"]), str(leaves["m3"]), "--no-reweight",
+    assert ensemble.main(["--detections", str(leaves["m1"]), str(leaves["m3"]), "--reweight", "false",
                           "--out", str(tmp_path / "naive.parquet")]) == 0
     got, want = read_table(tmp_path / "auto.parquet", "detections"), read_table(tmp_path / "naive.parquet",
                                                                                 "detections")

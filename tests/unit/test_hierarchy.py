@@ -8,8 +8,11 @@ import pytest
 
 from stages.core.errors import InputError
 from stages.formats.hierarchy import Hierarchy
+from stages.formats.io import write_table
+from stages.formats.readers import read_classes
 
-OID = Path(__file__).resolve().parents[3] / "shared" / "oid"
+#: the real OpenImages Challenge 2019 class files (public data), copied into the repository
+OID = Path(__file__).resolve().parents[1] / "fixtures" / "oid2019"
 
 
 def dag() -> Hierarchy:
@@ -45,7 +48,6 @@ def test_cycle_is_rejected():
             {"LabelName": "a", "Subcategory": [{"LabelName": "b", "Subcategory": [{"LabelName": "a"}]}]}]})
 
 
-@pytest.mark.skipif(not OID.exists(), reason="shared/oid not present")
 def test_real_2019_hierarchy():
     h = Hierarchy.from_json(OID / "challenge-2019-label500-hierarchy.json")
     assert len(h.labels) == 500
@@ -53,6 +55,27 @@ def test_real_2019_hierarchy():
     assert max(len(h.ancestors(lab)) for lab in h.labels) <= 5
     leaves = [lab for lab in h.labels if not h.descendants(lab)]
     assert len(leaves) == 443
+    assert set(read_classes(OID / "challenge-2019-classes-description-500.csv")["label"]) == set(h.labels)
+
+
+def test_real_2019_segmentable_hierarchy_is_a_subset():
+    seg = Hierarchy.from_json(OID / "challenge-2019-label300-segmentable-hierarchy.json")
+    det = Hierarchy.from_json(OID / "challenge-2019-label500-hierarchy.json")
+    assert len(seg.labels) == 300 and sum(not seg.descendants(lab) for lab in seg.labels) == 275
+    classes = read_classes(OID / "challenge-2019-classes-description-segmentable.csv")
+    assert set(classes["label"]) == set(seg.labels) and set(seg.labels) <= set(det.labels)
+
+
+def test_read_json_or_table_gives_the_same_hierarchy(tmp_path):
+    """``Hierarchy.read``: the challenge JSON and the ingested table (child, parent) + class list agree."""
+    h = Hierarchy.read(OID / "challenge-2019-label500-hierarchy.json")
+    write_table(tmp_path / "h.parquet", h.to_edges(), "hierarchy")
+    back = Hierarchy.read(tmp_path / "h.parquet", labels=h.labels)
+    assert back.parents == h.parents and back.root == h.root
+    assert set(Hierarchy.read(tmp_path / "h.parquet").labels) < set(h.labels)  # top-level leaves need labels
+    (tmp_path / "bad.json").write_text('{"LabelName": ')
+    with pytest.raises(InputError, match="malformed JSON"):
+        Hierarchy.read(tmp_path / "bad.json")
 
 
 def test_conform_ignores_the_input_index_and_atomic_files_are_readable(tmp_path):

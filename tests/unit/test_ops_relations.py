@@ -21,7 +21,7 @@ def _boxes():
 
 
 def test_mine_relations_counts_and_roundtrip():
-    st = mine_relations(_boxes(), images_per_chunk=7)
+    st = mine_relations(_boxes(), ioa_thr=0.9, images_per_chunk=7)
     ix = {lab: i for i, lab in enumerate(st.labels)}
     p, f, c = ix["/m/person"], ix["/m/face"], ix["/m/car"]
     assert st.n_images == 35
@@ -40,7 +40,7 @@ def test_mine_relations_counts_and_roundtrip():
 
 
 def test_rescore_cooccurrence_and_surround():
-    st = mine_relations(_boxes())
+    st = mine_relations(_boxes(), ioa_thr=0.9)
     d = pd.DataFrame({
         "image_id": ["a", "a", "a", "b", "b"],
         "label": ["/m/person", "/m/face", "/m/face", "/m/car", "/m/person"],
@@ -49,6 +49,11 @@ def test_rescore_cooccurrence_and_surround():
         "x_max": [0.6, 0.3, 0.8, 0.4, 0.6], "y_max": [0.9, 0.3, 0.8, 0.4, 0.6]})
     out = rescore(d, st, conf_thr=0.5, cooc_weight=0.5, surround_thr=0.9, min_support=20, boost=0.1,
                   penalty=0.1)
+    # labels as read from parquet (categorical; with and without a category unknown to the statistics)
+    for extra in ([], ["/m/unknown"]):
+        cat = d.assign(label=pd.Categorical(d["label"], categories=[*sorted(set(d["label"])), *extra]))
+        np.testing.assert_array_equal(rescore(cat, st, conf_thr=0.5, cooc_weight=0.5, surround_thr=0.9,
+                                              min_support=20, boost=0.1, penalty=0.1)["score"], out["score"])
     s = out["score"].tolist()
     # face: p(face|person)=1, target 0.9 -> max raised to 0.4 + 0.5*(0.9-0.4) = 0.65, scale 0.65/0.4
     # then the face inside the person is boosted, the one outside is penalised

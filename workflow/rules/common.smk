@@ -2,6 +2,7 @@
 # knows where files live.
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -20,18 +21,32 @@ SHARDS = config["infer"]["shards"]
 ENSEMBLE_GROUPS = sorted(config["ensemble"]["groups"])
 # PFDet re-weighting of a split uses each model's AP on the other validation split
 AP_SOURCE = {"val_a": "val_b", "val_b": "val_a", "test": "val_a"}
-ABLATION_MODEL = config["ablation"]["model"]
-ABLATION_GROUP = config["ensemble"]["groups"][config["ablation"]["group"]]
 ABLATIONS = ["models", "postprocess", "ensemble"]
-# stages that run per image shard; `gather` joins their shards
-SHARDED_STAGES = ["postprocess", "ensemble", "ablation_postprocess", "ablation_ensemble"]
+# Variants of the post-processing chain and of the ensemble: "default" is the configured section, each ablation
+# variant (config["ablation"]) changes some of its keys. The postprocess and ensemble rules run any of them.
+POSTPROCESS = {"default": config["postprocess"]} | {
+    name: config["postprocess"] | spec for name, spec in config["ablation"]["postprocess"].items()
+}
+ENSEMBLE = {"default": config["ensemble"]} | {
+    name: config["ensemble"] | spec for name, spec in config["ablation"]["ensemble"].items()
+}
+# the run whose variants the ablation tables compare: a model (postprocess), an ensemble group (ensemble)
+ABLATION_RUN = {"postprocess": config["ablation"]["model"], "ensemble": config["ablation"]["group"]}
+# stages that run per image shard; `gather` joins their shards, `evaluate` scores the gathered file
+SHARDED_STAGES = ["postprocess", "ensemble"]
+
+
+def one_of(names):
+    return "|".join(re.escape(n) for n in names)
 
 
 wildcard_constraints:
-    model="|".join(MODELS),
-    split="|".join(SPLITS),
-    val="|".join(VAL_SPLITS),
+    model=one_of(MODELS),
+    group=one_of(ENSEMBLE_GROUPS),
+    split=one_of(SPLITS),
     shard=r"\d+",
+    stage=one_of(SHARDED_STAGES),
+    variant=one_of(POSTPROCESS | ENSEMBLE),
 
 
 def raw(key):
@@ -69,50 +84,42 @@ def images_for(wildcards):
     return rules.ingest.output.images
 
 
-def postprocess_flags(spec):
-    """Suppression flags of a post-processing spec (the `postprocess` section, or an ablation variant)."""
-    s = {**config["postprocess"], **spec}
-    return (
-        f"--method {s['method']} --iou-thr {s['iou_thr']} --sigma {s['sigma']}"
-        f" --score-thr {s['score_thr']} --max-per-image {s['max_per_image']}"
-    )
+def variant_key(variants, key):
+    """`key` of the job's variant in `variants` (POSTPROCESS or ENSEMBLE), for params and input conditions: the
+    value itself when every variant has the same (a function per job costs DAG-building time at 10^4 jobs)."""
+    values = [v[key] for v in variants.values()]
+    if all(v == values[0] for v in values):
+        return values[0]
+    return lambda wildcards: variants[wildcards.variant][key]
 
 
-def ensemble_inputs(models, wildcards):
-    """Shard `wildcards.shard` of each model's raw detections, and each model's AP on the other val split."""
+def model_metrics(models, splits):
+    """Metric files of models after the configured post-processing (their AP for re-weighting and mining)."""
+    return expand(rules.evaluate.output.json, stage="postprocess", variant="default", name=models, split=splits)
+
+
+def ensemble_inputs(wildcards):
+    """Shard `wildcards.shard` of each of the group's models' raw detections, the hierarchy when detections are
+    expanded, and, when the variant re-weights, each model's AP on the other validation split."""
+    models = config["ensemble"]["groups"][wildcards.group]
+    reweight = ENSEMBLE[wildcards.variant]["reweight"]
     return {
         "dets": expand(rules.infer.output.dets, model=models, split=wildcards.split, shard=wildcards.shard),
-        "hierarchy": rules.ingest.output.hierarchy,
-        "aps": expand(
-            "results/evaluate/postprocess/{model}/{val}.json", model=models, val=AP_SOURCE[wildcards.split]
-        ),
+        "hierarchy": rules.ingest.output.hierarchy if config["postprocess"]["expand_hierarchy"] else [],
+        "aps": model_metrics(models, AP_SOURCE[wildcards.split]) if reweight else [],
     }
-
-
-def expand_flag(hierarchy):
-    return f"--expand-hierarchy {hierarchy}" if config["postprocess"]["expand_hierarchy"] else ""
-
-
-def ensemble_flags(spec):
-    s = {**config["ensemble"], **spec}
-    flags = [postprocess_flags({"method": s["method"]})]
-    flags.append("--no-reweight" if not s["reweight"] else "")
-    flags.append("--no-vote" if not s["vote"] else "")
-    flags.append(f"--k {s['k']} --score-weight {s['score_weight']} --box-weight {s['box_weight']}")
-    return " ".join(f for f in flags if f)
 
 
 def ablation_metrics(wildcards):
     """Metric files of one ablation table: the model ladder, or the post-processing / ensemble variants."""
     if wildcards.kind == "models":
-        return expand(
-            "results/evaluate/postprocess/{model}/{val}.json", model=config["ablation"]["models"], val=VAL_SPLITS
-        )
+        return model_metrics(config["ablation"]["models"], VAL_SPLITS)
     return expand(
-        "results/evaluate/ablation_{kind}/{variant}/{val}.json",
-        kind=wildcards.kind,
+        rules.evaluate.output.json,
+        stage=wildcards.kind,
         variant=config["ablation"][wildcards.kind],
-        val=VAL_SPLITS,
+        name=ABLATION_RUN[wildcards.kind],
+        split=VAL_SPLITS,
     )
 
 

@@ -1,44 +1,40 @@
-# The naive ensemble (paper §4.1), per image shard: PFDet per-class AP re-weighting + top-k voting + adj-NMS
-# over each group's models' raw (hierarchy-expanded, not yet suppressed) detections. The AP weights of a split
-# come from the *other* validation split (val_a <- val_b, val_b <- val_a, test <- val_a), so neither
-# validation score is tuned on itself.
+# The naive ensemble (paper §4.1) per variant, group, split and image shard: PFDet per-class AP re-weighting +
+# top-k voting + adj-NMS over each group's models' raw (hierarchy-expanded, not yet suppressed) detections, as
+# configured (variant `default`) or as an ablation variant changes it. The AP weights of a split come from the
+# *other* validation split (val_a <- val_b, val_b <- val_a, test <- val_a), so neither validation score is tuned
+# on itself.
 
 
 rule ensemble:
     input:
-        unpack(lambda wc: ensemble_inputs(config["ensemble"]["groups"][wc.group], wc)),
+        unpack(ensemble_inputs),
     output:
-        dets="results/ensemble/{group}/{split}/shard{shard}.parquet",
+        dets="results/ensemble/{variant}/{group}/{split}/shard{shard}.parquet",
     log:
-        "logs/ensemble/{group}/{split}/shard{shard}.log",
+        "logs/ensemble/{variant}/{group}/{split}/shard{shard}.log",
+    benchmark:
+        "benchmarks/ensemble/{variant}/{group}/{split}/shard{shard}.tsv"
+    wildcard_constraints:
+        variant=one_of(ENSEMBLE),
     params:
-        flags=ensemble_flags({}),
-        expand=lambda wc, input: expand_flag(input.hierarchy),
-        aps=lambda wc, input: f"--ap-metrics {' '.join(input.aps)}" if config["ensemble"]["reweight"] else "",
+        reweight=variant_key(ENSEMBLE, "reweight"),
+        vote=variant_key(ENSEMBLE, "vote"),
+        k=variant_key(ENSEMBLE, "k"),
+        score_weight=variant_key(ENSEMBLE, "score_weight"),
+        box_weight=variant_key(ENSEMBLE, "box_weight"),
+        min_iou=variant_key(ENSEMBLE, "min_iou"),
+        method=variant_key(ENSEMBLE, "method"),
+        # the final suppression's thresholds and cap are the postprocess section's
+        iou_thr=config["postprocess"]["iou_thr"],
+        sigma=config["postprocess"]["sigma"],
+        score_thr=config["postprocess"]["score_thr"],
+        max_per_image=config["postprocess"]["max_per_image"],
     conda:
         ENV
     shell:
-        "python -m stages.ensemble --detections {input.dets:q} {params.expand} {params.aps} {params.flags}"
-        " --out {output.dets:q} > {log:q} 2>&1"
-
-
-rule ablation_ensemble:
-    input:
-        unpack(lambda wc: ensemble_inputs(ABLATION_GROUP, wc)),
-    output:
-        dets="results/ablation_ensemble/{variant}/{split}/shard{shard}.parquet",
-    log:
-        "logs/ablation_ensemble/{variant}/{split}/shard{shard}.log",
-    params:
-        flags=lambda wc: ensemble_flags(config["ablation"]["ensemble"][wc.variant]),
-        expand=lambda wc, input: expand_flag(input.hierarchy),
-        aps=lambda wc, input: (
-            f"--ap-metrics {' '.join(input.aps)}"
-            if config["ablation"]["ensemble"][wc.variant].get("reweight", config["ensemble"]["reweight"])
-            else ""
-        ),
-    conda:
-        ENV
-    shell:
-        "python -m stages.ensemble --detections {input.dets:q} {params.expand} {params.aps} {params.flags}"
-        " --out {output.dets:q} > {log:q} 2>&1"
+        "python -m stages.ensemble --detections {input.dets:q} --expand-hierarchy {input.hierarchy:q}"
+        " --reweight {params.reweight} --ap-metrics {input.aps:q} --vote {params.vote} --k {params.k}"
+        " --score-weight {params.score_weight} --box-weight {params.box_weight} --min-iou {params.min_iou}"
+        " --method {params.method} --iou-thr {params.iou_thr} --sigma {params.sigma}"
+        " --score-thr {params.score_thr} --max-per-image {params.max_per_image} --out {output.dets:q}"
+        " > {log:q} 2>&1"

@@ -1,33 +1,38 @@
-# The OpenImages Challenge metric on val_a and val_b after every model, post-processing step and ensemble,
-# and the tables that collect them.
+# The OpenImages Challenge metric on val_a and val_b of every gathered post-processing and ensemble output (any
+# variant), and the tables that collect them.
 
 
 rule evaluate:
     input:
-        dets="results/{stage}/{name}/{val}.parquet",
+        dets=rules.gather.output.dets,
         boxes=rules.ingest.output.boxes,
         labels=rules.ingest.output.image_labels,
         hierarchy=rules.ingest.output.hierarchy,
         classes=rules.ingest.output.classes,
         splits=rules.split.output.splits,
     output:
-        json="results/evaluate/{stage}/{name}/{val}.json",
+        json="results/evaluate/{stage}/{variant}/{name}/{split}.json",
     log:
-        "logs/evaluate/{stage}/{name}/{val}.log",
+        "logs/evaluate/{stage}/{variant}/{name}/{split}.log",
+    benchmark:
+        "benchmarks/evaluate/{stage}/{variant}/{name}/{split}.tsv"
     wildcard_constraints:
-        stage="postprocess|ensemble|ablation_postprocess|ablation_ensemble",
+        name=r"[^/]+",
+        split=one_of(VAL_SPLITS),
     conda:
         ENV
     shell:
         "python -m stages.evaluate --boxes {input.boxes:q} --image-labels {input.labels:q}"
         " --hierarchy {input.hierarchy:q} --classes {input.classes:q} --predictions {input.dets:q}"
-        " --split-ids {input.splits:q} --split {wildcards.val} --out {output.json:q} > {log:q} 2>&1"
+        " --split-ids {input.splits:q} --split {wildcards.split} --out {output.json:q} > {log:q} 2>&1"
 
 
 rule metrics_table:
     input:
-        models=expand("results/evaluate/postprocess/{model}/{val}.json", model=MODELS, val=VAL_SPLITS),
-        ensembles=expand("results/evaluate/ensemble/{group}/{val}.json", group=ENSEMBLE_GROUPS, val=VAL_SPLITS),
+        models=model_metrics(MODELS, VAL_SPLITS),
+        ensembles=expand(
+            rules.evaluate.output.json, stage="ensemble", variant="default", name=ENSEMBLE_GROUPS, split=VAL_SPLITS
+        ),
     output:
         json="results/metrics.json",
         md="results/metrics.md",

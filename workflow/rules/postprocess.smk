@@ -1,6 +1,7 @@
-# Post-processing per model, split and image shard: add parent-class boxes (hierarchy expansion), the
-# configured suppression (NMS / soft-NMS / adj-NMS) and optional relationship rescoring. `gather` joins the
-# shards of any per-shard stage before evaluation and submission.
+# Post-processing per variant, model, split and image shard: add parent-class boxes (hierarchy expansion), the
+# suppression (NMS / soft-NMS / adj-NMS) and optional relationship rescoring, as configured (variant `default`)
+# or as an ablation variant changes it. `gather` joins the shards of any per-shard stage before evaluation and
+# submission.
 
 
 rule relations:
@@ -11,75 +12,75 @@ rule relations:
         stats="results/relations/stats.json",
     log:
         "logs/relations.log",
+    benchmark:
+        "benchmarks/relations/relations.tsv"
+    params:
+        ioa_thr=config["postprocess"]["ioa_thr"],
     conda:
         ENV
     shell:
         "python -m stages.relations --boxes {input.boxes:q} --splits {input.splits:q} --split train"
-        " --out {output.stats:q} > {log:q} 2>&1"
+        " --ioa-thr {params.ioa_thr} --out {output.stats:q} > {log:q} 2>&1"
 
 
 rule postprocess:
     input:
         dets=rules.infer.output.dets,
-        hierarchy=rules.ingest.output.hierarchy,
-        relations=branch(config["postprocess"]["relations"], then=rules.relations.output.stats),
+        # the hierarchy / relation statistics when the variant expands / rescores (none otherwise)
+        hierarchy=branch(variant_key(POSTPROCESS, "expand_hierarchy"), then=rules.ingest.output.hierarchy),
+        relations=branch(variant_key(POSTPROCESS, "relations"), then=rules.relations.output.stats),
     output:
-        dets="results/postprocess/{model}/{split}/shard{shard}.parquet",
+        dets="results/postprocess/{variant}/{model}/{split}/shard{shard}.parquet",
     log:
-        "logs/postprocess/{model}/{split}/shard{shard}.log",
+        "logs/postprocess/{variant}/{model}/{split}/shard{shard}.log",
+    benchmark:
+        "benchmarks/postprocess/{variant}/{model}/{split}/shard{shard}.tsv"
+    wildcard_constraints:
+        variant=one_of(POSTPROCESS),
     params:
-        flags=postprocess_flags({}),
-        expand=lambda wc, input: expand_flag(input.hierarchy),
-        relations=lambda wc, input: f"--relations {input.relations}" if input.relations else "",
+        method=variant_key(POSTPROCESS, "method"),
+        iou_thr=variant_key(POSTPROCESS, "iou_thr"),
+        sigma=variant_key(POSTPROCESS, "sigma"),
+        score_thr=variant_key(POSTPROCESS, "score_thr"),
+        max_per_image=variant_key(POSTPROCESS, "max_per_image"),
+        conf_thr=variant_key(POSTPROCESS, "conf_thr"),
+        cooc_weight=variant_key(POSTPROCESS, "cooc_weight"),
+        surround_thr=variant_key(POSTPROCESS, "surround_thr"),
+        min_support=variant_key(POSTPROCESS, "min_support"),
+        boost=variant_key(POSTPROCESS, "boost"),
+        penalty=variant_key(POSTPROCESS, "penalty"),
     conda:
         ENV
     shell:
-        "python -m stages.postprocess --detections {input.dets:q} {params.expand} {params.flags}"
-        " {params.relations} --out {output.dets:q} > {log:q} 2>&1"
-
-
-rule ablation_postprocess:
-    input:
-        dets=lambda wc: expand(rules.infer.output.dets, model=ABLATION_MODEL, split=wc.split, shard=wc.shard),
-        hierarchy=rules.ingest.output.hierarchy,
-        relations=rules.relations.output.stats,
-    output:
-        dets="results/ablation_postprocess/{variant}/{split}/shard{shard}.parquet",
-    log:
-        "logs/ablation_postprocess/{variant}/{split}/shard{shard}.log",
-    params:
-        flags=lambda wc: postprocess_flags(config["ablation"]["postprocess"][wc.variant]),
-        expand=lambda wc, input: expand_flag(input.hierarchy),
-        relations=lambda wc, input: (
-            f"--relations {input.relations}"
-            if config["ablation"]["postprocess"][wc.variant].get("relations")
-            else ""
-        ),
-    conda:
-        ENV
-    shell:
-        "python -m stages.postprocess --detections {input.dets:q} {params.expand} {params.flags}"
-        " {params.relations} --out {output.dets:q} > {log:q} 2>&1"
+        "python -m stages.postprocess --detections {input.dets:q} --expand-hierarchy {input.hierarchy:q}"
+        " --method {params.method} --iou-thr {params.iou_thr} --sigma {params.sigma}"
+        " --score-thr {params.score_thr} --max-per-image {params.max_per_image}"
+        " --relations {input.relations:q} --conf-thr {params.conf_thr} --cooc-weight {params.cooc_weight}"
+        " --surround-thr {params.surround_thr} --min-support {params.min_support} --boost {params.boost}"
+        " --penalty {params.penalty} --out {output.dets:q} > {log:q} 2>&1"
 
 
 rule gather:
     input:
         shards=lambda wc: expand(
-            "results/{stage}/{name}/{split}/shard{shard}.parquet",
+            "results/{stage}/{variant}/{name}/{split}/shard{shard}.parquet",
             stage=wc.stage,
+            variant=wc.variant,
             name=wc.name,
             split=wc.split,
             shard=range(SHARDS),
         ),
     output:
-        dets="results/{stage}/{name}/{split}.parquet",
+        dets="results/{stage}/{variant}/{name}/{split}.parquet",
     log:
-        "logs/gather/{stage}/{name}/{split}.log",
+        "logs/gather/{stage}/{variant}/{name}/{split}.log",
+    benchmark:
+        "benchmarks/gather/{stage}/{variant}/{name}/{split}.tsv"
     wildcard_constraints:
-        stage="|".join(SHARDED_STAGES),
         name=r"[^/]+",
     conda:
         ENV
     shell:
-        "python -m stages.postprocess --detections {input.shards:q} --method none --out {output.dets:q}"
-        " > {log:q} 2>&1"
+        # joins the shards only: no suppression, no score threshold, no cap
+        "python -m stages.postprocess --detections {input.shards:q} --method none --score-thr 0"
+        " --max-per-image 0 --out {output.dets:q} > {log:q} 2>&1"

@@ -5,7 +5,13 @@
 rule report:
     input:
         metrics=rules.metrics_table.input,
-        dets=expand("results/ensemble/{group}/{split}.parquet", group=config["submit"]["ensemble"], split=["val_a", "test"]),
+        dets=expand(
+            rules.gather.output.dets,
+            stage="ensemble",
+            variant="default",
+            name=config["submit"]["ensemble"],
+            split=["val_a", "test"],
+        ),
         ablation=expand(rules.ablation_table.output.json, kind=ABLATIONS),
         images=rules.ingest.output.images,
         test_images=rules.ingest.output.test_images,

@@ -3,7 +3,13 @@
 
 rule submit:
     input:
-        dets=expand("results/ensemble/{group}/test.parquet", group=config["submit"]["ensemble"]),
+        dets=expand(
+            rules.gather.output.dets,
+            stage="ensemble",
+            variant="default",
+            name=config["submit"]["ensemble"],
+            split="test",
+        ),
         images=rules.ingest.output.test_images,
     output:
         csv="submission.csv",

@@ -29,9 +29,7 @@ rule experts:
     input:
         model=lambda wc: expand(rules.train.output.model, model=expert_base(wc.model)),
         # the base model's per-class AP on val_a (after post-processing)
-        metrics=lambda wc: expand(
-            rules.evaluate.output.json, stage="postprocess", name=expert_base(wc.model), val="val_a"
-        ),
+        metrics=lambda wc: model_metrics(expert_base(wc.model), "val_a"),
         hierarchy=rules.ingest.output.hierarchy,
     output:
         experts="results/experts/{model}.json",

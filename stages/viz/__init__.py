@@ -1,0 +1,1 @@
+"""Pictures of the pipeline's tables for people: boxes and masks drawn on images (:mod:`.overlay`)."""
