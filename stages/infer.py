@@ -17,16 +17,19 @@ import pandas as pd
 import torch
 
 from stages.core.cli import stage_main
+from stages.core.config import schema_default
 from stages.core.errors import InputError
 from stages.formats.io import read_table, write_table
 from stages.formats.tables import empty
 from stages.models.data import load_image
-from stages.models.detector import build_detector, select_device, set_expert_mode
+from stages.models.detector import build_detector, select_device, set_expert_mode, set_inference
 
 log = logging.getLogger(__name__)
 
 
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, list[str], dict]:
+    """(detector, labels, training config) of a checkpoint written by stages.train, in eval mode on ``device``;
+    the inference settings start at the schema's defaults (:func:`infer` sets them)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as exc:
@@ -50,19 +53,27 @@ def shard(images: pd.DataFrame, index: int, count: int) -> pd.DataFrame:
 
 @torch.inference_mode()
 def infer(*, model: torch.nn.Module, labels: Sequence[str], images: pd.DataFrame, scales: Sequence[int],
-          flip: bool, device: torch.device, batch_size: int = 4, score_thr: float = 0.01,
-          max_per_image: int = 100, model_name: str = "model", log_every: int = 20, amp: bool = False,
-          expert: bool | None = None) -> pd.DataFrame:
+          flip: bool, device: torch.device, batch_size: int = schema_default("infer", "batch_size"),
+          score_thr: float = schema_default("infer", "score_thr"),
+          max_per_image: int = schema_default("infer", "max_per_image"),
+          box_nms_thresh: float = schema_default("model", "box_nms_thresh"),
+          rpn_pre_nms_top_n_test: int = schema_default("model", "rpn_pre_nms_top_n_test"),
+          rpn_post_nms_top_n_test: int = schema_default("model", "rpn_post_nms_top_n_test"),
+          test_max_size_ratio: float = schema_default("model", "test_max_size_ratio"),
+          model_name: str = "model", log_every: int = 20, amp: bool = False, expert: bool | None = None
+          ) -> pd.DataFrame:
     """Detections of ``model`` on ``images`` at every scale (and flipped when ``flip``), normalized xyxy.
 
-    amp: autocast (bf16 where supported, else fp16) on CUDA, ignored on CPU; expert: switch the RoI head's
-    expert-model mode (None keeps the model's)."""
+    At scale s the short image side is resized to s, the long one capped at s x ``test_max_size_ratio``. The
+    other settings are set on the model (:func:`~stages.models.detector.set_inference`); amp: autocast (bf16
+    where supported, else fp16) on CUDA, ignored on CPU; expert: switch the RoI head's expert-model mode (None
+    keeps the model's)."""
     if expert is not None:
         set_expert_mode(model, expert)
+    set_inference(model, score_thr=score_thr, max_per_image=max_per_image, box_nms_thresh=box_nms_thresh,
+                  rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=rpn_post_nms_top_n_test)
     use_amp = amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    model.roi_heads.score_thresh = score_thr
-    model.roi_heads.detections_per_img = max_per_image
     lab = np.asarray(labels, dtype=object)
     out = []
     t0 = time.time()
@@ -72,7 +83,7 @@ def infer(*, model: torch.nn.Module, labels: Sequence[str], images: pd.DataFrame
         imgs = [load_image(p).to(device) for p in rows["path"]]
         for scale in scales:
             model.transform.min_size = (int(scale),)
-            model.transform.max_size = max(int(scale), int(round(scale * 1333 / 800)))
+            model.transform.max_size = max(int(scale), int(round(scale * test_max_size_ratio)))
             for flipped in ([False, True] if flip else [False]):
                 batch = [im.flip(-1) for im in imgs] if flipped else imgs
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
@@ -109,16 +120,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--images", type=Path, required=True, help="images table (parquet)")
     p.add_argument("--splits", type=Path, help="splits table; with --split selects images")
     p.add_argument("--split", default=None)
-    p.add_argument("--scales", type=int, nargs="+", default=None, help="default: the model's test_scales")
-    p.add_argument("--flip", action="store_true", help="also infer on flipped images (the rule passes it when "
-                   "the model's test_flip is true)")
-    p.add_argument("--expert", choices=["config", "on", "off"], default="config",
-                   help="expert-model mode: the model's config (default), or forced on/off")
+    # the model's inference keys (the schema's x-reads: infer), defaults from the schema
+    p.add_argument("--scales", type=int, nargs="+", default=schema_default("model", "test_scales"),
+                   help="test scales (the model's test_scales)")
+    p.add_argument("--flip", action="store_true", help="also infer on flipped images (the model's test_flip)")
+    p.add_argument("--expert", action="store_true", help="expert-model mode (the model's expert)")
+    for key, kind in (("test_max_size_ratio", float), ("box_nms_thresh", float), ("rpn_pre_nms_top_n_test", int),
+                      ("rpn_post_nms_top_n_test", int)):
+        p.add_argument("--" + key.replace("_", "-"), type=kind, default=schema_default("model", key),
+                       help=f"the model's {key}")
     p.add_argument("--shard", type=int, default=0)
-    p.add_argument("--shards", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--score-thr", type=float, default=0.01)
-    p.add_argument("--max-per-image", type=int, default=100)
+    p.add_argument("--shards", type=int, default=schema_default("infer", "shards"))
+    p.add_argument("--batch-size", type=int, default=schema_default("infer", "batch_size"))
+    p.add_argument("--score-thr", type=float, default=schema_default("infer", "score_thr"))
+    p.add_argument("--max-per-image", type=int, default=schema_default("infer", "max_per_image"))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
@@ -135,18 +150,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         images = images[images["image_id"].isin(splits.loc[splits["split"] == a.split, "image_id"])]
     images = shard(images, a.shard, a.shards)
     name = a.model_name or a.model.parent.name
-    scales = a.scales or cfg.get("test_scales", [cfg["min_size"]])
+    settings = dict(score_thr=a.score_thr, max_per_image=a.max_per_image, box_nms_thresh=a.box_nms_thresh,
+                    rpn_pre_nms_top_n_test=a.rpn_pre_nms_top_n_test,
+                    rpn_post_nms_top_n_test=a.rpn_post_nms_top_n_test, test_max_size_ratio=a.test_max_size_ratio)
     t0 = time.time()
-    dets = infer(model=model, labels=labels, images=images, scales=scales, flip=a.flip, device=device,
-                 batch_size=a.batch_size, score_thr=a.score_thr, max_per_image=a.max_per_image, model_name=name,
-                 amp=bool(cfg.get("amp")), expert=None if a.expert == "config" else a.expert == "on")
+    dets = infer(model=model, labels=labels, images=images, scales=a.scales, flip=a.flip, device=device,
+                 batch_size=a.batch_size, model_name=name, amp=bool(cfg.get("amp")), expert=a.expert, **settings)
     write_table(a.out, dets, "detections",
-                provenance={"stage": "infer", "model": name, "split": a.split, "scales": scales, "flip": a.flip,
-                            "shard": f"{a.shard}/{a.shards}", "config": json.dumps(cfg, sort_keys=True)})
+                provenance={"stage": "infer", "model": name, "split": a.split, "scales": a.scales, "flip": a.flip,
+                            "expert": a.expert, "shard": f"{a.shard}/{a.shards}", "inference": settings,
+                            "config": json.dumps(cfg, sort_keys=True)})
     dt = time.time() - t0
     print(f"infer: {name} {a.split or 'all'} shard {a.shard}/{a.shards}: {len(images)} images, {len(dets)} "
           f"detections, {len(images) / max(dt, 1e-9):.1f} img/s")
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

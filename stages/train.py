@@ -20,6 +20,7 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from stages.core.cli import stage_main
-from stages.core.config import validate_config
+from stages.core.config import model_part, schema_default, validate_config
 from stages.core.errors import InputError
 from stages.core.provenance import code_version
 from stages.formats.experts import read_experts, restrict_to_classes
@@ -47,10 +48,12 @@ class NonFiniteLoss(RuntimeError):
 
 
 def lr_at(it: int, epoch: int, cfg: Mapping[str, Any]) -> float:
-    """Linear warm-up over ``warmup_iters`` iterations, then × ``lr_gamma`` at each epoch in ``lr_steps``."""
+    """Linear warm-up from ``warmup_factor`` × lr over ``warmup_iters`` iterations, then × ``lr_gamma`` at each
+    epoch in ``lr_steps``."""
     lr = cfg["lr"] * cfg["lr_gamma"] ** sum(epoch >= s for s in cfg["lr_steps"])
     if it < cfg["warmup_iters"]:
-        lr *= 0.001 + (1 - 0.001) * it / cfg["warmup_iters"]
+        f = cfg["warmup_factor"]
+        lr *= f + (1 - f) * it / cfg["warmup_iters"]
     return lr
 
 
@@ -134,24 +137,47 @@ def _all_finite(loss: torch.Tensor, world: int) -> bool:
     return bad.item() == 0
 
 
-def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, weights: pd.DataFrame | None,
-          ckpt_dir: Path, device: torch.device, metrics_path: Path | None = None, log_every: int = 10,
-          anchors: Mapping | None = None, stop_after_epoch: int | None = None) -> dict[str, Any]:
-    """Train and return the final checkpoint dict (model state, labels, config). Writes one checkpoint per epoch
-    into ``ckpt_dir``. ``weights``: the sample stage's ``sampling`` table (image_id, label, weight), the draw of
-    every epoch (:func:`plan_epoch`); None means every image equally, without a class.
+@dataclass
+class Sampler:
+    """The training images (sorted by id) and how an epoch's sample is drawn from them and augmented."""
 
-    Under an initialised ``torch.distributed`` process group every rank calls this with the same arguments;
-    rank 0 alone writes checkpoints and metrics, and every rank returns the same result.
-    """
-    cfg = model_config(cfg)
-    rank, world = _dist()
-    labels = sorted(boxes.loc[boxes["image_id"].isin(images["image_id"]), "label"].unique())
-    if not labels:
-        raise InputError("no training boxes", field="boxes")
+    cfg: Mapping[str, Any]
+    ds: DetectionDataset
+    draw: SamplingDraw                   # the sample stage's (image, class) pairs and their probabilities
+    class_first: bool
+    elaborate: bool
+    stats: AugmentStats | None           # elaborate augmentation: the dataset's box statistics
+
+    def plan(self, epoch: int, *, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Epoch ``epoch``'s sample of ``n`` images in global batches of ``batch_size`` (:func:`plan_epoch`),
+        drawn from the seed and the epoch alone (the same on every rank)."""
+        return plan_epoch(rng=np.random.default_rng([self.cfg["seed"], epoch]), n=n, batch_size=batch_size,
+                          draw=self.draw, class_first=self.class_first,
+                          full_class_batch=self.cfg["full_class_batch"])
+
+    def batch(self, plan: tuple[np.ndarray, np.ndarray, np.ndarray], positions: range, *, epoch: int,
+              device: torch.device) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The (image, target) pairs at ``positions`` of an epoch's plan, augmented, on ``device``."""
+        order, classes, flips = plan
+        batch = []
+        for j in positions:
+            img, tgt = self.ds[int(order[j])]
+            if self.elaborate:
+                img, b, lab = elaborate_augment(
+                    img, tgt["boxes"], tgt["labels"], cls=int(classes[j]), stats=self.stats,
+                    rng=np.random.default_rng([self.cfg["seed"], epoch, j]),
+                    rotate_std=tuple(self.cfg["aug_rotate_std"]), max_pixels=self.cfg["aug_max_pixels"])
+                tgt = {"boxes": b, "labels": lab}
+            if flips[j]:
+                img, tgt = hflip(img, tgt)
+            batch.append((img.to(device), {n: v.to(device) for n, v in tgt.items()}))
+        return batch
+
+
+def make_sampler(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame,
+                 weights: pd.DataFrame | None, labels: Sequence[str]) -> Sampler:
+    """The sampler of ``images`` (1-based class indices in the order of ``labels``) for config ``cfg``."""
     label_index = {lab: i + 1 for i, lab in enumerate(labels)}
-    chash = config_hash({"cfg": cfg, "labels": labels, "n_images": len(images), "anchors": anchors,
-                         "world": world})
     images = images.sort_values("image_id").reset_index(drop=True)
     ds = DetectionDataset(images, boxes, label_index)
     draw = training_draw(weights, image_ids=images["image_id"], label_index=label_index)
@@ -161,112 +187,93 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
     if elaborate:
         box_wh, image_wh, box_labels = ds.box_sizes()
         stats = augment_stats(box_wh=box_wh, image_wh=image_wh, labels=box_labels)
+    return Sampler(cfg, ds, draw, class_first, elaborate, stats)
 
+
+@dataclass
+class Trainer:
+    """A detector in training: the module called (DistributedDataParallel around ``core`` on several
+    processes), the optimiser with its parameters, the gradient scaler and the autocast settings."""
+
+    model: torch.nn.Module
+    core: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    use_amp: bool
+    amp_dtype: torch.dtype
+
+
+def build(cfg: Mapping[str, Any], *, num_classes: int, anchors: Mapping | None, device: torch.device
+          ) -> Trainer:
+    """The detector (initialised from the seed), SGD and the gradient scaler."""
     torch.manual_seed(cfg["seed"])
-    model = build_detector(cfg, num_classes=len(labels), anchors=anchors).to(device)
+    model = build_detector(cfg, num_classes=num_classes, anchors=anchors).to(device)
     cuda = device.type == "cuda"
     use_amp = bool(cfg["amp"]) and cuda
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     if cfg["channels_last"] and cuda:
         model = model.to(memory_format=torch.channels_last)
-    core = model
-    params = [p for p in core.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    bs = cfg["batch_size"]
-    global_bs = bs * world
-    iters = cfg["iters_per_epoch"] or max(1, math.ceil(len(images) / global_bs))
-    total_iters = iters * cfg["epochs"]
-    start_epoch = 0
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    resume = find_resume(ckpt_dir, chash)
-    if resume is not None:
-        state = torch.load(resume, map_location=device, weights_only=False)
-        core.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"] + 1
-        log.info("resuming from %s (epoch %d done)", resume, state["epoch"] + 1)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if cuda else None)
+    return Trainer(model, model, params, opt, scaler, device, use_amp, amp_dtype)
 
-    metrics = open(metrics_path, "a") if metrics_path and rank == 0 else None
-    t_start = time.time()
-    done_iters = 0
-    try:
-        for epoch in range(start_epoch, cfg["epochs"]):
-            model.train()
-            rng = np.random.default_rng([cfg["seed"], epoch])
-            torch.manual_seed(cfg["seed"] * 1000 + epoch * world + rank)
-            order, classes, flips = plan_epoch(rng=rng, n=iters * global_bs, batch_size=global_bs, draw=draw,
-                                               class_first=class_first, full_class_batch=cfg["full_class_batch"])
-            t_epoch = time.time()
-            for k in range(iters):
-                it = epoch * iters + k
-                lr = lr_at(it, epoch, cfg)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                batch = []
-                first = k * global_bs + rank * bs
-                for j in range(first, first + bs):
-                    img, tgt = ds[int(order[j])]
-                    if elaborate:
-                        img, b, lab = elaborate_augment(
-                            img, tgt["boxes"], tgt["labels"], cls=int(classes[j]), stats=stats,
-                            rng=np.random.default_rng([cfg["seed"], epoch, j]),
-                            rotate_std=tuple(cfg["aug_rotate_std"]), max_pixels=cfg["aug_max_pixels"])
-                        tgt = {"boxes": b, "labels": lab}
-                    if flips[j]:
-                        img, tgt = hflip(img, tgt)
-                    batch.append((img.to(device), {n: v.to(device) for n, v in tgt.items()}))
-                imgs, tgts = collate(batch)
-                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                    losses = model(imgs, tgts)
-                loss = sum(losses.values())
-                if not _all_finite(loss.detach(), world):
-                    raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch + 1} iteration {k + 1} "
-                                        f"(rank {rank}): "
-                                        + ", ".join(f"{n}={v.item():.4g}" for n, v in losses.items())
-                                        + " (lower lr or raise warmup_iters)")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, 10.0)
-                scaler.step(opt)
-                scaler.update()
-                done_iters += 1
-                if rank == 0 and ((k + 1) % log_every == 0 or k + 1 == iters):
-                    el = time.time() - t_start
-                    ips = done_iters * global_bs / el
-                    eta = (total_iters - it - 1) * global_bs / max(ips, 1e-9)
-                    log.info("epoch %d/%d iter %d/%d loss %.4f lr %.4g | %.1f img/s ETA %.0fs", epoch + 1,
-                             cfg["epochs"], k + 1, iters, loss.item(), lr, ips, eta)
-                    if metrics:
-                        metrics.write(json.dumps({"epoch": epoch + 1, "iter": it + 1, "lr": lr,
-                                                  "loss": loss.item(), "img_per_s": ips,
-                                                  **{n: v.item() for n, v in losses.items()}}) + "\n")
-                        metrics.flush()
-            if rank == 0:
-                state = {"model": core.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                         "labels": labels, "config": cfg, "config_hash": chash, "anchors": anchors}
-                with atomic_path(_ckpt_path(ckpt_dir, epoch)) as tmp:
-                    torch.save(state, tmp)
-                dt = time.time() - t_epoch
-                log.info("epoch %d done in %.0fs (%.2f img/s) -> %s", epoch + 1, dt, iters * global_bs / dt,
-                         _ckpt_path(ckpt_dir, epoch))
-            if world > 1:
-                dist.barrier()
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-                break
-    finally:
-        if metrics:
-            metrics.close()
-    last = cfg["epochs"] if stop_after_epoch is None else min(stop_after_epoch, cfg["epochs"])
+
+def resume(trainer: Trainer, ckpt_dir: Path, chash: str) -> int:
+    """Load the last complete epoch checkpoint of this config (hash ``chash``), if any; the epoch to start at."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = find_resume(ckpt_dir, chash)
+    if path is None:
+        return 0
+    state = torch.load(path, map_location=trainer.device, weights_only=False)
+    trainer.core.load_state_dict(state["model"])
+    trainer.opt.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
+    log.info("resuming from %s (epoch %d done)", path, state["epoch"] + 1)
+    return state["epoch"] + 1
+
+
+def step(trainer: Trainer, batch: list, *, lr: float, clip_grad_norm: float, world: int, where: str
+         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One iteration on ``batch`` at learning rate ``lr``: (loss, loss parts). Raises :class:`NonFiniteLoss`
+    (on every rank at once) when the loss is not finite; ``where`` names the iteration in that message."""
+    for g in trainer.opt.param_groups:
+        g["lr"] = lr
+    imgs, tgts = collate(batch)
+    with torch.autocast(device_type=trainer.device.type, dtype=trainer.amp_dtype, enabled=trainer.use_amp):
+        losses = trainer.model(imgs, tgts)
+    loss = sum(losses.values())
+    if not _all_finite(loss.detach(), world):
+        raise NonFiniteLoss(f"non-finite loss {loss.item()} at {where}: "
+                            + ", ".join(f"{n}={v.item():.4g}" for n, v in losses.items())
+                            + " (lower lr or raise warmup_iters)")
+    trainer.opt.zero_grad(set_to_none=True)
+    trainer.scaler.scale(loss).backward()
+    trainer.scaler.unscale_(trainer.opt)
+    torch.nn.utils.clip_grad_norm_(trainer.params, clip_grad_norm)
+    trainer.scaler.step(trainer.opt)
+    trainer.scaler.update()
+    return loss, losses
+
+
+def checkpoint(trainer: Trainer, ckpt_dir: Path, epoch: int, *, meta: Mapping[str, Any]) -> Path:
+    """Write epoch ``epoch``'s checkpoint (model, optimiser, scaler and ``meta``); its path."""
+    state = {"model": trainer.core.state_dict(), "optimizer": trainer.opt.state_dict(), "epoch": epoch,
+             "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None, **meta}
+    path = _ckpt_path(ckpt_dir, epoch)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def final_model(ckpt_dir: Path, last: int, *, cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The output checkpoint after epoch ``last`` (1-based): its weights, or with ``average_epochs: [a, b]`` (and
+    every epoch trained) the parameter average of the checkpoints of epochs a..b."""
     final = torch.load(_ckpt_path(ckpt_dir, last - 1), map_location="cpu", weights_only=False)
-    result = {"model": final["model"], "labels": labels, "config": cfg, "anchors": anchors,
-              "config_hash": chash, "epochs": final["epoch"] + 1, "averaged_epochs": None}
+    result = {"model": final["model"], **meta, "epochs": final["epoch"] + 1, "averaged_epochs": None}
     avg = cfg["average_epochs"]
     if avg is not None and last == cfg["epochs"]:
         paths = [_ckpt_path(ckpt_dir, e - 1) for e in range(avg[0], avg[1] + 1)]
@@ -274,6 +281,95 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
         result["averaged_epochs"] = list(avg)
         log.info("model = average of the checkpoints of epochs %d..%d", avg[0], avg[1])
     return result
+
+
+def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, weights: pd.DataFrame | None,
+          ckpt_dir: Path, device: torch.device, metrics_path: Path | None = None, log_every: int = 10,
+          anchors: Mapping | None = None, stop_after_epoch: int | None = None) -> dict[str, Any]:
+    """Train and return the final checkpoint dict (model state, labels, config). Writes one checkpoint per epoch
+    into ``ckpt_dir``. ``weights``: the sample stage's ``sampling`` table (image_id, label, weight), the draw of
+    every epoch (:func:`plan_epoch`); None means every image equally, without a class. Only the keys
+    training reads (``model_part(cfg, "train")``) are used, recorded and hashed.
+
+    Under an initialised ``torch.distributed`` process group every rank calls this with the same arguments;
+    rank 0 alone writes checkpoints and metrics, and every rank returns the same result.
+    """
+    cfg = model_part(model_config(cfg), "train")
+    rank, world = _dist()
+    labels = sorted(boxes.loc[boxes["image_id"].isin(images["image_id"]), "label"].unique())
+    if not labels:
+        raise InputError("no training boxes", field="boxes")
+    chash = config_hash({"cfg": cfg, "labels": labels, "n_images": len(images), "anchors": anchors,
+                         "world": world})
+    meta = {"labels": labels, "config": cfg, "config_hash": chash, "anchors": anchors}
+    sampler = make_sampler(cfg=cfg, images=images, boxes=boxes, weights=weights, labels=labels)
+    trainer = build(cfg, num_classes=len(labels), anchors=anchors, device=device)
+    bs = cfg["batch_size"]
+    global_bs = bs * world
+    iters = cfg["iters_per_epoch"] or max(1, math.ceil(len(images) / global_bs))
+    start_epoch = resume(trainer, ckpt_dir, chash)
+    if world > 1:
+        trainer.model = torch.nn.parallel.DistributedDataParallel(
+            trainer.core, device_ids=[device.index] if device.type == "cuda" else None)
+
+    progress = _Progress(metrics_path if rank == 0 else None, total_iters=iters * cfg["epochs"],
+                         global_bs=global_bs, epochs=cfg["epochs"])
+    try:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            trainer.model.train()
+            torch.manual_seed(cfg["seed"] * 1000 + epoch * world + rank)
+            plan = sampler.plan(epoch, n=iters * global_bs, batch_size=global_bs)
+            t_epoch = time.time()
+            for k in range(iters):
+                it = epoch * iters + k
+                lr = lr_at(it, epoch, cfg)
+                first = k * global_bs + rank * bs
+                batch = sampler.batch(plan, range(first, first + bs), epoch=epoch, device=device)
+                loss, losses = step(trainer, batch, lr=lr, clip_grad_norm=cfg["clip_grad_norm"], world=world,
+                                    where=f"epoch {epoch + 1} iteration {k + 1} (rank {rank})")
+                progress.step()
+                if rank == 0 and ((k + 1) % log_every == 0 or k + 1 == iters):
+                    progress.log(epoch=epoch, k=k, iters=iters, it=it, lr=lr, loss=loss, losses=losses)
+            if rank == 0:
+                path = checkpoint(trainer, ckpt_dir, epoch, meta=meta)
+                dt = time.time() - t_epoch
+                log.info("epoch %d done in %.0fs (%.2f img/s) -> %s", epoch + 1, dt, iters * global_bs / dt, path)
+            if world > 1:
+                dist.barrier()
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                break
+    finally:
+        progress.close()
+    last = cfg["epochs"] if stop_after_epoch is None else min(stop_after_epoch, cfg["epochs"])
+    return final_model(ckpt_dir, last, cfg=cfg, meta=meta)
+
+
+class _Progress:
+    """Progress of a training run: a log line (loss, lr, images/s, ETA) and a JSON line in ``metrics_path``."""
+
+    def __init__(self, metrics_path: Path | None, *, total_iters: int, global_bs: int, epochs: int):
+        self.metrics = open(metrics_path, "a") if metrics_path else None
+        self.total_iters, self.global_bs, self.epochs = total_iters, global_bs, epochs
+        self.t_start = time.time()
+        self.done_iters = 0
+
+    def step(self) -> None:
+        self.done_iters += 1
+
+    def log(self, *, epoch: int, k: int, iters: int, it: int, lr: float, loss: torch.Tensor,
+            losses: Mapping[str, torch.Tensor]) -> None:
+        ips = self.done_iters * self.global_bs / (time.time() - self.t_start)
+        eta = (self.total_iters - it - 1) * self.global_bs / max(ips, 1e-9)
+        log.info("epoch %d/%d iter %d/%d loss %.4f lr %.4g | %.1f img/s ETA %.0fs", epoch + 1, self.epochs, k + 1,
+                 iters, loss.item(), lr, ips, eta)
+        if self.metrics:
+            self.metrics.write(json.dumps({"epoch": epoch + 1, "iter": it + 1, "lr": lr, "loss": loss.item(),
+                                           "img_per_s": ips, **{n: v.item() for n, v in losses.items()}}) + "\n")
+            self.metrics.flush()
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
 
 
 def _init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
@@ -294,7 +390,8 @@ def _init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
 @stage_main
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__)
-    p.add_argument("--config", required=True, help="the model's config section as JSON")
+    p.add_argument("--config", required=True, help="the model's config section as JSON (the keys training reads; "
+                   "others are ignored, missing ones take the schema's defaults)")
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--boxes", type=Path, required=True)
     p.add_argument("--splits", type=Path, required=True)
@@ -304,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--classes", type=Path, help="experts JSON (stages.experts): train only on its targets and "
                    "negatives (images holding one of them; other classes' boxes dropped)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=schema_default("model", "threads"),
+                   help="torch CPU threads (the rule passes the job's threads: the model's threads resource)")
     p.add_argument("--ckpt-dir", type=Path, required=True)
     p.add_argument("--metrics", type=Path)
     p.add_argument("--log-every", type=int, default=10)
@@ -315,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except json.JSONDecodeError as exc:
         raise InputError(f"--config is not JSON: {exc}", field="--config") from exc
     cfg = model_config(cfg)
-    torch.set_num_threads(cfg["threads"])
+    torch.set_num_threads(a.threads)
     splits = read_table(a.splits, "splits")
     ids = set(splits.loc[splits["split"] == a.split, "image_id"])
     images = read_table(a.images, "images")

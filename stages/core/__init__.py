@@ -1,3 +1,3 @@
 """Plumbing shared by every stage, not a step itself: config validation (``config``), the CLI wrapper that turns
-:class:`~stages.core.errors.InputError` into one clear line and exit code 2 (``cli``), and the error types
-(``errors``)."""
+:class:`~stages.core.errors.InputError` into one clear line and exit code 2 (``cli``), the error types
+(``errors``) and the launcher of training jobs (``launch``: python, torchrun or srun + torchrun)."""

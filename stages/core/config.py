@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,20 @@ def schema_default(*path: str) -> Any:
     if "default" not in node:
         raise KeyError(f"schema key {'/'.join(path)} has no default")
     return node["default"]
+
+
+#: who reads a model key (its ``x-reads`` in the schema): the train rule (and checkpoint hash), the infer rule,
+#: the experts rule, or nobody but the scheduler (the job's resources)
+MODEL_PARTS = ("train", "infer", "experts", "resources")
+
+
+def model_part(cfg: Mapping[str, Any], part: str) -> dict[str, Any]:
+    """The keys of model section ``cfg`` that ``part`` reads (their ``x-reads`` in the schema), e.g.
+    ``model_part(cfg, "train")``: what the train rule passes on and the checkpoint hashes."""
+    if part not in MODEL_PARTS:
+        raise ValueError(f"part must be one of {MODEL_PARTS}, got {part!r}")
+    props = _schema_cached()["$defs"]["model"]["properties"]
+    return {k: v for k, v in cfg.items() if props[k]["x-reads"] == part}
 
 
 def defaults_validator(schema: dict):

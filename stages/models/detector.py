@@ -24,6 +24,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
+from stages.core.config import schema_default
 from stages.models.backbones import CLS_PREFIX, build_backbone
 from stages.models.cascade import CascadeRoIHeads
 from stages.models.heads import ExpertGate, roi_heads_settings
@@ -100,46 +101,56 @@ def build_detector(cfg: Mapping[str, Any], *, num_classes: int,
                    anchors: Optional[Mapping[str, Sequence]] = None) -> FasterRCNN:
     """Faster R-CNN + FPN from a model config section (schema defaults apply to missing keys). ``num_classes``
     excludes background. ``anchors`` (the anchors stage's JSON: ``sizes`` per level, ``aspect_ratios``) replace
-    the default anchors when given."""
-    get = cfg.get
-    if get("arch", "faster_rcnn") != "faster_rcnn":
+    the default anchors when given. The inference settings (``infer`` keys of the schema) start at their
+    defaults; :func:`set_inference` changes them on a built model."""
+
+    def get(key: str) -> Any:
+        return cfg[key] if key in cfg else schema_default("model", key)
+
+    if get("arch") != "faster_rcnn":
         raise ValueError(f"unknown arch {cfg['arch']!r}")
-    head = get("head", "sibling")
+    head = get("head")
     if head not in ("sibling", "tsd"):
         raise ValueError(f"head must be 'sibling' or 'tsd', got {head!r}")
-    decoupled = bool(get("decoupled_backbone", False))
+    decoupled = bool(get("decoupled_backbone"))
     if decoupled and head != "tsd":
         raise ValueError("decoupled_backbone needs head: tsd (the sibling head reads a single pyramid)")
-    fpn = int(get("fpn_channels", 128))
-    rep = int(get("representation_size", 1024))
-    backbone = build_backbone(cfg["backbone"], width=int(get("width", 64)), out_channels=fpn,
-                              trainable_layers=int(get("trainable_layers", 5)), norm=get("norm", "bn"),
-                              dcn=bool(get("dcn", False)), weights_path=get("backbone_weights"),
-                              decoupled=decoupled)
+    fpn = int(get("fpn_channels"))
+    rep = int(get("representation_size"))
+    backbone = build_backbone(cfg["backbone"], width=int(get("width")), out_channels=fpn,
+                              trainable_layers=int(get("trainable_layers")), norm=get("norm"),
+                              dcn=bool(get("dcn")), weights_path=get("backbone_weights"), decoupled=decoupled)
     pooled = 7 * 7 * fpn
     model = FasterRCNN(
         backbone, num_classes=None, rpn_anchor_generator=anchor_generator(anchors),
         box_head=TwoMLPHead(pooled, rep), box_predictor=FastRCNNPredictor(rep, num_classes + 1),
-        min_size=int(get("min_size", 288)), max_size=int(get("max_size", 320)),
-        rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
-        rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
-        rpn_batch_size_per_image=128, box_batch_size_per_image=128,
-        box_score_thresh=0.01, box_detections_per_img=100,
+        min_size=int(get("min_size")), max_size=int(get("max_size")),
+        rpn_pre_nms_top_n_train=int(get("rpn_pre_nms_top_n_train")),
+        rpn_post_nms_top_n_train=int(get("rpn_post_nms_top_n_train")),
+        rpn_pre_nms_top_n_test=int(get("rpn_pre_nms_top_n_test")),
+        rpn_post_nms_top_n_test=int(get("rpn_post_nms_top_n_test")),
+        rpn_nms_thresh=float(get("rpn_nms_thresh")),
+        rpn_batch_size_per_image=int(get("rpn_batch_size_per_image")),
+        box_batch_size_per_image=int(get("box_batch_size_per_image")),
+        box_nms_thresh=float(get("box_nms_thresh")),
+        box_score_thresh=float(schema_default("infer", "score_thr")),
+        box_detections_per_img=int(schema_default("infer", "max_per_image")),
     )
     if decoupled:
         model.rpn = RegressionPyramidRPN.from_rpn(model.rpn)
-    expert = bool(get("expert", False))
-    tsd = TSDSettings(gamma=float(get("tsd_gamma", 0.1)), margin_cls=float(get("margin_cls", 0.2)),
-                      margin_reg=float(get("margin_reg", 0.2)))
-    if get("cascade", False):
+    expert = bool(get("expert"))
+    tsd = TSDSettings(gamma=float(get("tsd_gamma")), margin_cls=float(get("margin_cls")),
+                      margin_reg=float(get("margin_reg")), offset_hidden=int(get("tsd_offset_hidden")),
+                      margin_loss_weight=float(get("tsd_margin_loss_weight")))
+    if get("cascade"):
         model.roi_heads = CascadeRoIHeads.from_roi_heads(
             model.roi_heads, num_classes=num_classes + 1, in_channels=fpn, representation_size=rep,
-            stage_iou_thresholds=get("cascade_iou", [0.5, 0.5, 0.6, 0.7]),
-            stage_loss_weights=get("cascade_weights", [0.75, 1.0, 0.25, 0.25]),
+            stage_iou_thresholds=get("cascade_iou"), stage_loss_weights=get("cascade_weights"),
             decoupled=tsd if head == "tsd" else None, expert_mode=expert)
     elif head == "tsd":
         model.roi_heads = TSDRoIHeads.from_roi_heads(model.roi_heads, num_classes=num_classes + 1,
-                                                     in_channels=fpn, expert_mode=expert, tsd=tsd)
+                                                     in_channels=fpn, expert_mode=expert, tsd=tsd,
+                                                     sibling_loss_weight=float(get("tsd_sibling_loss_weight")))
     else:
         model.roi_heads = SiblingRoIHeads.from_roi_heads(model.roi_heads, expert_mode=expert)
     if get("weights"):
@@ -152,6 +163,18 @@ def build_detector(cfg: Mapping[str, Any], *, num_classes: int,
         log.info("detector weights from %s (%d missing, %d unexpected keys)", get("weights"), len(missing),
                  len(unexpected))
     return model
+
+
+def set_inference(model: FasterRCNN, *, score_thr: float, max_per_image: int, box_nms_thresh: float,
+                  rpn_pre_nms_top_n_test: int, rpn_post_nms_top_n_test: int) -> None:
+    """Set the inference-time settings of a built detector (the schema's ``infer`` keys and the ``infer``
+    section's ``score_thr`` / ``max_per_image``): what the RPN keeps, and the box head's score threshold,
+    per-class NMS threshold and detections per image. Training is not affected."""
+    model.rpn._pre_nms_top_n["testing"] = int(rpn_pre_nms_top_n_test)
+    model.rpn._post_nms_top_n["testing"] = int(rpn_post_nms_top_n_test)
+    model.roi_heads.score_thresh = float(score_thr)
+    model.roi_heads.nms_thresh = float(box_nms_thresh)
+    model.roi_heads.detections_per_img = int(max_per_image)
 
 
 def set_expert_mode(model: FasterRCNN, on: bool) -> None:

@@ -155,7 +155,7 @@ def test_train_and_infer_zoo_models(tables, tmp_path, extra):
     dets = tmp_path / "dets.parquet"
     assert infer.main(["--model", str(run / "model.pt"), "--images", str(out / "images.parquet"), "--splits",
                        str(splits), "--split", "val_a", "--device", "cpu", "--flip", "--score-thr", "0.0",
-                       "--out", str(dets)]) == 0
+                       *(["--expert"] if extra.get("expert") else []), "--out", str(dets)]) == 0
     d = read_table(dets, "detections")
     assert set(d["image_id"]) <= {"img3"}
     assert d[["x_min", "y_min", "x_max", "y_max"]].stack().between(0, 1).all()

@@ -149,7 +149,9 @@ def test_train_on_expert_classes(tiny, tmp_path):
                      "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "model.pt")])
     assert rc == 0
     ckpt = torch.load(tmp_path / "model.pt", weights_only=False)
-    assert ckpt["labels"] == ["/m/car", "/m/dog"] and ckpt["config"]["expert"] is True
+    assert ckpt["labels"] == ["/m/car", "/m/dog"]
+    # the checkpoint records what training read; the expert gate is an inference switch (the infer rule's)
+    assert ckpt["config"]["backbone"] == "resnet_tiny" and "expert" not in ckpt["config"]
     assert ckpt["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0] == 3   # 2 classes + background
     # img3 (only a cat) is not a training image of this expert
     write_json(tmp_path / "none.json", {"targets": ["/m/zebra"], "negatives": []})

@@ -1,5 +1,7 @@
-"""The full challenge setup builds its DAG against a stub directory of OpenImages files, quickly; changing a
-post-processing parameter reruns post-processing and what depends on it, never training or inference."""
+"""The full challenge setup builds its DAG against a stub directory of OpenImages files, quickly; a change reruns
+exactly the rules that read it: post-processing parameters never retrain or re-infer, a model's resources rerun
+nothing, its inference keys rerun its inference and what follows, its training keys retrain that model alone, an
+expert model's mining keys re-mine and retrain that expert alone."""
 
 from __future__ import annotations
 
@@ -18,15 +20,22 @@ STUB_FILES = ["challenge-2019-train-detection-bbox.csv", "challenge-2019-train-d
 
 
 def job_counts(text: str) -> dict[str, int]:
+    """Jobs per rule of a dry run's "Job stats" ({} when there is nothing to do)."""
+    if "Nothing to be done" in text:
+        return {}
     block = text.split("Job stats:")[1]
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", block, re.M)}
 
 
-def test_oid2019_dag_builds_from_stub_files(tmp_path: Path) -> None:
-    stub = tmp_path / "data" / "oid2019"
+def stub_dataset(workdir: Path) -> None:
+    stub = workdir / "data" / "oid2019"
     stub.mkdir(parents=True)
     for name in STUB_FILES:
         (stub / name).touch()
+
+
+def test_oid2019_dag_builds_from_stub_files(tmp_path: Path) -> None:
+    stub_dataset(tmp_path)
     t0 = time.perf_counter()
     r = snakemake(tmp_path, "-n", "--quiet", "rules", "--configfile", str(ROOT / "configs" / "oid2019.yaml"))
     seconds = time.perf_counter() - t0
@@ -67,3 +76,80 @@ def test_changing_postprocess_param_reruns_only_downstream(tmp_path: Path) -> No
     assert counts.get("postprocess", 0) >= 1 and counts.get("submit") == 1
     for upstream in ("generate", "ingest", "split", "sample", "train", "infer"):
         assert upstream not in counts, counts
+
+
+@pytest.fixture(scope="module")
+def finished_challenge_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """(work directory, config): the challenge config (one image shard) in a directory where its whole DAG looks
+    finished: every output exists, and a ``--touch --forceall`` run recorded each job's metadata (parameters,
+    code, input files), which is what Snakemake compares to decide a rerun."""
+    work = tmp_path_factory.mktemp("oid2019")
+    stub_dataset(work)
+    cfg = yaml.safe_load((ROOT / "configs" / "oid2019.yaml").read_text())
+    cfg["infer"]["shards"] = 1
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    summary = snakemake(work, "--summary", "--configfile", str(path))
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    outputs = [line.split("\t")[0] for line in summary.stdout.splitlines()[1:] if "\t" in line]
+    assert "results/train/resnet50_tsd/model.pt" in outputs and "submission.csv" in outputs
+    for name in outputs:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).touch()
+    touched = snakemake(work, "--touch", "--forceall", "--configfile", str(path))
+    assert touched.returncode == 0, touched.stderr[-3000:]
+    assert job_counts(dry_run(work, cfg)) == {}
+    return work, cfg
+
+
+def dry_run(work: Path, cfg: dict) -> str:
+    path = work / "changed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = snakemake(work, "-n", "--quiet", "rules", "--configfile", str(path))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r.stdout + r.stderr
+
+
+def rerun_after(run: tuple[Path, dict], model: str, **change) -> dict[str, int]:
+    """Jobs per rule that a dry run schedules after ``change`` to one model's section."""
+    work, cfg = run
+    changed = yaml.safe_load(yaml.safe_dump(cfg))
+    changed["models"][model].update(change)
+    return job_counts(dry_run(work, changed))
+
+
+@pytest.mark.slow
+def test_changing_a_resource_reruns_nothing(finished_challenge_run) -> None:
+    counts = rerun_after(finished_challenge_run, "resnet50_tsd", gpus=4, nodes=2, gpu_model="h100",
+                         cpus_per_gpu=8, threads=2, mem_mb=64000, runtime_min=60)
+    assert counts == {}
+
+
+@pytest.mark.slow
+def test_changing_an_inference_key_reruns_inference_and_what_follows(finished_challenge_run) -> None:
+    counts = rerun_after(finished_challenge_run, "resnet50_tsd", test_scales=[800, 1200])
+    assert counts["infer"] == 3 and counts["postprocess"] == 2      # val_a, val_b, test; the validation splits
+    assert counts["submit"] == 1
+    for upstream in ("ingest", "split", "sample", "anchors", "train", "experts"):
+        assert upstream not in counts, counts
+    assert rerun_after(finished_challenge_run, "resnet50_tsd", box_nms_thresh=0.5)["infer"] == 3
+    counts = rerun_after(finished_challenge_run, "resnet50_tsd", expert=True)    # the background gate
+    assert counts["infer"] == 3 and "train" not in counts
+
+
+@pytest.mark.slow
+def test_changing_a_training_key_retrains_that_model_only(finished_challenge_run) -> None:
+    counts = rerun_after(finished_challenge_run, "resnet50_tsd", lr=0.01)
+    assert counts["train"] == 1 and counts["infer"] == 3 and counts["submit"] == 1
+    for upstream in ("ingest", "split", "sample", "anchors", "experts"):
+        assert upstream not in counts, counts
+    # a key the anchors rule reads too
+    counts = rerun_after(finished_challenge_run, "resnet50_tsd", anchor_scales=[8, 12, 16])
+    assert counts["anchors"] == 1 and counts["train"] == 1
+
+
+@pytest.mark.slow
+def test_changing_an_experts_key_remines_and_retrains_that_expert_only(finished_challenge_run) -> None:
+    counts = rerun_after(finished_challenge_run, "resnet101_tsd_expert1", expert_sim_thr=0.5)
+    assert counts["experts"] == 1 and counts["train"] == 1 and counts["infer"] == 3
+    assert "anchors" not in counts

@@ -6,7 +6,7 @@ import re
 import sys
 
 sys.path.insert(0, workflow.basedir)
-from stages.core.config import validate_config  # noqa: E402
+from stages.core.config import model_part, validate_config  # noqa: E402
 
 validate_config(config, source="config")
 
@@ -58,6 +58,11 @@ def model_cfg(model):
     return config["models"][model]
 
 
+def model_key(key):
+    """The value of one key of the job's model (for params)."""
+    return lambda wildcards: model_cfg(wildcards.model)[key]
+
+
 def expert_base(model):
     """The base model of an expert model."""
     base = model_cfg(model)["expert_of"]
@@ -73,8 +78,10 @@ def expert_classes(wildcards):
     return expand(rules.experts.output.experts, model=wildcards.model)
 
 
-def model_json(wildcards):
-    return json.dumps(model_cfg(wildcards.model), sort_keys=True)
+def train_json(wildcards):
+    """What training reads of a model's section (its `x-reads: train` keys) as JSON: the train rule's parameter,
+    so a change of any other key (inference, experts, resources) retrains nothing."""
+    return json.dumps(model_part(model_cfg(wildcards.model), "train"), sort_keys=True)
 
 
 def images_for(wildcards):
@@ -121,15 +128,3 @@ def ablation_metrics(wildcards):
         name=ABLATION_RUN[wildcards.kind],
         split=VAL_SPLITS,
     )
-
-
-def train_launcher(cfg):
-    """How a training job starts: python; torchrun with one process per GPU; srun + torchrun across nodes."""
-    if cfg["nodes"] > 1:
-        return (
-            f"srun --ntasks-per-node=1 torchrun --nnodes {cfg['nodes']} --nproc_per_node {max(cfg['gpus'], 1)}"
-            " --rdzv_backend c10d --rdzv_endpoint $(hostname):29500 --rdzv_id $SLURM_JOB_ID"
-        )
-    if cfg["gpus"] > 1:
-        return f"torchrun --standalone --nproc_per_node {cfg['gpus']}"
-    return "python"

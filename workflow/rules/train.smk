@@ -67,11 +67,11 @@ rule train:
     benchmark:
         "benchmarks/train/{model}.tsv"
     params:
-        cfg=model_json,
+        # only the keys training reads (x-reads: train); resources never are parameters
+        cfg=train_json,
         ckpt=lambda wc: f"results/train/{wc.model}/ckpt",
         metrics=lambda wc: f"results/train/{wc.model}/metrics.jsonl",
         device=config["device"],
-        launch=lambda wc: train_launcher(model_cfg(wc.model)),
         anchors=lambda wc, input: f"--anchors {input.anchors}" if input.anchors else "",
         classes=lambda wc, input: f"--classes {input.classes}" if input.classes else "",
     threads: lambda wc: model_cfg(wc.model)["threads"]
@@ -88,7 +88,9 @@ rule train:
     conda:
         ENV
     shell:
-        "{params.launch} -m stages.train --config {params.cfg:q} --images {input.images:q} --boxes {input.boxes:q}"
-        " --splits {input.splits:q} --sampling {input.sampling:q} {params.anchors} {params.classes}"
-        " --device {params.device}"
-        " --ckpt-dir {params.ckpt:q} --metrics {params.metrics:q} --out {output.model:q} > {log:q} 2>&1"
+        # python, torchrun or srun + torchrun, from the resources (stages/core/launch.py)
+        "python -m stages.core.launch {resources.gpu} {resources.nodes} -m stages.train --config {params.cfg:q}"
+        " --images {input.images:q} --boxes {input.boxes:q} --splits {input.splits:q}"
+        " --sampling {input.sampling:q} {params.anchors} {params.classes}"
+        " --device {params.device} --threads {threads} --ckpt-dir {params.ckpt:q} --metrics {params.metrics:q}"
+        " --out {output.model:q} > {log:q} 2>&1"
