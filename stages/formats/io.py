@@ -83,7 +83,7 @@ def write_table(path: str | os.PathLike, df: pd.DataFrame, name: str, *,
     The metadata key ``orchard`` holds JSON: table name, columns, code version and whatever the stage passes
     (stage, model, config hash...). DuckDB (``parquet_kv_metadata``), pyarrow and pandas users can read it.
     """
-    df = conform(df, name, source=path)
+    df = conform(df, name, source=path, keep_categorical=True)
     table = arrow_table(df, name, provenance)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=1 << 20, use_dictionary=string_columns(table.schema))
@@ -107,18 +107,22 @@ def string_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
 
 
-def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a canonical table and conform it to its schema (clear error if it is not that table)."""
+def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None = None,
+               categorical: bool = False) -> pd.DataFrame:
+    """Read a canonical table and conform it to its schema (clear error if it is not that table). ``columns``:
+    only those, not conformed. ``categorical``: string columns come as pandas Categoricals (read as parquet
+    dictionaries: no Python string per row, what tables of millions of rows need)."""
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", file=path)
     try:
-        df = pq.read_table(path, columns=columns).to_pandas()
+        strings = string_columns(pq.read_schema(path)) if categorical else []
+        df = pq.read_table(path, columns=columns, read_dictionary=strings).to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"not a readable parquet file: {exc}", file=path) from exc
     if columns is not None:
         return df
-    return conform(df, name, source=path)
+    return conform(df, name, source=path, keep_categorical=categorical)
 
 
 def read_provenance(path: str | os.PathLike) -> dict:
