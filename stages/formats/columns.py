@@ -55,3 +55,13 @@ def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     for c in cat_cols:
         out[c] = pd.api.types.union_categoricals([f[c] for f in frames])
     return out[list(frames[0].columns) + [c for c in out.columns if c not in frames[0].columns]]
+
+
+def positions(values: pd.Series | np.ndarray, index: pd.Index) -> np.ndarray:
+    """int64 positions of ``values`` in ``index`` (-1 where absent), hashing each distinct value once
+    (categorical columns through their categories only)."""
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
+        c, uniq = values.cat.codes.to_numpy(), values.cat.categories
+    else:
+        c, uniq = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=True)
+    return np.append(index.get_indexer(uniq), -1).astype(np.int64)[c]
