@@ -52,7 +52,7 @@ def read_hierarchy(path: str | os.PathLike, classes: pd.DataFrame) -> Hierarchy:
 def read_boxes(path: str | os.PathLike, known: set[str]) -> pd.DataFrame:
     if _ext(path) != ".parquet":
         return oi.read_boxes(path, known_labels=known)
-    df = read_table(path, "boxes")
+    df = read_table(path, "boxes", categorical=True)
     check_labels(df["label"], known, source=path)
     check_boxes(df, source=path)
     return df
@@ -61,7 +61,7 @@ def read_boxes(path: str | os.PathLike, known: set[str]) -> pd.DataFrame:
 def read_image_labels(path: str | os.PathLike, known: set[str]) -> pd.DataFrame:
     if _ext(path) != ".parquet":
         return oi.read_image_labels(path, known_labels=known)
-    df = read_table(path, "image_labels")
+    df = read_table(path, "image_labels", categorical=True)
     check_labels(df["label"], known, source=path)
     bad = ~df["confidence"].isin([0, 1]).to_numpy()
     if bad.any():
@@ -78,7 +78,7 @@ def read_predictions(path: str | os.PathLike, known: set[str], *, table: str = "
 
             return read_segmentation_submission(path, known_labels=known)
         return oi.read_detection_submission(path, known_labels=known)
-    df = read_table(path, table)
+    df = read_table(path, table, categorical=table == "detections")
     check_labels(df["label"], known, source=path)
     check_boxes(df, source=path)
     bad = ~np.isfinite(df["score"].to_numpy(np.float64))

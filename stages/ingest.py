@@ -94,10 +94,12 @@ def _check_images(paths: list[str], decode: bool) -> tuple[np.ndarray, tuple[int
     return wh, None
 
 
-def image_sizes(paths: Sequence[str], *, decode: bool = False, workers: int = 1) -> tuple[np.ndarray, int, str]:
+def image_sizes(paths: Sequence[str], *, decode: bool = False, workers: int = 1, chunk: int = _CHUNK
+                ) -> tuple[np.ndarray, int, str]:
     """Width and height of every image, from its header (``decode``: after decoding it fully), in ``workers``
-    processes. Returns ``(wh (n, 2), position of the first unreadable image or -1, its reason)``."""
-    chunks = [list(paths[i:i + _CHUNK]) for i in range(0, len(paths), _CHUNK)]
+    processes taking ``chunk`` images at a time. Returns ``(wh (n, 2), position of the first unreadable image
+    or -1, its reason)``."""
+    chunks = [list(paths[i:i + chunk]) for i in range(0, len(paths), chunk)]
     if workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(min(workers, len(chunks))) as pool:
             results = list(pool.map(_check_images, chunks, [decode] * len(chunks)))
@@ -105,7 +107,7 @@ def image_sizes(paths: Sequence[str], *, decode: bool = False, workers: int = 1)
         results = [_check_images(c, decode) for c in chunks]
     for k, (_, err) in enumerate(results):
         if err is not None:
-            return np.zeros((0, 2), np.int32), k * _CHUNK + err[0], err[1]
+            return np.zeros((0, 2), np.int32), k * chunk + err[0], err[1]
     return (np.concatenate([wh for wh, _ in results]) if results else np.zeros((0, 2), np.int32)), -1, ""
 
 

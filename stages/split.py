@@ -33,7 +33,7 @@ from stages.formats.io import read_table, write_json, write_table
 
 log = logging.getLogger(__name__)
 PARTS = ("train", "val_a", "val_b")
-_EXACT_PAIRS = 64   # at batch size one: the top x top candidates whose exact divergence is computed
+_POOL = (8, 64)   # at batch size one, the top k x top k swaps are tried exactly: k from 8, doubling to 64
 
 
 def js_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -56,12 +56,13 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     return float(js_rows(np.asarray(p).ravel(), np.asarray(q).ravel())[0])
 
 
-def _js_gradient(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """d JS(p / sum p, q / sum q) / d p for counts ``p`` (a blank class gets a large finite pull)."""
+def _js_slope(p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First derivative and (diagonal) second derivative of JS(p / sum p, q / sum q) in the counts ``p``."""
     s = p.sum()
-    pn, qn = p / s, q / q.sum()
-    g = 0.5 * np.log2((pn + 1e-12) / (0.5 * (pn + qn) + 1e-12))
-    return (g - (pn * g).sum()) / s
+    pn, qn = p / s + 1e-12, q / q.sum()
+    m = 0.5 * (pn + qn)
+    g = 0.5 * np.log2(pn / m)
+    return (g - (pn * g).sum()) / s, qn / (4 * np.log(2) * pn * m) / s ** 2
 
 
 def class_counts(boxes: pd.DataFrame, image_ids: Sequence[str]) -> tuple[sparse.csr_array, list[str]]:
@@ -88,29 +89,45 @@ def _sizes(n: int, f: np.ndarray) -> np.ndarray:
 
 
 def _stratify(counts: sparse.csr_array, f: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Deal each rarest-class group to the parts in proportion to ``f`` (step 1 of the module doc)."""
+    """Rarest class first, deal the images containing it that are still unassigned to the parts in proportion
+    to each part's remaining need of the class's boxes (parts that have their images are closed); then the
+    images without a box to the parts short of images; then make part sizes exact (step 1 of the module doc)."""
     n, k = counts.shape
-    per_class = np.bincount(counts.indices, minlength=k)      # images containing each class
-    nonempty = np.diff(counts.indptr) > 0
-    key = np.full(n, k, np.int64)                             # k: images without a box
-    if nonempty.any():
-        rank = per_class[counts.indices].astype(np.int64) * (k + 1) + counts.indices
-        key[nonempty] = np.minimum.reduceat(rank, counts.indptr[:-1][nonempty]) % (k + 1)
+    csc = counts.tocsc()
+    sizes = _sizes(n, f)
+    need = f[:, None] * np.asarray(counts.sum(0)).ravel()[None, :]    # [parts, classes] boxes still wanted
+    assign = np.full(n, -1, np.int64)
     tiebreak = rng.permutation(n)
-    order = np.lexsort((tiebreak, key))
-    start = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
-    first = np.zeros(n, np.int64)
-    first[start] = 1
-    group = np.cumsum(first) - 1
-    size = np.diff(np.r_[start, n])
-    t = (np.arange(n) - start[group] + rng.random(len(start))[group]) / size[group]
-    assign = np.empty(n, np.int64)
-    assign[order] = np.searchsorted(np.cumsum(f)[:-1], t, side="right")
-    # exact part sizes: move images of the most common groups from the parts over their size
-    group_size = np.empty(n, np.int64)
-    group_size[order] = size[group]
-    excess = np.bincount(assign, minlength=len(f)) - _sizes(n, f)
-    movers = [np.flatnonzero(assign == s)[np.lexsort((tiebreak[assign == s], -group_size[assign == s]))][:e]
+    for c in np.argsort(np.diff(csc.indptr), kind="stable"):          # classes by images, rarest first
+        rows = csc.indices[csc.indptr[c]:csc.indptr[c + 1]]
+        boxes = csc.data[csc.indptr[c]:csc.indptr[c + 1]]
+        todo = assign[rows] < 0
+        if not todo.any():
+            continue
+        order = np.argsort(tiebreak[rows[todo]])
+        rows, boxes = rows[todo][order], boxes[todo][order]
+        open_ = np.bincount(assign[assign >= 0], minlength=len(f)) < sizes
+        want = np.where(open_, np.maximum(need[:, c], 0), 0)
+        if want.sum() <= 0:
+            want = np.where(open_, sizes - np.bincount(assign[assign >= 0], minlength=len(f)), 0).astype(float)
+        cum = np.cumsum(boxes) - 0.5 * boxes
+        part = np.searchsorted(np.cumsum(want) / want.sum() * boxes.sum(), cum, side="right")
+        part = np.minimum(part, len(f) - 1)
+        assign[rows] = part
+        for s in range(len(f)):
+            mine = rows[part == s]
+            if len(mine):
+                need[s] -= np.asarray(counts[mine].sum(0)).ravel()
+    rest = np.flatnonzero(assign < 0)
+    short = np.maximum(sizes - np.bincount(assign[assign >= 0], minlength=len(f)), 0)
+    rest = rest[np.argsort(tiebreak[rest])]
+    fill = np.repeat(np.arange(len(f)), short)[:len(rest)]
+    assign[rest[:len(fill)]] = fill
+    assign[rest[len(fill):]] = 0
+    # exact part sizes: move the images with the fewest boxes from the parts over their size
+    weight = np.diff(counts.indptr)
+    excess = np.bincount(assign, minlength=len(f)) - sizes
+    movers = [np.flatnonzero(assign == s)[np.lexsort((tiebreak[assign == s], weight[assign == s]))][:e]
               for s, e in enumerate(excess) if e > 0]
     if movers:
         assign[np.concatenate(movers)] = np.repeat(np.flatnonzero(excess < 0), -excess[excess < 0])
@@ -125,38 +142,48 @@ def _top(values: np.ndarray, members: np.ndarray, k: int) -> np.ndarray:
 
 
 def _mine(counts: sparse.csr_array, assign: np.ndarray, *, iters: int, tol: float) -> np.ndarray:
-    """Gradient-ranked batch swaps between each validation part and train (step 2 of the module doc)."""
+    """Ranked batch swaps between each validation part and train (step 2 of the module doc). An image's rank is
+    the predicted change of the divergence if it alone moved: first and (diagonal) second order terms, so an
+    image whose many boxes of one class would overshoot ranks low."""
     parts = int(assign.max()) + 1 if len(assign) else 0
     onehot = sparse.csr_array((np.ones(len(assign)), (assign, np.arange(len(assign)))),
                               shape=(parts, len(assign)))
     pc = np.asarray((onehot @ counts).todense(), np.float64)
     total = pc.sum(0)
     cost = js_rows(pc, total)
-    batch = {s: max(1, int((assign == s).sum()) // 100) for s in range(1, parts)}
+    squares = counts.multiply(counts).tocsr()
+    batch = {s: max(1, int((assign == s).sum()) // 100) for s in range(1, parts)}   # 1: exact
+    pool = {s: _POOL[0] for s in batch}
     for it in range(iters):
-        open_parts = [s for s in batch if batch[s] > 0]
+        open_parts = [s for s in batch if pool[s] <= _POOL[1]]
         if not open_parts:
             break
         s = open_parts[it % len(open_parts)]
-        h = counts @ (_js_gradient(pc[s], total) - _js_gradient(pc[0], total))
+        (g_s, h_s), (g_0, h_0) = _js_slope(pc[s], total), _js_slope(pc[0], total)
+        lin, quad = counts @ (g_s - g_0), 0.5 * (squares @ (h_s + h_0))
         val, train = np.flatnonzero(assign == s), np.flatnonzero(assign == 0)
-        k = min(batch[s] if batch[s] > 1 else _EXACT_PAIRS, len(val), len(train))
-        out, into = _top(h, val, k), _top(-h, train, k)   # leave s: high h; join s: low h
-        if batch[s] > 1:
-            keep = int((h[out] > h[into]).sum())
-            out, into = out[:keep], into[:keep]
-            delta = counts[into].sum(0) - counts[out].sum(0) if keep else np.zeros_like(total)
-        else:   # exact: every pair of the top candidates
+        exact = batch[s] == 1
+        k = min(pool[s] if exact else batch[s], len(val), len(train))
+        # predicted change of the divergence if an image of s leaves to train / an image of train joins s
+        leave, join = quad - lin, quad + lin
+        out, into = _top(-leave, val, k), _top(-join, train, k)
+        if exact:   # every pair of the top candidates, exactly
             pairs = (counts[into].toarray()[None, :, :] - counts[out].toarray()[:, None, :]).reshape(k * k, -1)
             best = int(np.argmin(js_rows(pc[s] + pairs, total) + js_rows(pc[0] - pairs, total)))
             out, into, delta = out[best // k: best // k + 1], into[best % k: best % k + 1], pairs[best]
+        else:       # the pairs predicted to help, together
+            keep = int((leave[out] + join[into] < 0).sum())
+            out, into = out[:keep], into[:keep]
+            delta = counts[into].sum(0) - counts[out].sum(0) if keep else np.zeros_like(total)
         new = js_rows(np.stack([pc[s] + delta, pc[0] - delta]), total)
         if len(out) and new.sum() < (cost[s] + cost[0]) * (1 - tol):
             assign[out], assign[into] = 0, s
             pc[s] += delta
             pc[0] -= delta
             cost[s], cost[0] = new
-            batch[s] = max(2, 2 * batch[s])
+            batch[s], pool[s] = 2 * batch[s], _POOL[0]
+        elif exact:
+            pool[s] *= 2
         else:
             batch[s] //= 2
     return assign
