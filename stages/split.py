@@ -33,6 +33,7 @@ from stages.formats.io import read_table, write_json, write_table
 
 log = logging.getLogger(__name__)
 PARTS = ("train", "val_a", "val_b")
+_SAMPLE = 1 << 17   # images ranked per mining round, at most
 _POOL = (8, 64)   # at batch size one, the top k x top k swaps are tried exactly: k from 8, doubling to 64
 
 
@@ -141,10 +142,12 @@ def _top(values: np.ndarray, members: np.ndarray, k: int) -> np.ndarray:
     return members[top[np.argsort(-v[top], kind="stable")]]
 
 
-def _mine(counts: sparse.csr_array, assign: np.ndarray, *, iters: int, tol: float) -> np.ndarray:
+def _mine(counts: sparse.csr_array, assign: np.ndarray, *, iters: int, tol: float,
+          rng: np.random.Generator) -> np.ndarray:
     """Ranked batch swaps between each validation part and train (step 2 of the module doc). An image's rank is
     the predicted change of the divergence if it alone moved: first and (diagonal) second order terms, so an
-    image whose many boxes of one class would overshoot ranks low."""
+    image whose many boxes of one class would overshoot ranks low. Each round ranks a sample of at most
+    ``_SAMPLE`` images (every image of a smaller dataset), so a round costs the same at any size."""
     parts = int(assign.max()) + 1 if len(assign) else 0
     onehot = sparse.csr_array((np.ones(len(assign)), (assign, np.arange(len(assign)))),
                               shape=(parts, len(assign)))
@@ -160,28 +163,32 @@ def _mine(counts: sparse.csr_array, assign: np.ndarray, *, iters: int, tol: floa
             break
         s = open_parts[it % len(open_parts)]
         (g_s, h_s), (g_0, h_0) = _js_slope(pc[s], total), _js_slope(pc[0], total)
-        lin, quad = counts @ (g_s - g_0), 0.5 * (squares @ (h_s + h_0))
-        val, train = np.flatnonzero(assign == s), np.flatnonzero(assign == 0)
-        exact = batch[s] == 1
-        k = min(pool[s] if exact else batch[s], len(val), len(train))
+        stride = -(-len(assign) // _SAMPLE)      # every stride-th image from a random start: a fresh sample
+        rows = np.arange(rng.integers(stride), len(assign), stride)
+        lin, quad = counts[rows] @ (g_s - g_0), 0.5 * (squares[rows] @ (h_s + h_0))
         # predicted change of the divergence if an image of s leaves to train / an image of train joins s
         leave, join = quad - lin, quad + lin
+        val, train = np.flatnonzero(assign[rows] == s), np.flatnonzero(assign[rows] == 0)
+        exact = batch[s] == 1
+        k = min(pool[s] if exact else batch[s], len(val), len(train))
         out, into = _top(-leave, val, k), _top(-join, train, k)
         if exact:   # every pair of the top candidates, exactly
-            pairs = (counts[into].toarray()[None, :, :] - counts[out].toarray()[:, None, :]).reshape(k * k, -1)
+            pairs = (counts[rows[into]].toarray()[None, :, :] - counts[rows[out]].toarray()[:, None, :]
+                     ).reshape(k * k, -1)
             best = int(np.argmin(js_rows(pc[s] + pairs, total) + js_rows(pc[0] - pairs, total)))
             out, into, delta = out[best // k: best // k + 1], into[best % k: best % k + 1], pairs[best]
         else:       # the pairs predicted to help, together
             keep = int((leave[out] + join[into] < 0).sum())
             out, into = out[:keep], into[:keep]
-            delta = counts[into].sum(0) - counts[out].sum(0) if keep else np.zeros_like(total)
+            delta = counts[rows[into]].sum(0) - counts[rows[out]].sum(0) if keep else np.zeros_like(total)
+        out, into = rows[out], rows[into]
         new = js_rows(np.stack([pc[s] + delta, pc[0] - delta]), total)
         if len(out) and new.sum() < (cost[s] + cost[0]) * (1 - tol):
             assign[out], assign[into] = 0, s
             pc[s] += delta
             pc[0] -= delta
             cost[s], cost[0] = new
-            batch[s], pool[s] = 2 * batch[s], _POOL[0]
+            batch[s], pool[s] = min(2 * batch[s], _SAMPLE), _POOL[0]
         elif exact:
             pool[s] *= 2
         else:
@@ -196,7 +203,7 @@ def stratified_split(counts: sparse.csr_array | np.ndarray, fractions: Sequence[
     rng = np.random.default_rng(seed)
     f = np.asarray(fractions, np.float64)
     f = f / f.sum()
-    assign = _mine(counts, _stratify(counts, f, rng), iters=mining_iters, tol=tol)
+    assign = _mine(counts, _stratify(counts, f, rng), iters=mining_iters, tol=tol, rng=rng)
     total = counts.sum(0)
     div = {PARTS[s] if len(f) == 3 else str(s): js_divergence(counts[assign == s].sum(0), total)
            for s in range(len(f))}

@@ -8,11 +8,13 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import stages
@@ -108,16 +110,19 @@ def string_columns(schema: pa.Schema) -> list[str]:
 
 
 def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None = None,
-               categorical: bool = False) -> pd.DataFrame:
+               categorical: bool = False, image_ids: Collection[str] | None = None) -> pd.DataFrame:
     """Read a canonical table and conform it to its schema (clear error if it is not that table). ``columns``:
     only those, not conformed. ``categorical``: string columns come as pandas Categoricals (read as parquet
-    dictionaries: no Python string per row, what tables of millions of rows need)."""
+    dictionaries: no Python string per row, what tables of millions of rows need). ``image_ids``: only the
+    rows of these images, filtered by arrow while reading."""
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", file=path)
     try:
         strings = string_columns(pq.read_schema(path)) if categorical else []
-        df = pq.read_table(path, columns=columns, read_dictionary=strings).to_pandas()
+        rows = None if image_ids is None else \
+            pc.field("image_id").isin(pa.array(np.asarray(list(image_ids), dtype=object), pa.string()))
+        df = pq.read_table(path, columns=columns, read_dictionary=strings, filters=rows).to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"not a readable parquet file: {exc}", file=path) from exc
     if columns is not None:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from stages.core.errors import InputError
-from stages.formats.columns import concat
+from stages.formats.columns import concat, positions
 from stages.formats.tables import BOX_COLUMNS, check_boxes, check_labels, conform, empty
 
 BBOX_COLUMNS = ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
@@ -286,20 +286,19 @@ def boxes_to_csv_frame(boxes: pd.DataFrame, source: str = "orchard") -> pd.DataF
 
 
 def fixed_decimals(values: np.ndarray, decimals: int = 6) -> pa.Array:
-    """``"%.{decimals}f" % v`` of every value as an arrow string array, built from integers by arrow (no Python
-    object per value). Values within float error of a rounding tie, and non-finite or huge ones, are formatted
-    by printf itself, so the text always equals printf's."""
+    """``"%.{decimals}f" % v`` of every value as an arrow string array, built by arrow from the integer
+    ``round(v * 10**decimals)`` (no Python object per value): its digits, zero-padded, with the point put in.
+    Values within float error of a rounding tie, negative (printf's "-0.000000"), non-finite or huge ones are
+    formatted by printf itself, so the text always equals printf's."""
     if decimals < 1:
         raise ValueError(f"decimals must be >= 1, got {decimals}")
     v = np.asarray(values, dtype=np.float64)
-    scale = 10 ** decimals
     with np.errstate(invalid="ignore", over="ignore"):
-        a = np.abs(v) * scale
-        exact = ~(a < 2.0 ** 52) | (np.abs(a - np.floor(a) - 0.5) <= 4 * np.spacing(a))
+        a = v * 10 ** decimals
+        exact = ~(a < 2.0 ** 52) | np.signbit(v) | (np.abs(a - np.floor(a) - 0.5) <= a * 2.0 ** -50)
     k = np.rint(np.where(exact, 0.0, a)).astype(np.int64)
-    sign = pa.array(np.where(np.signbit(v), "-", ""))
-    frac = pc.utf8_lpad(pc.cast(pa.array(k % scale), pa.string()), width=decimals, padding="0")
-    out = pc.binary_join_element_wise(sign, pc.cast(pa.array(k // scale), pa.string()), ".", frac, "")
+    digits = pc.utf8_lpad(pc.cast(pa.array(k), pa.string()), width=decimals + 1, padding="0")
+    out = pc.binary_replace_slice(digits, -decimals, -decimals, ".")
     if exact.any():
         out = pc.replace_with_mask(out, pa.array(exact), pa.array(np.char.mod(f"%.{decimals}f", v[exact])))
     return out
@@ -320,12 +319,14 @@ def submission_rows(dets: pd.DataFrame, image_ids: np.ndarray, *, decimals: int 
     in ``dets`` order within an image; an image without a detection gets an empty string. Vectorised: arrow
     joins the fields, then each image's predictions (a list array cut at image boundaries)."""
     ids = pd.Index(image_ids, dtype=object)
-    pos = ids.get_indexer(dets["image_id"].astype(object)) if len(dets) else np.zeros(0, np.int64)
+    pos = positions(dets["image_id"], ids)
     if (pos < 0).any():
         raise ValueError(f"detection of image {dets['image_id'].iloc[int(np.flatnonzero(pos < 0)[0])]!r} "
                          "outside the given image ids")
     order = np.argsort(pos, kind="stable")
-    fields = [pa.array(dets["label"].astype(object).to_numpy()[order], type=pa.string())]
+    label, labels = pd.factorize(dets["label"])
+    fields = [pa.DictionaryArray.from_arrays(label[order].astype(np.int32),
+                                             pa.array(np.asarray(labels, dtype=object), pa.string())).cast(pa.string())]
     fields += [fixed_decimals(dets[c].to_numpy(np.float64)[order], decimals) for c in ["score", *BOX_COLUMNS]]
     one = pc.binary_join_element_wise(*fields, " ")
     offsets = np.zeros(len(ids) + 1, np.int32)
@@ -337,8 +338,11 @@ def submission_rows(dets: pd.DataFrame, image_ids: np.ndarray, *, decimals: int 
     return lines.buffers()[2].slice(int(off[0]), int(off[-1] - off[0])).to_pybytes() if len(lines) else b""
 
 
+_PREDICTION_NUMBERS = ("score", "x_min", "y_min", "x_max", "y_max")
+
+
 def iter_detection_submission(path: str | os.PathLike, *, known_labels: set[str] | None = None,
-                               block_size: int = 1 << 26) -> Iterator[tuple[int, pd.DataFrame]]:
+                               block_size: int = 1 << 24) -> Iterator[tuple[int, pd.DataFrame]]:
     """A Kaggle detection submission, block by block: ``(rows, detections)`` per block of the file (memory
     bounded by the block, whatever the file's size). Errors name the line and the prediction."""
     path = Path(path)
@@ -368,37 +372,38 @@ def iter_detection_submission(path: str | os.PathLike, *, known_labels: set[str]
 
 def _parse_predictions(ids: pa.Array, strings: pa.Array, *, path: Path, first_line: int, first_prediction: int,
                        known_labels: set[str] | None) -> pd.DataFrame:
-    strings = pc.utf8_trim_whitespace(strings)
-    tokens = pc.utf8_split_whitespace(strings)
-    n = np.where(pc.equal(strings, "").to_numpy(zero_copy_only=False), 0,
-                 pc.list_value_length(tokens).to_numpy(zero_copy_only=False))
+    tokens = pc.ascii_split_whitespace(strings)          # as str.split(), but blanks at either end give ""
+    offsets = tokens.offsets.to_numpy()
+    flat = pc.list_flatten(tokens)
+    real = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+    upto = np.r_[0, np.cumsum(real)]
+    n = upto[offsets[1:] - offsets[0]] - upto[offsets[:-1] - offsets[0]]
     bad = n % 6 != 0
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InputError(f"PredictionString has {n[i]} fields, not a multiple of 6 "
                          "(LabelName Confidence XMin YMin XMax YMax)", file=path, row=first_line + i,
                          field="PredictionString")
-    flat = pc.list_flatten(tokens)
-    if len(flat) != n.sum():   # the empty strings' lone empty token
-        flat = flat.filter(pc.not_equal(flat, ""))
+    if not real.all():
+        flat = flat.filter(pa.array(real))
     count = n // 6
     line_of = np.repeat(np.arange(len(n)) + first_line, count)
     at = np.arange(0, len(flat), 6)
     image = pd.Categorical(pc.dictionary_encode(ids).to_pandas())
     out = pd.DataFrame({"image_id": pd.Categorical.from_codes(np.repeat(image.codes, count), image.categories),
                         "label": pd.Categorical(pc.dictionary_encode(flat.take(at)).to_pandas())})
-    for j, col in enumerate(["score", "x_min", "y_min", "x_max", "y_max"], start=1):
-        text = flat.take(at + j)
-        try:
-            v = pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
-        except pa.ArrowInvalid:
-            v = pd.to_numeric(pd.Series(text.to_numpy(zero_copy_only=False)), errors="coerce").to_numpy(np.float64)
-        bad = np.isnan(v)
-        if bad.any():
-            k = int(np.flatnonzero(bad)[0])
-            raise InputError(f"prediction {first_prediction + k}: {col} is not a number: {text[k].as_py()!r}",
-                             file=path, row=int(line_of[k]), field="PredictionString")
-        out[col] = v
+    text = flat.take((at[:, None] + np.arange(1, 6)).ravel())
+    try:
+        v = pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
+    except pa.ArrowInvalid:
+        v = pd.to_numeric(pd.Series(text.to_numpy(zero_copy_only=False)), errors="coerce").to_numpy(np.float64)
+    bad = np.isnan(v)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise InputError(f"prediction {first_prediction + k // 5}: {_PREDICTION_NUMBERS[k % 5]} is not a number: "
+                         f"{text[k].as_py()!r}", file=path, row=int(line_of[k // 5]), field="PredictionString")
+    for j, col in enumerate(_PREDICTION_NUMBERS):
+        out[col] = v[j::5]
     check_labels(out["label"], known_labels, source=path, rows=line_of, field="PredictionString")
     check_boxes(out, source=path, rows=line_of, names={c: f"PredictionString:{c}" for c in BOX_COLUMNS})
     return out
