@@ -48,8 +48,10 @@ import pyarrow.csv as pacsv
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stages.formats.columns import positions  # noqa: E402
 from stages.formats.io import read_json, read_table, write_table  # noqa: E402
 from stages.formats.stream import TableWriter  # noqa: E402
+from stages.formats.tables import BOX_COLUMNS  # noqa: E402
 
 N_TRAIN = 1_743_042          # challenge 2019 training images
 N_BOXES = 12_200_000         # their boxes (12.2M)
@@ -194,12 +196,12 @@ def write_val_detections(run: Run) -> None:
     """100 detections per val_a image: 80% of its ground-truth boxes jittered (scores high-ish), then false
     positives (random boxes of classes drawn by frequency, scores low-ish) up to the count."""
     rng = np.random.default_rng(run.seed + 1)
-    splits = read_table(run / "split/splits.parquet", "splits", categorical=True)
+    splits = read_table(run / "split/splits.parquet", "splits", columns=["image_id", "split"])
     val = np.sort(splits.loc[(splits["split"] == "val_a").to_numpy(), "image_id"].to_numpy(object))
-    boxes = read_table(run / "ingest/boxes.parquet", "boxes", categorical=True)
-    labels = boxes["label"].to_numpy(object)
+    boxes = read_table(run / "ingest/boxes.parquet", "boxes", columns=["image_id", "label", *BOX_COLUMNS])
+    freq = boxes["label"].value_counts(normalize=True)
     boxes = boxes[boxes["image_id"].isin(val).to_numpy()]
-    img = pd.Index(val).get_indexer(boxes["image_id"].to_numpy(object))
+    img = positions(boxes["image_id"], pd.Index(val))
     keep = rng.random(len(boxes)) < 0.8
     boxes, img = boxes[keep], img[keep]
     order = np.argsort(img, kind="stable")
@@ -219,7 +221,8 @@ def write_val_detections(run: Run) -> None:
         a, b = index.get_loc(part[0]), index.get_loc(part[-1]) + 1
         mine = tp.iloc[start[a]:start[b]].assign(image_id=np.repeat(part, np.diff(start[a:b + 1])))
         n_fp = EVAL_PER_IMAGE - np.diff(start[a:b + 1])
-        fp = pd.DataFrame({"image_id": np.repeat(part, n_fp), "label": labels[rng.integers(0, len(labels), n_fp.sum())],
+        fp = pd.DataFrame({"image_id": np.repeat(part, n_fp),
+                           "label": rng.choice(freq.index.to_numpy(object), n_fp.sum(), p=freq.to_numpy()),
                            "score": rng.beta(2, 4, n_fp.sum()), **_random_boxes(rng, int(n_fp.sum()))})
         return pd.concat([mine, fp], ignore_index=True)
 
@@ -231,7 +234,7 @@ def write_test_detections(run: Run) -> None:
     rng = np.random.default_rng(run.seed + 2)
     ids = np.sort(read_table(run / "ingest/test_images.parquet", "images", columns=["image_id"])["image_id"]
                   .to_numpy(object))
-    labels = read_table(run / "ingest/boxes.parquet", "boxes", columns=["label"], categorical=True)["label"]
+    labels = read_table(run / "ingest/boxes.parquet", "boxes", columns=["label"])["label"]
     freq = labels.value_counts(normalize=True)
 
     def make(part: np.ndarray) -> pd.DataFrame:
@@ -265,15 +268,17 @@ def ingest_check(small: dict, large: dict, run: Run) -> list[str]:
 
 def split_figures(run: Run) -> dict:
     rep = read_json(run / "split" / "report.json")
-    splits = read_table(run / "split" / "splits.parquet", "splits", categorical=True)
-    boxes = read_table(run / "ingest" / "boxes.parquet", "boxes", columns=["image_id", "label"], categorical=True)
-    part = pd.Series(splits["split"].to_numpy(object), index=splits["image_id"].to_numpy(object))
-    share = pd.crosstab(boxes["label"].to_numpy(object), part.reindex(boxes["image_id"].to_numpy(object)).to_numpy())
-    share = share[share.sum(1) >= 100]
-    dev = (share["val_a"] / share.sum(1) - 0.1).abs()
+    splits = read_table(run / "split" / "splits.parquet", "splits", columns=["image_id", "split"])
+    boxes = read_table(run / "ingest" / "boxes.parquet", "boxes", columns=["image_id", "label"])
+    part = pd.Series(splits["split"].to_numpy(object)).map({"train": 0, "val_a": 1, "val_b": 2}).to_numpy()
+    lab, labels = pd.factorize(boxes["label"])
+    per_class = np.bincount(lab * 3 + part[positions(boxes["image_id"], pd.Index(splits["image_id"]))],
+                            minlength=3 * len(labels)).reshape(-1, 3)
+    per_class = per_class[per_class.sum(1) >= 100]
+    dev = np.abs(per_class[:, 1] / per_class.sum(1) - 0.1)
     return {"js": rep["js_divergence"], "random_js": rep["random_split_js_divergence"], "images": rep["images"],
             "classes_missing": rep["classes_missing"], "val_a_share_deviation": float(dev.mean()),
-            "classes_100_boxes": len(share)}
+            "classes_100_boxes": len(per_class)}
 
 
 def split_check(small: dict, large: dict, run: Run) -> list[str]:
@@ -293,7 +298,7 @@ def split_check(small: dict, large: dict, run: Run) -> list[str]:
 
 
 def sample_figures(run: Run) -> dict:
-    w = read_table(run / "sample" / "class_aware.parquet", "sampling", categorical=True)
+    w = read_table(run / "sample" / "class_aware.parquet", "sampling", columns=["image_id", "label", "weight"])
     per_class = w.groupby("label", observed=True)["weight"].sum()
     return {"pairs": len(w), "images": int(w["image_id"].nunique()), "classes": len(per_class),
             "class_weight_spread": float(per_class.max() / per_class.min() - 1), "weight_sum": float(w["weight"].sum())}

@@ -160,9 +160,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    boxes = read_table(a.boxes, "boxes", columns=["image_id", *BOX_COLUMNS], categorical=True)
+    boxes = read_table(a.boxes, "boxes", columns=["image_id", *BOX_COLUMNS])
     images = read_table(a.images, "images", columns=["image_id", "width", "height"])
-    splits = read_table(a.splits, "splits", categorical=True)
+    splits = read_table(a.splits, "splits", columns=["image_id", "split"])
     ids = splits.loc[(splits["split"] == a.split).to_numpy(), "image_id"].to_numpy(dtype=object)
     boxes = boxes[boxes["image_id"].isin(ids).to_numpy()]
     if len(boxes) < a.k:

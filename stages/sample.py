@@ -42,7 +42,8 @@ def _pairs(boxes: pd.DataFrame, ids: pd.Index) -> tuple[np.ndarray, np.ndarray, 
     img = positions(boxes["image_id"], ids)
     lab, labels = _sorted_values(boxes["label"])
     keep = img >= 0
-    key = np.unique(img[keep] * max(len(labels), 1) + lab[keep])
+    key = np.sort(img[keep] * max(len(labels), 1) + lab[keep])
+    key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key
     return key // max(len(labels), 1), key % max(len(labels), 1), labels
 
 
@@ -73,14 +74,15 @@ def image_weights(weights: pd.DataFrame) -> pd.Series:
                      index=ids.rename("image_id"), name="weight")
 
 
-def expected_class_frequency(weights: pd.DataFrame, boxes: pd.DataFrame) -> pd.Series:
-    """Probability that a drawn image contains each class (a diagnostic: flat under class-aware sampling), for
-    the classes of the drawn images."""
-    w = image_weights(weights)
-    img, lab, labels = _pairs(boxes, w.index)
-    present = np.bincount(lab, minlength=len(labels)) > 0
-    freq = np.bincount(lab, weights=w.to_numpy()[img], minlength=len(labels))
-    return pd.Series(freq[present], index=labels[present].rename("label"), name="weight").sort_values()
+def expected_class_frequency(weights: pd.DataFrame) -> pd.Series:
+    """Probability that a drawn image contains each class (a diagnostic: flat under class-aware sampling). The
+    table's rows are the drawn images' (image, class) pairs, so it is all that is needed."""
+    img, ids = _sorted_values(weights["image_id"])
+    lab, labels = _sorted_values(weights["label"])
+    w = np.bincount(img, weights=weights["weight"].to_numpy(np.float64), minlength=len(ids))
+    freq = pd.Series(np.bincount(lab, weights=w[img], minlength=len(labels)), index=labels.rename("label"),
+                     name="weight")
+    return freq.drop(NO_CLASS, errors="ignore").sort_values()
 
 
 @stage_main
@@ -92,12 +94,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--method", choices=METHODS, default="class_aware")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    splits = read_table(a.splits, "splits", categorical=True)
+    splits = read_table(a.splits, "splits", columns=["image_id", "split"])
     ids = splits.loc[(splits["split"] == a.split).to_numpy(), "image_id"].to_numpy(dtype=object)
-    boxes = read_table(a.boxes, "boxes", columns=["image_id", "label"], categorical=True)
+    boxes = read_table(a.boxes, "boxes", columns=["image_id", "label"])
     w = sampling_weights(boxes=boxes, image_ids=ids, method=a.method)
     write_table(a.out, w, "sampling", provenance={"stage": "sample", "method": a.method})
-    f = expected_class_frequency(w, boxes)
+    f = expected_class_frequency(w)
     print(f"sample[{a.method}]: {len(image_weights(w))} images, {len(w)} (image, class) pairs; "
           f"P(image has class) min {f.min():.3f} max {f.max():.3f}")
 

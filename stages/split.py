@@ -251,14 +251,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--report", type=Path, required=True)
     a = p.parse_args(argv)
     table, report = split(images=read_table(a.images, "images", columns=["image_id"]),
-                          boxes=read_table(a.boxes, "boxes", columns=["image_id", "label"], categorical=True),
+                          boxes=read_table(a.boxes, "boxes", columns=["image_id", "label"]),
                           fractions=a.fractions, seed=a.seed, mining_iters=a.mining_iters)
     write_table(a.out, table, "splits", provenance={"stage": "split", "seed": a.seed})
     write_json(a.report, report)
     d = report["js_divergence"]
     r = report["random_split_js_divergence"]
-    print(f"split: {report['images']}; JS vs whole: val_a {d['val_a']:.4f} (random {r['val_a']:.4f}), "
-          f"val_b {d['val_b']:.4f} (random {r['val_b']:.4f})")
+    print(f"split: {report['images']}; JS vs whole: val_a {d['val_a']:.2e} (random {r['val_a']:.2e}), "
+          f"val_b {d['val_b']:.2e} (random {r['val_b']:.2e})")
 
 
 if __name__ == "__main__":

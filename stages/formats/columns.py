@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def codes(values: pd.Series | np.ndarray, *, sort: bool = False) -> tuple[np.ndarray, int]:
@@ -59,7 +61,11 @@ def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 def positions(values: pd.Series | np.ndarray, index: pd.Index) -> np.ndarray:
     """int64 positions of ``values`` in ``index`` (-1 where absent), hashing each distinct value once
-    (categorical columns through their categories only)."""
+    (categorical columns through their categories only; arrow string columns in arrow)."""
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.ArrowDtype):
+        pos = pc.index_in(values.array.__arrow_array__(), value_set=pa.array(np.asarray(index, dtype=object),
+                                                                               values.dtype.pyarrow_dtype))
+        return pc.fill_null(pos, -1).to_numpy().astype(np.int64)
     if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
         c, uniq = values.cat.codes.to_numpy(), values.cat.categories
     else:

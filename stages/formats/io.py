@@ -111,10 +111,13 @@ def string_columns(schema: pa.Schema) -> list[str]:
 
 def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None = None,
                categorical: bool = False, image_ids: Collection[str] | None = None) -> pd.DataFrame:
-    """Read a canonical table and conform it to its schema (clear error if it is not that table). ``columns``:
-    only those, not conformed. ``categorical``: string columns come as pandas Categoricals (read as parquet
-    dictionaries: no Python string per row, what tables of millions of rows need). ``image_ids``: only the
-    rows of these images, filtered by arrow while reading."""
+    """Read a canonical table and conform it to its schema (clear error if it is not that table).
+
+    ``columns``: only those, not conformed; their strings come as pandas ``ArrowDtype`` strings (no Python
+    object per row; ``isin``, ``factorize``, comparisons and :func:`stages.formats.columns.positions` run in
+    arrow: what columns of millions of rows need). ``categorical``: string columns come as pandas
+    Categoricals (read as parquet dictionaries). ``image_ids``: only the rows of these images, filtered by
+    arrow while reading."""
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", file=path)
@@ -122,12 +125,16 @@ def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None 
         strings = string_columns(pq.read_schema(path)) if categorical else []
         rows = None if image_ids is None else \
             pc.field("image_id").isin(pa.array(np.asarray(list(image_ids), dtype=object), pa.string()))
-        df = pq.read_table(path, columns=columns, read_dictionary=strings, filters=rows).to_pandas()
+        table = pq.read_table(path, columns=columns, read_dictionary=strings, filters=rows)
+        df = table.to_pandas(types_mapper=_ARROW_STRINGS.get if columns is not None and not categorical else None)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"not a readable parquet file: {exc}", file=path) from exc
     if columns is not None:
         return df
     return conform(df, name, source=path, keep_categorical=categorical)
+
+
+_ARROW_STRINGS = {pa.string(): pd.ArrowDtype(pa.string()), pa.large_string(): pd.ArrowDtype(pa.large_string())}
 
 
 def read_provenance(path: str | os.PathLike) -> dict:
