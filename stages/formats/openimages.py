@@ -97,7 +97,9 @@ def _header(path: Path) -> list[str]:
 
 def _arrow_csv(path: Path, types: Mapping[str, pa.DataType], *, use_threads: bool = True) -> pa.Table:
     """The columns ``types`` of a CSV with a header, typed; a row with the wrong field count is an error naming
-    its line (found again single-threaded: the threaded reader does not know line numbers)."""
+    its line (found again single-threaded: the threaded reader does not know line numbers). A value that does
+    not convert to its type raises ``pa.ArrowInvalid`` (the caller finds it); anything else unreadable is an
+    :class:`InputError`."""
     bad: list[pacsv.InvalidRow] = []
 
     def invalid(row: pacsv.InvalidRow) -> str:
@@ -120,7 +122,9 @@ def _arrow_csv(path: Path, types: Mapping[str, pa.DataType], *, use_threads: boo
                              file=path, row=row.number) from exc
         if "UTF8" in str(exc):
             raise InputError(f"not UTF-8 text: {exc}", file=path) from exc
-        raise
+        if "conversion error" in str(exc):
+            raise
+        raise InputError(f"malformed CSV: {exc}", file=path) from exc
 
 
 def _raw(path: Path, col: str, i: int) -> str:
