@@ -96,7 +96,7 @@ def read_predictions(path: str | os.PathLike, known: set[str], *, table: str = "
 
 
 def split_image_ids(path: str | os.PathLike, split: str) -> np.ndarray:
-    sp = read_table(path, "splits", categorical=True)
+    sp = read_table(path, "splits", columns=["image_id", "split"])
     ids = sp.loc[(sp["split"] == split).to_numpy(), "image_id"].to_numpy(dtype=object)
     if not len(ids):
         raise InputError(f"no image in split {split!r} (splits present: {sorted(sp['split'].unique())})",
