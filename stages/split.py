@@ -3,15 +3,17 @@ class distribution (the paper's two tuning sets).
 
 Method, vectorised over images (sparse image x class box counts; no loop over images):
 
-1. Stratify by each image's rarest class (the class it contains that the fewest images contain): the images of
-   one such group, in a seeded random order, are dealt to the parts in proportion to the fractions from a
-   random phase, so every part gets its share of every rare class to within one image. Part sizes are then
-   made exact by moving images of the most common groups.
+1. Stratify, rarest class first (fewest images): the images containing the class that are still unassigned are
+   dealt, in a seeded random order, to the parts in proportion to each part's remaining need of the class's
+   boxes (a part that has all its images takes no more); images without a box fill the parts still short.
+   Part sizes are then made exact by moving the images with the fewest classes.
 2. Mine: swap batches of images between a validation part and train while the summed Jensen-Shannon divergence
-   of the parts' class frequencies (box counts) against the whole falls. Swaps are ranked by the divergence's
-   gradient (one sparse product per round); a batch is kept only if the exact divergence falls by a relative
+   of the parts' class frequencies (box counts) against the whole falls. Each round ranks a sample of the
+   images by the predicted change of the divergence if each moved alone (first and second order terms: one
+   sparse product each); a batch of the best pairs is kept only if the exact divergence falls by a relative
    ``tol``, and its size doubles after a success and halves after a failure. At size one the best of the
-   top-ranked pairs is found exactly; a part is done when that fails too. At most ``mining_iters`` rounds.
+   top k x top k pairs is found exactly, k growing after a failure; a part is done when k = 64 fails too.
+   At most ``mining_iters`` rounds.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def _stratify(counts: sparse.csr_array, f: np.ndarray, rng: np.random.Generator)
     sizes = _sizes(n, f)
     need = f[:, None] * np.asarray(counts.sum(0)).ravel()[None, :]    # [parts, classes] boxes still wanted
     assign = np.full(n, -1, np.int64)
+    filled = np.zeros(len(f), np.int64)
     tiebreak = rng.permutation(n)
     for c in np.argsort(np.diff(csc.indptr), kind="stable"):          # classes by images, rarest first
         rows = csc.indices[csc.indptr[c]:csc.indptr[c + 1]]
@@ -107,25 +110,24 @@ def _stratify(counts: sparse.csr_array, f: np.ndarray, rng: np.random.Generator)
             continue
         order = np.argsort(tiebreak[rows[todo]])
         rows, boxes = rows[todo][order], boxes[todo][order]
-        open_ = np.bincount(assign[assign >= 0], minlength=len(f)) < sizes
-        want = np.where(open_, np.maximum(need[:, c], 0), 0)
+        want = np.where(filled < sizes, np.maximum(need[:, c], 0), 0)
         if want.sum() <= 0:
-            want = np.where(open_, sizes - np.bincount(assign[assign >= 0], minlength=len(f)), 0).astype(float)
-        cum = np.cumsum(boxes) - 0.5 * boxes
-        part = np.searchsorted(np.cumsum(want) / want.sum() * boxes.sum(), cum, side="right")
+            want = np.maximum(sizes - filled, 0).astype(np.float64)
+        part = np.searchsorted(np.cumsum(want) / want.sum() * boxes.sum(), np.cumsum(boxes) - 0.5 * boxes,
+                               side="right")
         part = np.minimum(part, len(f) - 1)
         assign[rows] = part
+        filled += np.bincount(part, minlength=len(f))
         for s in range(len(f)):
-            mine = rows[part == s]
-            if len(mine):
-                need[s] -= np.asarray(counts[mine].sum(0)).ravel()
+            if (part == s).any():
+                need[s] -= np.asarray(counts[rows[part == s]].sum(0)).ravel()
     rest = np.flatnonzero(assign < 0)
-    short = np.maximum(sizes - np.bincount(assign[assign >= 0], minlength=len(f)), 0)
+    short = np.maximum(sizes - filled, 0)
     rest = rest[np.argsort(tiebreak[rest])]
     fill = np.repeat(np.arange(len(f)), short)[:len(rest)]
     assign[rest[:len(fill)]] = fill
     assign[rest[len(fill):]] = 0
-    # exact part sizes: move the images with the fewest boxes from the parts over their size
+    # exact part sizes: move the images with the fewest classes from the parts over their size
     weight = np.diff(counts.indptr)
     excess = np.bincount(assign, minlength=len(f)) - sizes
     movers = [np.flatnonzero(assign == s)[np.lexsort((tiebreak[assign == s], weight[assign == s]))][:e]
@@ -246,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--boxes", type=Path, required=True)
     p.add_argument("--fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mining-iters", type=int, default=2000)
+    p.add_argument("--mining-iters", type=int, default=2000,
+                   help="at most this many mining rounds (each tries a batch of swaps; see above)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
     a = p.parse_args(argv)
