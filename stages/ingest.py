@@ -32,7 +32,7 @@ from stages.formats import openimages as oi
 from stages.formats.columns import codes
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import read_table, write_json, write_table
-from stages.formats.tables import check_labels
+from stages.formats.tables import check_labels, empty
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def image_index(root: Path) -> pd.Series:
     dup = index.index.duplicated(keep=False)
     if dup.any():
         twice = index[dup].sort_index()
-        raise InputError(f"image id {twice.index[0]!r} found twice: {twice.iloc[0]} and {twice.iloc[1]}", file=root)
+        raise InputError(f"image id {twice.index[0]!r} found twice: {twice.iloc[0]} and {twice.iloc[1]}",
+                         file=root)
     return index.sort_index()
 
 
@@ -127,17 +128,19 @@ def image_table(ids: Sequence[str], *, index: Callable[[], pd.Series], folder: P
         if paths.isna().any():
             img = str(paths.index[np.flatnonzero(paths.isna().to_numpy())[0]])
             src, line = where(img)
-            raise InputError(f"image {img!r} not found in {folder} or its subfolders", file=src or folder, row=line,
-                             field="ImageID")
+            raise InputError(f"image {img!r} not found in {folder} or its subfolders", file=src or folder,
+                             row=line, field="ImageID")
         log.info("checking %d images (%s, %d workers)", len(todo), "decode" if decode else "header", workers)
         wh, bad, reason = image_sizes(list(paths), decode=decode, workers=workers)
         if bad >= 0:
             src, line = where(str(todo[bad]))
             raise InputError(f"corrupt image {paths.iloc[bad]}: {reason}", file=src or paths.iloc[bad], row=line,
                              field="ImageID")
-        parts.append(pd.DataFrame({"image_id": todo, "path": paths.to_numpy(), "width": wh[:, 0], "height": wh[:, 1]}))
-    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["image_id", "path", "width", "height"])
-    return out.sort_values("image_id", ignore_index=True)
+        parts.append(pd.DataFrame({"image_id": todo, "path": paths.to_numpy(), "width": wh[:, 0],
+                                   "height": wh[:, 1]}))
+    if not parts:
+        return empty("images")
+    return pd.concat(parts, ignore_index=True).sort_values("image_id", ignore_index=True)
 
 
 def _first_reference(tables: Sequence[tuple[pd.DataFrame, Path]]) -> Callable[[str], tuple[object, int | None]]:
@@ -164,8 +167,8 @@ def _test_ids(*, test_list: Path | None, sample_submission: Path | None, test_in
         clash = ids.isin(labelled).to_numpy()
         if clash.any():
             i = int(np.flatnonzero(clash)[0])
-            raise InputError(f"test image {ids.iloc[i]!r} also has training labels (duplicate image id)", file=path,
-                             row=i + 2, field=column)
+            raise InputError(f"test image {ids.iloc[i]!r} also has training labels (duplicate image id)",
+                             file=path, row=i + 2, field=column)
         line = pd.Series(np.arange(len(ids)) + 2, index=pd.Index(ids, dtype=object))
         return pd.Index(ids, dtype=object), lambda img, p=path: (p, int(line[img]))
     return test_index().index, _first_reference([])
@@ -222,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--test-dir", type=Path, help="test images (default: --images-dir), flat or in subfolders")
     p.add_argument("--test-list", type=Path, help="CSV with an ImageID column listing the test images")
     p.add_argument("--sample-submission", type=Path,
-                   help="the Kaggle sample submission: its ImageId column lists the test images (without --test-list)")
+                   help="the Kaggle sample submission: its ImageId column lists the test images "
+                        "(without --test-list)")
     p.add_argument("--known-images", type=Path, nargs="+",
                    help="images tables (parquet) whose rows are taken as they are, e.g. an earlier run's")
     p.add_argument("--image-check", choices=IMAGE_CHECKS, default="header",
@@ -242,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         ("test_images", "images"), ("classes", "classes"), ("hierarchy", "hierarchy")]:
         write_table(a.out_dir / f"{name}.parquet", getattr(t, name), table, provenance=prov)
     summary = {"classes": len(t.classes), "boxes": len(t.boxes), "group_of": int(t.boxes["is_group_of"].sum()),
-               "image_labels": len(t.image_labels), "negative_labels": int((t.image_labels["confidence"] == 0).sum()),
+               "image_labels": len(t.image_labels),
+               "negative_labels": int((t.image_labels["confidence"] == 0).sum()),
                "images": len(t.images), "test_images": len(t.test_images)}
     write_json(a.out_dir / "summary.json", summary)
     print("ingest: " + ", ".join(f"{k}={v}" for k, v in summary.items()))

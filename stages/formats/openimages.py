@@ -186,6 +186,14 @@ def _string_column(table: pa.Table, col: str, path: Path) -> pd.Categorical:
     return cat
 
 
+def _ids_and_labels(table: pa.Table, path: Path, known_labels: set[str] | None) -> pd.DataFrame:
+    """``image_id`` and ``label`` (Categoricals) of a typed OpenImages table, checked (empty ids, unknown MIDs)."""
+    out = pd.DataFrame({"image_id": _string_column(table, "ImageID", path),
+                        "label": table.column("LabelName").to_pandas()})
+    check_labels(out["label"], known_labels, source=path, rows=_Lines(), field="LabelName")
+    return out
+
+
 def _check_binary(col: str, v: np.ndarray, path: Path) -> None:
     bad = (v != 0) & (v != 1)
     if bad.any():
@@ -216,8 +224,7 @@ def read_boxes(path: str | os.PathLike, *, known_labels: set[str] | None = None,
     path = Path(path)
     t = _typed_columns(path, BBOX_REQUIRED, strings=["ImageID", "LabelName"],
                        numbers=[*BOX_NAMES.values(), "IsGroupOf", *_FLAGS])
-    out = pd.DataFrame({"image_id": _string_column(t, "ImageID", path), "label": t.column("LabelName").to_pandas()})
-    check_labels(out["label"], known_labels, source=path, rows=_Lines(), field="LabelName")
+    out = _ids_and_labels(t, path, known_labels)
     for ours, theirs in BOX_NAMES.items():
         out[ours] = _number_column(t, theirs, path)
     check_boxes(out, source=path, rows=_Lines(), names=BOX_NAMES)
@@ -236,8 +243,7 @@ def read_image_labels(path: str | os.PathLike, *, known_labels: set[str] | None 
     path = Path(path)
     t = _typed_columns(path, ["ImageID", "LabelName", "Confidence"], strings=["ImageID", "LabelName"],
                        numbers=["Confidence"])
-    out = pd.DataFrame({"image_id": _string_column(t, "ImageID", path), "label": t.column("LabelName").to_pandas()})
-    check_labels(out["label"], known_labels, source=path, rows=_Lines(), field="LabelName")
+    out = _ids_and_labels(t, path, known_labels)
     conf = _number_column(t, "Confidence", path)
     bad = (conf != 0) & (conf != 1)
     if bad.any():
@@ -254,8 +260,7 @@ def read_masks_csv(path: str | os.PathLike, *, known_labels: set[str] | None = N
     names = {"x_min": "BoxXMin", "x_max": "BoxXMax", "y_min": "BoxYMin", "y_max": "BoxYMax"}
     t = _typed_columns(path, ["MaskPath", "ImageID", "LabelName", *names.values()],
                        strings=["MaskPath", "ImageID", "LabelName"], numbers=list(names.values()))
-    out = pd.DataFrame({"image_id": _string_column(t, "ImageID", path), "label": t.column("LabelName").to_pandas()})
-    check_labels(out["label"], known_labels, source=path, rows=_Lines(), field="LabelName")
+    out = _ids_and_labels(t, path, known_labels)
     for ours, theirs in names.items():
         out[ours] = _number_column(t, theirs, path)
     check_boxes(out, source=path, rows=_Lines(), names=names)
@@ -329,8 +334,8 @@ def submission_rows(dets: pd.DataFrame, image_ids: np.ndarray, *, decimals: int 
                          "outside the given image ids")
     order = np.argsort(pos, kind="stable")
     label, labels = pd.factorize(dets["label"])
-    fields = [pa.DictionaryArray.from_arrays(label[order].astype(np.int32),
-                                             pa.array(np.asarray(labels, dtype=object), pa.string())).cast(pa.string())]
+    names = pa.array(np.asarray(labels, dtype=object), pa.string())
+    fields = [pa.DictionaryArray.from_arrays(label[order].astype(np.int32), names).cast(pa.string())]
     fields += [fixed_decimals(dets[c].to_numpy(np.float64)[order], decimals) for c in ["score", *BOX_COLUMNS]]
     one = pc.binary_join_element_wise(*fields, " ")
     offsets = np.zeros(len(ids) + 1, np.int32)

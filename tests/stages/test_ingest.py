@@ -220,7 +220,7 @@ def test_header_check_catches_a_corrupt_header_and_decode_a_corrupt_body(tiny, t
 
 
 def test_parallel_image_check_equals_serial(tiny):
-    paths = sorted(str(p) for p in tiny["images"].glob("*.jpg")) + sorted(str(p) for p in tiny["test"].glob("*.jpg"))
+    paths = [str(p) for folder in ("images", "test") for p in sorted(tiny[folder].glob("*.jpg"))]
     serial = ingest.image_sizes(paths, workers=1)
     parallel = ingest.image_sizes(paths, workers=2, chunk=2)
     assert serial[1] == parallel[1] == -1 and (serial[0] == parallel[0]).all() and serial[0].shape == (6, 2)

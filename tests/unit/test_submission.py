@@ -22,7 +22,8 @@ def per_row_reference(dets: pd.DataFrame, image_ids: list[str]) -> bytes:
     """The submission formatted the obvious way: one Python string per prediction, csv.writer per image."""
     preds: dict[str, list[str]] = {i: [] for i in image_ids}
     for r in dets.itertuples():
-        preds[r.image_id].append(f"{r.label} {r.score:.6f} {r.x_min:.6f} {r.y_min:.6f} {r.x_max:.6f} {r.y_max:.6f}")
+        numbers = " ".join(f"{v:.6f}" for v in (r.score, r.x_min, r.y_min, r.x_max, r.y_max))
+        preds[r.image_id].append(f"{r.label} {numbers}")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(oi.SUBMISSION_COLUMNS)
