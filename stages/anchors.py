@@ -23,7 +23,9 @@ import pandas as pd
 
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
+from stages.formats.columns import positions
 from stages.formats.io import read_table, write_json
+from stages.formats.tables import BOX_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +105,13 @@ def resized_box_wh(boxes: pd.DataFrame, images: pd.DataFrame, *, min_size: int =
 
     Boxes whose image is missing from ``images`` raise :class:`InputError`; zero-size boxes are dropped.
     """
-    sizes = images.set_index("image_id")[["width", "height"]]
-    missing = ~boxes["image_id"].isin(sizes.index)
+    pos = positions(boxes["image_id"], pd.Index(images["image_id"], dtype=object))
+    missing = pos < 0
     if missing.any():
-        first = boxes.loc[missing, "image_id"].iloc[0]
+        first = boxes["image_id"].iloc[int(np.flatnonzero(missing)[0])]
         raise InputError(f"box of image {first!r} has no row in the images table ({int(missing.sum())} boxes)",
                          field="image_id")
-    wh_img = sizes.loc[boxes["image_id"]].to_numpy(np.float64)
+    wh_img = images[["width", "height"]].to_numpy(np.float64)[pos]
     short, long = wh_img.min(1), wh_img.max(1)
     scale = np.minimum(min_size / short, max_size / long)
     w = (boxes["x_max"].to_numpy() - boxes["x_min"].to_numpy()) * wh_img[:, 0] * scale
@@ -158,11 +160,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    boxes = read_table(a.boxes, "boxes")
-    images = read_table(a.images, "images")
-    splits = read_table(a.splits, "splits")
-    ids = splits.loc[splits["split"] == a.split, "image_id"]
-    boxes = boxes[boxes["image_id"].isin(ids)]
+    boxes = read_table(a.boxes, "boxes", columns=["image_id", *BOX_COLUMNS])
+    images = read_table(a.images, "images", columns=["image_id", "width", "height"])
+    splits = read_table(a.splits, "splits", columns=["image_id", "split"])
+    ids = splits.loc[(splits["split"] == a.split).to_numpy(), "image_id"].to_numpy(dtype=object)
+    boxes = boxes[boxes["image_id"].isin(ids).to_numpy()]
     if len(boxes) < a.k:
         raise InputError(f"split {a.split!r} has {len(boxes)} boxes, fewer than k={a.k}", file=a.boxes)
     try:

@@ -73,8 +73,8 @@ def evaluate_files(args: argparse.Namespace) -> MetricResult:
     classes = read_classes(args.classes)
     known = set(classes["label"])
     hierarchy = Hierarchy.read(args.hierarchy, labels=classes["label"])
-    labels = read_image_labels(args.image_labels, known)
     image_ids = split_image_ids(args.split_ids, args.split) if args.split_ids else None
+    labels = read_image_labels(args.image_labels, known, image_ids)
     if args.masks:
         from stages.metrics.segmentation import evaluate_masks, prepare_mask_ground_truth
 
@@ -82,12 +82,12 @@ def evaluate_files(args: argparse.Namespace) -> MetricResult:
         sizes = {img: (int(h), int(w)) for img, h, w in
                  zip(preds["image_id"], preds["mask_height"], preds["mask_width"])}
         mb, rles = _read_gt_masks(args.masks, args.mask_dir, known, sizes)
-        boxes = read_boxes(args.boxes, known) if args.boxes else None
+        boxes = read_boxes(args.boxes, known, image_ids) if args.boxes else None
         inst, inst_masks = _merge_mask_boxes(mb, rles, boxes)
         gt = prepare_mask_ground_truth(boxes=inst, image_labels=labels, hierarchy=hierarchy, classes=classes,
                                        masks=inst_masks, image_ids=image_ids, expanded=args.expanded)
         return evaluate_masks(gt=gt, masks=preds, iou_thr=args.iou_thr)
-    boxes = read_boxes(args.boxes, known)
+    boxes = read_boxes(args.boxes, known, image_ids)
     preds = read_predictions(args.predictions, known)
     gt = prepare_ground_truth(boxes=boxes, image_labels=labels, hierarchy=hierarchy, classes=classes,
                               image_ids=image_ids, expanded=args.expanded)

@@ -2,14 +2,23 @@
 
 Writes ``boxes``, ``image_labels``, ``images`` (labelled), ``test_images``, ``classes`` and ``hierarchy``.
 Every check names the file, line and field of the first offending value; nothing is written unless all pass.
+
+The CSVs are read typed and columnar (ids and MIDs dictionary-encoded), so 12M boxes take seconds and a few
+GB. Images are found through an index of the images folder and its subfolders (the official download's
+``train_0`` … ``train_f`` as well as one flat folder); each is checked by reading its header (format and size),
+in parallel, or by decoding it fully (``--image-check decode``). The test images are those of
+``--test-list`` (``test-images.csv``), else of ``--sample-submission`` (the Kaggle sample's ImageId column), else
+every image in ``--test-dir``. ``--known-images`` takes images tables of an earlier run (or of a dataset's
+metadata) as they are: the images they list are neither looked for nor opened again.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +29,16 @@ from PIL import Image, UnidentifiedImageError
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
 from stages.formats import openimages as oi
+from stages.formats.columns import codes
 from stages.formats.hierarchy import Hierarchy
-from stages.formats.io import write_json, write_table
-from stages.formats.tables import check_labels
+from stages.formats.io import read_table, write_json, write_table
+from stages.formats.tables import check_labels, empty
 
 log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_CHECKS = ("header", "decode")
+_CHUNK = 2048   # images per task of the parallel check
 
 
 @dataclass(frozen=True)
@@ -42,106 +56,198 @@ def check_hierarchy(h: Hierarchy, classes: pd.DataFrame, *, source: object) -> N
     check_labels(labels, set(classes["label"]), source=source, rows=[None] * len(labels), field="LabelName")
 
 
-def image_table(ids: Sequence[str], image_dir: Path, *, first_seen: dict[str, tuple[str, int]] | None = None,
-                decode: bool = True, log_every: int = 200) -> pd.DataFrame:
-    """Open every image (fully decoding it when ``decode``), returning image_id, path, width, height.
+def image_index(root: Path) -> pd.Series:
+    """Every image file under ``root`` (any depth), as a Series image id (the file name's stem) -> path.
+    The same id in two places is an error; hidden folders are skipped."""
+    if not root.is_dir():
+        raise InputError("images folder not found", file=root)
+    names, dirs, folders = [], [], [str(root)]
+    while folders:
+        folder = folders.pop()
+        with os.scandir(folder) as it:
+            entries = list(it)
+        folders += sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
+        files = [e.name for e in entries if e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file()]
+        names += files
+        dirs += [folder] * len(files)
+    index = pd.Series(dirs, dtype=object)
+    index = (index + os.sep + pd.Series(names, dtype=object)) if len(names) else index
+    index.index = pd.Index([os.path.splitext(n)[0] for n in names], dtype=object)
+    dup = index.index.duplicated(keep=False)
+    if dup.any():
+        twice = index[dup].sort_index()
+        raise InputError(f"image id {twice.index[0]!r} found twice: {twice.iloc[0]} and {twice.iloc[1]}",
+                         file=root)
+    return index.sort_index()
 
-    A missing or corrupt image is an error naming the file and, when known, the CSV line that refers to it.
-    """
-    rows = []
-    t0 = time.time()
-    for i, img_id in enumerate(ids):
-        path = image_dir / f"{img_id}.jpg"
-        src, line = (first_seen or {}).get(img_id, (None, None))
+
+def _check_images(paths: list[str], decode: bool) -> tuple[np.ndarray, tuple[int, str] | None]:
+    """(n, 2) widths and heights of ``paths``, and the first unreadable one (position, reason) or None."""
+    wh = np.zeros((len(paths), 2), np.int32)
+    for i, path in enumerate(paths):
         try:
             with Image.open(path) as im:
                 if decode:
                     im.load()
-                w, h = im.size
-        except FileNotFoundError as exc:
-            raise InputError(f"image {img_id!r} not found at {path}", file=src or path, row=line,
-                             field="ImageID") from exc
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise InputError(f"corrupt image {path}: {exc}", file=src or path, row=line, field="ImageID") from exc
-        rows.append((img_id, str(path), w, h))
-        if log_every and (i + 1) % log_every == 0:
-            rate = (i + 1) / max(time.time() - t0, 1e-9)
-            log.info("checked %d/%d images (%.0f img/s, ETA %.0fs)", i + 1, len(ids), rate,
-                     (len(ids) - i - 1) / rate)
-    return pd.DataFrame(rows, columns=["image_id", "path", "width", "height"])
+                wh[i] = im.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            return wh, (i, str(exc))
+    return wh, None
 
 
-def _first_lines(df: pd.DataFrame, source: str) -> dict[str, tuple[str, int]]:
-    first = df.drop_duplicates("ImageID")
-    return {k: (source, int(i) + 2) for k, i in zip(first["ImageID"], first.index)}
+def image_sizes(paths: Sequence[str], *, decode: bool = False, workers: int = 1, chunk: int = _CHUNK
+                ) -> tuple[np.ndarray, int, str]:
+    """Width and height of every image, from its header (``decode``: after decoding it fully), in ``workers``
+    processes taking ``chunk`` images at a time. Returns ``(wh (n, 2), position of the first unreadable image
+    or -1, its reason)``."""
+    chunks = [list(paths[i:i + chunk]) for i in range(0, len(paths), chunk)]
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(min(workers, len(chunks))) as pool:
+            results = list(pool.map(_check_images, chunks, [decode] * len(chunks)))
+    else:
+        results = [_check_images(c, decode) for c in chunks]
+    for k, (_, err) in enumerate(results):
+        if err is not None:
+            return np.zeros((0, 2), np.int32), k * chunk + err[0], err[1]
+    return (np.concatenate([wh for wh, _ in results]) if results else np.zeros((0, 2), np.int32)), -1, ""
+
+
+def image_table(ids: Sequence[str], *, index: Callable[[], pd.Series], folder: Path,
+                known: pd.DataFrame | None = None, where: Callable[[str], tuple[object, int | None]],
+                decode: bool = False, workers: int = 1) -> pd.DataFrame:
+    """The ``images`` table of ``ids``: rows of ``known`` as they are, the others located through ``index()``
+    (id -> path, built only when needed) and checked. A missing or unreadable image is an error naming the
+    file and line that refer to it (``where(id)``)."""
+    ids = pd.Index(ids, dtype=object)
+    known_pos = pd.Index(known["image_id"], dtype=object).get_indexer(ids) if known is not None else \
+        np.full(len(ids), -1)
+    todo = ids[known_pos < 0]
+    parts = [known.iloc[known_pos[known_pos >= 0]]] if known is not None else []
+    if len(todo):
+        paths = index().reindex(todo)
+        if paths.isna().any():
+            img = str(paths.index[np.flatnonzero(paths.isna().to_numpy())[0]])
+            src, line = where(img)
+            raise InputError(f"image {img!r} not found in {folder} or its subfolders", file=src or folder,
+                             row=line, field="ImageID")
+        log.info("checking %d images (%s, %d workers)", len(todo), "decode" if decode else "header", workers)
+        wh, bad, reason = image_sizes(list(paths), decode=decode, workers=workers)
+        if bad >= 0:
+            src, line = where(str(todo[bad]))
+            raise InputError(f"corrupt image {paths.iloc[bad]}: {reason}", file=src or paths.iloc[bad], row=line,
+                             field="ImageID")
+        parts.append(pd.DataFrame({"image_id": todo, "path": paths.to_numpy(), "width": wh[:, 0],
+                                   "height": wh[:, 1]}))
+    if not parts:
+        return empty("images")
+    return pd.concat(parts, ignore_index=True).sort_values("image_id", ignore_index=True)
+
+
+def _first_reference(tables: Sequence[tuple[pd.DataFrame, Path]]) -> Callable[[str], tuple[object, int | None]]:
+    """``id -> (file, line)`` of the first row referring to an image id, searching ``tables`` in order (each read
+    from its file in file order, with a categorical ``image_id``)."""
+    def where(img: str) -> tuple[object, int | None]:
+        for df, src in tables:
+            cats = df["image_id"].cat.categories
+            if img in cats:
+                row = np.flatnonzero(df["image_id"].cat.codes.to_numpy() == cats.get_loc(img))
+                if len(row):
+                    return src, int(row[0]) + 2
+        return None, None
+    return where
+
+
+def _test_ids(*, test_list: Path | None, sample_submission: Path | None, test_index: Callable[[], pd.Series],
+              labelled: pd.Index) -> tuple[pd.Index, Callable[[str], tuple[object, int | None]]]:
+    """The test image ids and, for error messages, where each is listed."""
+    for path, column in ((test_list, "ImageID"), (sample_submission, "ImageId")):
+        if path is None:
+            continue
+        ids = oi.read_image_ids(path, column)
+        clash = ids.isin(labelled).to_numpy()
+        if clash.any():
+            i = int(np.flatnonzero(clash)[0])
+            raise InputError(f"test image {ids.iloc[i]!r} also has training labels (duplicate image id)",
+                             file=path, row=i + 2, field=column)
+        line = pd.Series(np.arange(len(ids)) + 2, index=pd.Index(ids, dtype=object))
+        return pd.Index(ids, dtype=object), lambda img, p=path: (p, int(line[img]))
+    return test_index().index, _first_reference([])
 
 
 def ingest(*, boxes_csv: Path, labels_csv: Path, classes_csv: Path, hierarchy_json: Path, images_dir: Path,
-           test_dir: Path | None = None, test_list: Path | None = None, decode: bool = True) -> Tables:
+           test_dir: Path | None = None, test_list: Path | None = None, sample_submission: Path | None = None,
+           known_images: pd.DataFrame | None = None, image_check: str = "header", workers: int = 1) -> Tables:
+    if image_check not in IMAGE_CHECKS:
+        raise ValueError(f"unknown image check {image_check!r}; choose from {IMAGE_CHECKS}")
     classes = oi.read_classes(classes_csv)
     h = Hierarchy.from_json(hierarchy_json)
     check_hierarchy(h, classes, source=hierarchy_json)
     known = set(classes["label"])
-    boxes = oi.read_boxes(boxes_csv, known_labels=known)
-    labels = oi.read_image_labels(labels_csv, known_labels=known)
-    dup = labels.duplicated(["image_id", "label"]).to_numpy()
+    boxes = oi.read_boxes(boxes_csv, known_labels=known, categorical=True)
+    labels = oi.read_image_labels(labels_csv, known_labels=known, categorical=True)
+    img, n_img = codes(labels["image_id"])
+    lab, n_lab = codes(labels["label"])
+    dup = pd.Series(img * max(n_lab, 1) + lab).duplicated().to_numpy()
     if dup.any():
         i = int(np.flatnonzero(dup)[0])
         raise InputError(f"duplicate image label ({labels['image_id'].iloc[i]}, {labels['label'].iloc[i]})",
                          file=labels_csv, row=i + 2, field="LabelName")
-    # where each image id is first referred to, for error messages
-    seen = {}
-    for df, src in ((pd.read_csv(labels_csv, dtype=str, usecols=["ImageID"]), str(labels_csv)),
-                    (pd.read_csv(boxes_csv, dtype=str, usecols=["ImageID"]), str(boxes_csv))):
-        seen.update(_first_lines(df, src))
-    ids = sorted(set(boxes["image_id"]) | set(labels["image_id"]))
+    ids = pd.Index(np.union1d(boxes["image_id"].cat.categories.to_numpy(object),
+                              labels["image_id"].cat.categories.to_numpy(object)), dtype=object)
     log.info("%d classes, %d boxes, %d image labels, %d labelled images", len(classes), len(boxes), len(labels),
              len(ids))
-    images = image_table(ids, images_dir, first_seen=seen, decode=decode)
+    cache: dict[Path, pd.Series] = {}
 
-    test = pd.DataFrame(columns=["image_id", "path", "width", "height"])
-    if test_list is not None:
-        tl = oi._read_csv(test_list, ["ImageID"])
-        dup = tl["ImageID"].duplicated().to_numpy()
-        if dup.any():
-            i = int(np.flatnonzero(dup)[0])
-            raise InputError(f"duplicate image id {tl['ImageID'].iloc[i]!r}", file=test_list, row=i + 2,
-                             field="ImageID")
-        overlap = sorted(set(tl["ImageID"]) & set(ids))
-        if overlap:
-            i = int(np.flatnonzero(tl["ImageID"].to_numpy() == overlap[0])[0])
-            raise InputError(f"test image {overlap[0]!r} also has training labels (duplicate image id)",
-                             file=test_list, row=i + 2, field="ImageID")
-        test = image_table(list(tl["ImageID"]), test_dir or images_dir, first_seen=_first_lines(tl, str(test_list)),
-                           decode=decode)
-    elif test_dir is not None and test_dir.exists():
-        test = image_table(sorted(p.stem for p in test_dir.glob("*.jpg")), test_dir, decode=decode)
+    def index_of(folder: Path) -> Callable[[], pd.Series]:
+        return lambda: cache[folder] if folder in cache else cache.setdefault(folder, image_index(folder))
+
+    check = {"known": known_images, "decode": image_check == "decode", "workers": workers}
+    images = image_table(ids, index=index_of(images_dir), folder=images_dir,
+                         where=_first_reference([(boxes, boxes_csv), (labels, labels_csv)]), **check)
+    test_folder = test_dir if test_dir is not None else images_dir
+    test_ids, where = pd.Index([], dtype=object), _first_reference([])
+    if test_list is not None or sample_submission is not None or (test_dir is not None and test_dir.exists()):
+        test_ids, where = _test_ids(test_list=test_list, sample_submission=sample_submission,
+                                    test_index=index_of(test_folder), labelled=ids)
+    test = image_table(test_ids, index=index_of(test_folder), folder=test_folder, where=where, **check)
     return Tables(boxes=boxes, image_labels=labels, images=images, test_images=test, classes=classes,
                   hierarchy=h.to_edges())
 
 
 @stage_main
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.split("\n\n")[0])
     p.add_argument("--boxes-csv", type=Path, required=True)
     p.add_argument("--labels-csv", type=Path, required=True)
     p.add_argument("--classes-csv", type=Path, required=True)
     p.add_argument("--hierarchy-json", type=Path, required=True)
-    p.add_argument("--images-dir", type=Path, required=True)
-    p.add_argument("--test-dir", type=Path)
+    p.add_argument("--images-dir", type=Path, required=True, help="labelled images, flat or in subfolders")
+    p.add_argument("--test-dir", type=Path, help="test images (default: --images-dir), flat or in subfolders")
     p.add_argument("--test-list", type=Path, help="CSV with an ImageID column listing the test images")
-    p.add_argument("--no-decode", action="store_true", help="read image headers only (faster, weaker check)")
+    p.add_argument("--sample-submission", type=Path,
+                   help="the Kaggle sample submission: its ImageId column lists the test images "
+                        "(without --test-list)")
+    p.add_argument("--known-images", type=Path, nargs="+",
+                   help="images tables (parquet) whose rows are taken as they are, e.g. an earlier run's")
+    p.add_argument("--image-check", choices=IMAGE_CHECKS, default="header",
+                   help="read each image's header (format, size), or decode it fully (slower, stronger)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes checking images (default: the CPUs this process may use)")
     p.add_argument("--out-dir", type=Path, required=True)
     a = p.parse_args(argv)
+    known = pd.concat([read_table(k, "images") for k in a.known_images], ignore_index=True).drop_duplicates(
+        "image_id") if a.known_images else None
     t = ingest(boxes_csv=a.boxes_csv, labels_csv=a.labels_csv, classes_csv=a.classes_csv,
                hierarchy_json=a.hierarchy_json, images_dir=a.images_dir, test_dir=a.test_dir,
-               test_list=a.test_list, decode=not a.no_decode)
+               test_list=a.test_list, sample_submission=a.sample_submission, known_images=known,
+               image_check=a.image_check, workers=max(a.workers, 1))
     prov = {"stage": "ingest", "source": str(a.boxes_csv)}
     for name, table in [("boxes", "boxes"), ("image_labels", "image_labels"), ("images", "images"),
                         ("test_images", "images"), ("classes", "classes"), ("hierarchy", "hierarchy")]:
         write_table(a.out_dir / f"{name}.parquet", getattr(t, name), table, provenance=prov)
     summary = {"classes": len(t.classes), "boxes": len(t.boxes), "group_of": int(t.boxes["is_group_of"].sum()),
-               "image_labels": len(t.image_labels), "negative_labels": int((t.image_labels["confidence"] == 0).sum()),
+               "image_labels": len(t.image_labels),
+               "negative_labels": int((t.image_labels["confidence"] == 0).sum()),
                "images": len(t.images), "test_images": len(t.test_images)}
     write_json(a.out_dir / "summary.json", summary)
     print("ingest: " + ", ".join(f"{k}={v}" for k, v in summary.items()))

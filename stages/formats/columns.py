@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def codes(values: pd.Series | np.ndarray, *, sort: bool = False) -> tuple[np.ndarray, int]:
@@ -55,3 +57,17 @@ def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     for c in cat_cols:
         out[c] = pd.api.types.union_categoricals([f[c] for f in frames])
     return out[list(frames[0].columns) + [c for c in out.columns if c not in frames[0].columns]]
+
+
+def positions(values: pd.Series | np.ndarray, index: pd.Index) -> np.ndarray:
+    """int64 positions of ``values`` in ``index`` (-1 where absent), hashing each distinct value once
+    (categorical columns through their categories only; arrow string columns in arrow)."""
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.ArrowDtype):
+        pos = pc.index_in(values.array.__arrow_array__(), value_set=pa.array(np.asarray(index, dtype=object),
+                                                                               values.dtype.pyarrow_dtype))
+        return pc.fill_null(pos, -1).to_numpy().astype(np.int64)
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
+        c, uniq = values.cat.codes.to_numpy(), values.cat.categories
+    else:
+        c, uniq = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=True)
+    return np.append(index.get_indexer(uniq), -1).astype(np.int64)[c]

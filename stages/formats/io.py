@@ -9,11 +9,13 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.core.errors import InputError
@@ -87,7 +89,7 @@ def write_table(path: str | os.PathLike, df: pd.DataFrame, name: str, *,
     dirty flag, or the package version; see :mod:`stages.core.provenance`) and whatever the stage passes (stage,
     model, config hash...). DuckDB (``parquet_kv_metadata``), pyarrow and pandas users can read it.
     """
-    df = conform(df, name, source=path)
+    df = conform(df, name, source=path, keep_categorical=True)
     table = arrow_table(df, name, provenance)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=1 << 20, use_dictionary=string_columns(table.schema))
@@ -130,13 +132,31 @@ def _provenance(schema: pa.Schema, path: Path) -> dict:
         return {}
 
 
-def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a canonical table and conform it to its schema (clear error if it is not that table)."""
+def read_table(path: str | os.PathLike, name: str, *, columns: list[str] | None = None,
+               categorical: bool = False, image_ids: Collection[str] | None = None) -> pd.DataFrame:
+    """Read a canonical table and conform it to its schema (clear error if it is not that table).
+
+    ``columns``: only those, not conformed; their strings come as pandas ``ArrowDtype`` strings (no Python
+    object per row; ``isin``, ``factorize``, comparisons and :func:`stages.formats.columns.positions` run in
+    arrow: what columns of millions of rows need). ``categorical``: string columns come as pandas
+    Categoricals (read as parquet dictionaries). ``image_ids``: only the rows of these images, filtered by
+    arrow while reading."""
     path = Path(path)
-    df = _read_parquet(path, lambda p: pq.read_table(p, columns=columns)).to_pandas()
+
+    def read(p: Path) -> pa.Table:
+        strings = string_columns(pq.read_schema(p)) if categorical else []
+        rows = None if image_ids is None else \
+            pc.field("image_id").isin(pa.array(np.asarray(list(image_ids), dtype=object), pa.string()))
+        return pq.read_table(p, columns=columns, read_dictionary=strings, filters=rows)
+
+    table = _read_parquet(path, read)
+    df = table.to_pandas(types_mapper=_ARROW_STRINGS.get if columns is not None and not categorical else None)
     if columns is not None:
         return df
-    return conform(df, name, source=path)
+    return conform(df, name, source=path, keep_categorical=categorical)
+
+
+_ARROW_STRINGS = {pa.string(): pd.ArrowDtype(pa.string()), pa.large_string(): pd.ArrowDtype(pa.large_string())}
 
 
 def read_provenance(path: str | os.PathLike) -> dict:

@@ -65,19 +65,26 @@ def _ext(path: str | os.PathLike) -> str:
     return Path(path).suffix.lower()
 
 
-def read_boxes(path: str | os.PathLike, known: set[str]) -> pd.DataFrame:
+def _subset(path: str | os.PathLike, name: str, image_ids: np.ndarray | None) -> pd.DataFrame:
+    """A table, or only its rows of ``image_ids`` (a validation split's ground truth: a tenth of the table)."""
+    # a filtered subset reads best as plain strings; a whole table of millions of rows as dictionaries
+    return read_table(path, name, image_ids=image_ids, categorical=image_ids is None)
+
+
+def read_boxes(path: str | os.PathLike, known: set[str], image_ids: np.ndarray | None = None) -> pd.DataFrame:
     if _ext(path) != ".parquet":
-        return oi.read_boxes(path, known_labels=known)
-    df = read_table(path, "boxes")
+        return oi.read_boxes(path, known_labels=known, categorical=True)
+    df = _subset(path, "boxes", image_ids)
     check_labels(df["label"], known, source=path)
     check_boxes(df, source=path)
     return df
 
 
-def read_image_labels(path: str | os.PathLike, known: set[str]) -> pd.DataFrame:
+def read_image_labels(path: str | os.PathLike, known: set[str], image_ids: np.ndarray | None = None
+                      ) -> pd.DataFrame:
     if _ext(path) != ".parquet":
-        return oi.read_image_labels(path, known_labels=known)
-    df = read_table(path, "image_labels")
+        return oi.read_image_labels(path, known_labels=known, categorical=True)
+    df = _subset(path, "image_labels", image_ids)
     check_labels(df["label"], known, source=path)
     bad = ~df["confidence"].isin([0, 1]).to_numpy()
     if bad.any():
@@ -93,8 +100,8 @@ def read_predictions(path: str | os.PathLike, known: set[str], *, table: str = "
             from stages.formats.seg_submission import read_segmentation_submission
 
             return read_segmentation_submission(path, known_labels=known)
-        return oi.read_detection_submission(path, known_labels=known)
-    df = read_table(path, table)
+        return oi.read_detection_submission(path, known_labels=known, categorical=True)
+    df = read_table(path, table, categorical=table == "detections")
     check_labels(df["label"], known, source=path)
     check_boxes(df, source=path)
     bad = ~np.isfinite(df["score"].to_numpy(np.float64))
@@ -105,8 +112,8 @@ def read_predictions(path: str | os.PathLike, known: set[str], *, table: str = "
 
 
 def split_image_ids(path: str | os.PathLike, split: str) -> np.ndarray:
-    sp = read_table(path, "splits")
-    ids = sp.loc[sp["split"] == split, "image_id"].to_numpy(dtype=object)
+    sp = read_table(path, "splits", columns=["image_id", "split"])
+    ids = sp.loc[(sp["split"] == split).to_numpy(), "image_id"].to_numpy(dtype=object)
     if not len(ids):
         raise InputError(f"no image in split {split!r} (splits present: {sorted(sp['split'].unique())})",
                          file=path, field="split")

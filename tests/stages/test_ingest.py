@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from stages import ingest
@@ -173,3 +174,115 @@ def test_config_fails_schema(field, value, needle, tmp_path):
         load_config(p)
     msg = str(e.value)
     assert str(p) in msg and f"field {field!r}" in msg and needle in msg
+
+
+# ----- at scale: nested folders, header checks, test lists, known images, typed reads -----------------------
+def _tables(out):
+    return read_table(out / "images.parquet", "images"), read_table(out / "test_images.parquet", "images")
+
+
+def test_images_in_nested_folders(tiny, tmp_path, capsys):
+    # the official download's layout: train_0 ... train_f by the id's first character (here: any subfolder)
+    for i in range(4):
+        sub = tiny["images"] / f"train_{i % 2}"
+        sub.mkdir(exist_ok=True)
+        (tiny["images"] / f"img{i}.jpg").rename(sub / f"img{i}.jpg")
+    (tiny["test"] / "part").mkdir()
+    (tiny["test"] / "t1.jpg").rename(tiny["test"] / "part" / "t1.jpg")
+    out = tmp_path / "out"
+    rc, err = run(tiny, out, capsys)
+    assert rc == 0, err
+    images, test = _tables(out)
+    assert [Path(p).relative_to(tiny["images"]).as_posix() for p in images["path"]] == \
+        ["train_0/img0.jpg", "train_1/img1.jpg", "train_0/img2.jpg", "train_1/img3.jpg"]
+    assert (images["width"] == 64).all() and (images["height"] == 48).all()
+    assert sorted(Path(p).name for p in test["path"]) == ["t0.jpg", "t1.jpg"]
+
+
+def test_same_image_in_two_folders(tiny, tmp_path, capsys):
+    (tiny["images"] / "train_1").mkdir()
+    (tiny["images"] / "train_1" / "img2.jpg").write_bytes((tiny["images"] / "img2.jpg").read_bytes())
+    rc, err = run(tiny, tmp_path / "out", capsys)
+    _assert_bad(rc, err, tmp_path / "out", "images", "'img2' found twice", "train_1")
+
+
+def test_header_check_catches_a_corrupt_header_and_decode_a_corrupt_body(tiny, tmp_path, capsys):
+    p = tiny["images"] / "img1.jpg"
+    good = p.read_bytes()
+    p.write_bytes(b"\xff\xd8\xff\xe0 not a JPEG header" + good[40:])
+    rc, err = run(tiny, tmp_path / "out", capsys)
+    _assert_bad(rc, err, tmp_path / "out", "boxes.csv", "line 4", "'ImageID'", "corrupt image", "img1.jpg")
+    # a JPEG cut inside its pixel data: the header is whole (the default check passes), decoding fails
+    p.write_bytes(good[: len(good) // 2])
+    assert run(tiny, tmp_path / "ok", capsys)[0] == 0
+    rc = ingest.main(ingest_args(tiny, tmp_path / "out2") + ["--image-check", "decode"])
+    _assert_bad(rc, capsys.readouterr().err, tmp_path / "out2", "boxes.csv", "line 4", "corrupt image", "img1.jpg")
+
+
+def test_parallel_image_check_equals_serial(tiny):
+    paths = [str(p) for folder in ("images", "test") for p in sorted(tiny[folder].glob("*.jpg"))]
+    serial = ingest.image_sizes(paths, workers=1)
+    parallel = ingest.image_sizes(paths, workers=2, chunk=2)
+    assert serial[1] == parallel[1] == -1 and (serial[0] == parallel[0]).all() and serial[0].shape == (6, 2)
+    Path(paths[4]).write_bytes(b"garbage")              # in the third chunk: found at its position
+    wh, bad, reason = ingest.image_sizes(paths, workers=2, chunk=2)
+    assert bad == 4 and reason
+
+
+def _without_test_list(args):
+    i = args.index("--test-list")
+    return args[:i] + args[i + 2:]
+
+
+def test_test_images_from_the_folder_or_the_sample_submission(tiny, tmp_path, capsys):
+    assert ingest.main(_without_test_list(ingest_args(tiny, tmp_path / "a"))) == 0
+    assert list(_tables(tmp_path / "a")[1]["image_id"]) == ["t0", "t1"]          # every image in --test-dir
+    sample = tiny["test_list"].parent / "sample_submission.csv"
+    sample.write_text("ImageId,PredictionString\nt1,/m/cat 0.5 0.1 0.1 0.2 0.2\n")
+    args = _without_test_list(ingest_args(tiny, tmp_path / "b")) + ["--sample-submission", str(sample)]
+    assert ingest.main(args) == 0
+    test = _tables(tmp_path / "b")[1]
+    assert list(test["image_id"]) == ["t1"] and Path(test["path"].iloc[0]).name == "t1.jpg"
+    sample.write_text("ImageId,PredictionString\nt1,\nt0,\nt1,\n")
+    rc = ingest.main(_without_test_list(ingest_args(tiny, tmp_path / "c")) + ["--sample-submission", str(sample)])
+    _assert_bad(rc, capsys.readouterr().err, tmp_path / "c", "sample_submission.csv", "line 4", "'ImageId'",
+                "duplicate image id 't1'")
+
+
+def test_known_images_are_taken_as_they_are(tiny, tmp_path, capsys):
+    from stages.formats.io import write_table
+
+    known = tmp_path / "known.parquet"
+    write_table(known, pd.DataFrame({"image_id": ["img1", "t0"], "path": ["/elsewhere/img1.jpg", "/x/t0.jpg"],
+                                     "width": [1024, 800], "height": [768, 600]}), "images")
+    (tiny["images"] / "img1.jpg").unlink()                  # neither looked for nor opened
+    out = tmp_path / "out"
+    assert ingest.main(ingest_args(tiny, out) + ["--known-images", str(known)]) == 0, capsys.readouterr().err
+    images, test = _tables(out)
+    row = images.set_index("image_id").loc["img1"]
+    assert (row["path"], row["width"], row["height"]) == ("/elsewhere/img1.jpg", 1024, 768)
+    assert images.set_index("image_id").loc["img0", "width"] == 64        # the others are checked as usual
+    assert test.set_index("image_id").loc["t0", "width"] == 800
+
+
+@pytest.mark.parametrize("row,needle", [
+    ("img1,x,/m/dog,1,0.2,0.7,,0.8,0,0,0,0,0", ["line 4", "'YMin'", "not a number: ''"]),
+    ("img1,x,/m/dog,1,0.2,0.7,0.2,0.8,0,0,0.5,0,0", ["line 4", "'IsGroupOf'", "not an integer: '0.5'"]),
+    ("img1,x,/m/dog,1,0.2,0.7,0.2,0.8,0,0,2,0,0", ["line 4", "'IsGroupOf'", "must be 0 or 1, got '2'"]),
+    ("img1,x,/m/dog,1,0.2,0.7", ["line 4", "malformed CSV", "expected 13 fields, saw 6"]),
+    (",x,/m/dog,1,0.2,0.7,0.2,0.8,0,0,0,0,0", ["line 4", "'ImageID'", "empty image id"]),
+])
+def test_typed_read_errors(tiny, tmp_path, capsys, row, needle):
+    _replace_box_row(tiny, 2, row)
+    rc, err = run(tiny, tmp_path / "out", capsys)
+    _assert_bad(rc, err, tmp_path / "out", "boxes.csv", *needle)
+
+
+def test_typed_read_accepts_what_the_string_read_did(tiny, tmp_path, capsys):
+    # padded numbers, integers written as floats, blank optional flags (-1: unknown)
+    _replace_box_row(tiny, 2, "img1,x,/m/dog,1, 0.2 ,0.7,0.2,0.8,,0,1.0,0,0")
+    out = tmp_path / "out"
+    rc, err = run(tiny, out, capsys)
+    assert rc == 0, err
+    b = read_table(out / "boxes.parquet", "boxes").iloc[2]
+    assert (b.x_min, b.is_group_of, b.is_occluded) == (0.2, True, -1)

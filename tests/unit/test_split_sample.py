@@ -67,6 +67,47 @@ def test_split_disjoint_complete_deterministic(n, seed):
     assert abs(sizes.get("train", 0) - 0.8 * len(imgs)) <= 2
 
 
+def test_class_counts_sparse_equal_dense_and_categorical_equal_object():
+    boxes = long_tailed_boxes(300, 20, seed=4)
+    ids = sorted(boxes["image_id"].unique())[::-1][:250]          # some boxes' images left out
+    counts, labels = class_counts(boxes, ids)
+    dense = np.zeros((len(ids), len(labels)))
+    row, col = {v: i for i, v in enumerate(ids)}, {v: i for i, v in enumerate(labels)}
+    for img, lab in zip(boxes["image_id"], boxes["label"]):
+        if img in row:
+            dense[row[img], col[lab]] += 1
+    assert labels == sorted(boxes["label"].unique())
+    np.testing.assert_array_equal(counts.toarray(), dense)
+    cat = boxes.astype({"image_id": "category", "label": "category"})
+    c2, l2 = class_counts(cat, ids)
+    assert l2 == labels and (c2 != counts).nnz == 0
+    t1, _ = split(images=images_of(boxes), boxes=boxes, seed=3)
+    t2, _ = split(images=images_of(boxes), boxes=cat, seed=3)
+    assert t1.equals(t2)
+    for method in ("class_aware", "uniform"):
+        pd.testing.assert_frame_equal(sampling_weights(boxes=boxes, image_ids=ids, method=method),
+                                      sampling_weights(boxes=cat, image_ids=ids, method=method))
+
+
+def test_split_keeps_each_class_share_on_a_long_tail():
+    """Every class seen in 20+ images reaches both validation parts, and each class's share of val_a is closer
+    to 10% than under random splits."""
+    boxes = long_tailed_boxes(3000, 80, seed=5)
+    table, report = split(images=images_of(boxes), boxes=boxes, seed=0)
+    ids = sorted(boxes["image_id"].unique())
+    counts, labels = class_counts(boxes, ids)
+    common = np.asarray((counts > 0).sum(0)).ravel() >= 20
+
+    def share_error(assign: np.ndarray) -> float:
+        return float(np.abs(counts[assign == 1].sum(0)[common] / counts.sum(0)[common] - 0.1).mean())
+
+    ours = table["split"].map({"train": 0, "val_a": 1, "val_b": 2}).to_numpy()
+    for part in (1, 2):
+        assert (counts[ours == part].sum(0)[common] > 0).all()
+    assert max(report["classes_missing"].values()) <= int((~common).sum())
+    assert share_error(ours) < min(share_error(random_split(len(ids), (0.8, 0.1, 0.1), seed=s)) for s in range(5))
+
+
 def test_class_aware_weights_equal_two_step_draw():
     boxes = long_tailed_boxes(300, 10, seed=2)
     ids = sorted(boxes["image_id"].unique())
@@ -87,8 +128,8 @@ def test_class_aware_weights_equal_two_step_draw():
     emp = hits / draws
     assert np.abs(emp.reindex(w.index).to_numpy() - w.to_numpy()).max() < 0.003
     # under class-aware sampling the rarest class is drawn far more often than under uniform sampling
-    f_ca = expected_class_frequency(table, boxes)
-    f_u = expected_class_frequency(sampling_weights(boxes=boxes, image_ids=ids, method="uniform"), boxes)
+    f_ca = expected_class_frequency(table)
+    f_u = expected_class_frequency(sampling_weights(boxes=boxes, image_ids=ids, method="uniform"))
     rare = f_u.index[0]
     assert f_ca[rare] > 3 * f_u[rare]
 
