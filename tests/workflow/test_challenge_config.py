@@ -3,17 +3,23 @@ post-processing parameter reruns post-processing and what depends on it, never t
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.workflow.test_dag import ROOT, TINY, job_counts, snakemake
+from tests.workflow.test_dag import ROOT, TINY, snakemake
 
 STUB_FILES = ["challenge-2019-train-detection-bbox.csv", "challenge-2019-train-detection-human-imagelabels.csv",
               "challenge-2019-classes-description-500.csv", "challenge-2019-label500-hierarchy.json",
               "test-images.csv"]
+
+
+def job_counts(text: str) -> dict[str, int]:
+    block = text.split("Job stats:")[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", block, re.M)}
 
 
 def test_oid2019_dag_builds_from_stub_files(tmp_path: Path) -> None:
