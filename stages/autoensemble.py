@@ -51,7 +51,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.cli import stage_main
+from stages.core.cli import add_config_args, stage_main
+from stages.core.config import schema_default
 from stages.core.errors import InputError
 from stages.formats.experts import read_experts
 from stages.formats.hierarchy import Hierarchy
@@ -179,23 +180,28 @@ class Split:
         return float(evaluate_detections(gt=self.gt, detections=self.runner.frame(tree)).map)
 
 
+def _default(key: str):
+    return schema_default("autoensemble", key)
+
+
 @dataclass(frozen=True)
 class SearchSettings:
-    """Knobs of :class:`Search` (the CLI flags of the same names). A budget must be given: candidates
-    (reproducible) and/or minutes."""
+    """Knobs of :class:`Search`: the keys of the config's ``autoensemble`` section (and CLI flags) of the same
+    names, with the schema's defaults and descriptions. A budget must be given: candidates (reproducible)
+    and/or minutes; 0 is no limit (for ``max_per_image`` too)."""
 
-    seed: int = 0
-    max_candidates: int | None = 200
-    max_minutes: float | None = None
-    shape_share: float = 0.4           # part of the budget for the tree shape (stage 1)
-    node_trials: int = 12              # operator candidates per node visit (stage 2)
-    confirm_top: int = 5               # best search-split trees scored on the check split
-    choice: str = "mean"               # mean | guard
-    guard: float = 0.005
-    max_per_image: int | None = None
+    seed: int = _default("seed")
+    max_candidates: int = _default("max_candidates")
+    max_minutes: float = _default("max_minutes")
+    shape_share: float = _default("shape_share")
+    node_trials: int = _default("node_trials")
+    confirm_top: int = _default("confirm_top")
+    choice: str = _default("choice")
+    guard: float = _default("guard")
+    max_per_image: int = _default("max_per_image")
 
     def __post_init__(self):
-        if self.max_candidates is None and self.max_minutes is None:
+        if not self.max_candidates and not self.max_minutes:
             raise ValueError("give a budget: max_candidates and/or max_minutes")
         if self.choice not in ("mean", "guard"):
             raise ValueError(f"choice must be 'mean' or 'guard', not {self.choice!r}")
@@ -212,32 +218,46 @@ class SearchSettings:
 
 class SearchLog:
     """Append-only JSONL: a header line (what the search depends on), then one line per scored candidate.
-    A line cut short by a kill is dropped when the log is opened again."""
+    A line cut short by a kill is dropped when the log is opened again. A log of another search (header) is an
+    error, or with ``restart`` set aside as ``<path>.stale`` for a fresh start."""
 
-    def __init__(self, path: Path, header: dict):
+    def __init__(self, path: Path, header: dict, *, restart: bool = False):
         self.path = path
         self.scores: dict[tuple[str, str], tuple[float, float]] = {}   # (split, tree key) -> (mAP, elapsed s)
         if path.exists() and path.stat().st_size:
-            self._read(header)
-        else:
+            other = self._other_search(header)
+            if other is None:
+                self._read()
+            elif restart:
+                log.warning("%s; set aside as %s.stale, starting afresh", other, path)
+                os.replace(path, f"{path}.stale")
+            else:
+                raise other
+        if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "w") as f:
                 f.write(json.dumps({"header": header}) + "\n")
 
-    def _read(self, header: dict) -> None:
+    def _other_search(self, header: dict) -> InputError | None:
+        """Why the log is not this search's (its header line), or None."""
+        with open(self.path, "rb") as f:
+            line = f.readline()
+        try:
+            first = json.loads(line)["header"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            first = None
+        if not isinstance(first, dict):
+            return InputError("not a search log (no header line)", file=self.path, row=1)
+        diff = next((k for k in sorted(set(first) | set(header)) if first.get(k) != header.get(k)), None)
+        if diff is not None:
+            return InputError("the log was written by a search with other settings or inputs; delete it to start "
+                              "afresh", file=self.path, row=1, field=diff)
+        return None
+
+    def _read(self) -> None:
         raw = self.path.read_bytes()
         good = raw.rfind(b"\n") + 1
         lines = raw[:good].decode().splitlines()
-        try:
-            first = json.loads(lines[0])["header"] if lines else None
-        except (json.JSONDecodeError, KeyError, TypeError):
-            first = None
-        if not isinstance(first, dict):
-            raise InputError("not a search log (no header line)", file=self.path, row=1)
-        diff = next((k for k in sorted(set(first) | set(header)) if first.get(k) != header.get(k)), None)
-        if diff is not None:
-            raise InputError("the log was written by a search with other settings or inputs; delete it to start "
-                             "afresh", file=self.path, row=1, field=diff)
         for i, ln in enumerate(lines[1:], start=2):
             try:
                 r = json.loads(ln)
@@ -275,11 +295,12 @@ class Search:
     edge above those leaves (experts). Use :meth:`run`."""
 
     def __init__(self, *, search: Split, check: Split, leaves: Sequence[str], settings: SearchSettings,
-                 log_path: Path, header: dict, leaf_classes: Mapping[str, Sequence[str]] | None = None):
+                 log_path: Path, header: dict, leaf_classes: Mapping[str, Sequence[str]] | None = None,
+                 restart_stale: bool = False):
         self.search, self.check, self.settings = search, check, settings
         self.leaves = list(leaves)
         self.leaf_classes = {k: tuple(v) for k, v in (leaf_classes or {}).items()}
-        self.log = SearchLog(log_path, header)
+        self.log = SearchLog(log_path, header, restart=restart_stale)
         self.n = 0
         self.computed = 0
         self.seen: dict[str, Candidate] = {}       # every tree scored on the search split, by key
@@ -292,9 +313,9 @@ class Search:
 
     def _left(self, share: float = 1.0) -> bool:
         s = self.settings
-        if s.max_candidates is not None and self.n >= math.floor(share * s.max_candidates):
+        if s.max_candidates and self.n >= math.floor(share * s.max_candidates):
             return False
-        return s.max_minutes is None or self.elapsed() < share * s.max_minutes * 60
+        return not s.max_minutes or self.elapsed() < share * s.max_minutes * 60
 
     def evaluate(self, tree: Tree, stage: str, split: Split | None = None) -> float:
         """mAP of ``tree`` on ``split`` (default the search split: one candidate of the budget)."""
@@ -344,7 +365,7 @@ class Search:
         return best
 
     def search_shape(self) -> Tree:
-        mpi = self.settings.max_per_image
+        mpi = self.settings.max_per_image or None
         alone = {leaf: self.evaluate(Tree(leaf, {}, mpi), "shape") for leaf in self.leaves}
         order = sorted(self.leaves, key=lambda x: (-alone[x], x))
         tree = Tree(order[0], {}, mpi)
@@ -437,7 +458,7 @@ class Search:
         summary = {
             "choice": self.settings.choice, "guard": self.settings.guard,
             "search_split": self.search.name, "check_split": self.check.name,
-            "chosen": {"key": tree.key(), "search_map": chosen.score,
+            "chosen": {"key": tree.key(), "tree": tree.to_json(), "search_map": chosen.score,
                        "check_map": next(r["check_map"] for r in top if r["chosen"])},
             "shape_only": {"key": shape.key(), "search_map": shape_score,
                            "check_map": self.evaluate(shape, "check", self.check)},
@@ -518,9 +539,7 @@ def search_main(a: argparse.Namespace) -> None:
         if name not in s_paths:
             raise InputError(f"{name!r} is not a leaf", field="--leaf-classes")
         leaf_classes[name] = read_experts(p)
-    settings = SearchSettings(seed=a.seed, max_candidates=a.max_candidates or None, max_minutes=a.max_minutes,
-                              shape_share=a.shape_share, node_trials=a.node_trials, confirm_top=a.confirm_top,
-                              choice=a.choice, guard=a.guard, max_per_image=a.max_per_image or None)
+    settings = SearchSettings(**{k: getattr(a, k) for k in SearchSettings.__dataclass_fields__})
     classes = read_classes(a.classes)
     known = set(classes["label"])
     labels = pd.Index(classes["label"].to_numpy(dtype=object), dtype=object)
@@ -539,7 +558,7 @@ def search_main(a: argparse.Namespace) -> None:
         if not (gt.num_gt > 0).any():
             raise InputError(f"split {name!r} has no ground-truth box: nothing to score", file=a.split_ids,
                              field="split")
-        if settings.max_per_image is None:
+        if not settings.max_per_image:
             dets = {k: evaluated_only(v, images=images, gt=gt) for k, v in dets.items()}
         return Split(name, TreeRunner(dets, images=images, labels=labels, cache_bytes=a.cache_mb << 20), gt)
 
@@ -550,7 +569,7 @@ def search_main(a: argparse.Namespace) -> None:
     header = {"settings": settings.fingerprint(), "splits": [a.search_split, a.check_split], "inputs": inputs,
               "leaf_classes": {k: list(v) for k, v in sorted(leaf_classes.items())}}
     s = Search(search=search, check=check, leaves=sorted(s_paths), settings=settings, log_path=a.log,
-               header=header, leaf_classes=leaf_classes)
+               header=header, leaf_classes=leaf_classes, restart_stale=a.stale_log == "restart")
     tree, summary = s.run()
     write_json(a.out_tree, tree.to_json())
     write_json(a.scores, summary)
@@ -584,21 +603,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sp.add_argument("--out-tree", required=True, type=Path)
     sp.add_argument("--log", required=True, type=Path, help="JSONL search log (resumed when it exists)")
     sp.add_argument("--scores", required=True, type=Path, help="summary JSON")
-    d = SearchSettings()
-    sp.add_argument("--seed", type=int, default=d.seed)
-    sp.add_argument("--max-candidates", type=int, default=d.max_candidates, help="budget (0 = none)")
-    sp.add_argument("--max-minutes", type=float, default=d.max_minutes, help="budget in minutes")
-    sp.add_argument("--shape-share", type=float, default=d.shape_share)
-    sp.add_argument("--node-trials", type=int, default=d.node_trials)
-    sp.add_argument("--confirm-top", type=int, default=d.confirm_top)
-    sp.add_argument("--choice", choices=("mean", "guard"), default=d.choice)
-    sp.add_argument("--guard", type=float, default=d.guard)
-    sp.add_argument("--max-per-image", type=int, default=0, help="cap per image in every tree's output (0 = none)")
+    add_config_args(sp, "autoensemble", SearchSettings.__dataclass_fields__)
     sp.add_argument("--cache-mb", type=int, default=1024, help="node-output cache per split")
+    sp.add_argument("--stale-log", choices=("error", "restart"), default="error",
+                    help="a log written by a search with other settings or inputs: an error, or set aside "
+                    "(renamed *.stale) to start afresh")
     a = p.parse_args(argv)
     if a.command == "apply" and a.split_ids and not a.split:
         p.error("--split-ids needs --split")
-    if a.command == "search" and not a.max_candidates and a.max_minutes is None:
+    if a.command == "search" and not a.max_candidates and not a.max_minutes:
         p.error("give a budget: --max-candidates and/or --max-minutes")
     return a
 

@@ -3,12 +3,13 @@ rescoring, a per-image cap.
 
     python -m stages.postprocess --detections in.parquet --out out.parquet [--method adj_nms --iou-thr 0.5 \
         --sigma 0.5 --score-thr 0.001 --max-per-image 300] [--expand-hierarchy hierarchy.json|hierarchy.parquet] \
-        [--relations stats.json [--conf-thr 0.5 --cooc-weight 0.5 ...]]
+        [--relations stats.json [--conf-thr 0.5 --cooc-weight 0.5 ...]] [--scale 288 --flip true]
 
 Every option named after a key of the config's ``postprocess`` section takes that key's schema default.
 ``--expand-hierarchy`` and ``--relations`` with no file (as the DAG passes them when the config turns them off)
-skip that step. Works on any ``detections`` parquet; processed in image shards (``--rows-per-shard``), so memory
-stays flat.
+skip that step. ``--scale`` / ``--flip`` keep only the rows of one test-time view (the infer stage's ``scale`` and
+``flip`` columns): the auto ensemble's leaves. Works on any ``detections`` parquet; processed in image shards
+(``--rows-per-shard``), so memory stays flat.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.core.cli import add_config_args, add_stream_args, stage_main
+from stages.core.cli import add_config_args, add_stream_args, parse_bool, stage_main
+from stages.core.errors import InputError
 from stages.formats.columns import concat
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import read_json, read_provenance
@@ -67,6 +69,17 @@ def postprocess(dets: pd.DataFrame, *, method: str, iou_thr: float, sigma: float
     return out
 
 
+def select_view(dets: pd.DataFrame, *, scale: int | None, flip: bool | None, source: object = None
+                ) -> pd.DataFrame:
+    """The rows of one test-time view: inferred at ``scale`` and flipped or not (None: any)."""
+    for col, value in (("scale", scale), ("flip", flip)):
+        if value is not None:
+            if col not in dets:
+                raise InputError(f"no column {col!r}: cannot select a test-time view", file=source, field=col)
+            dets = dets[dets[col].to_numpy() == value]
+    return dets.reset_index(drop=True)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stages.postprocess", description=__doc__.split("\n\n")[0])
     p.add_argument("--detections", required=True, type=Path, nargs="+",
@@ -78,6 +91,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="add parent-class boxes (the hierarchy JSON or table); no file: do not expand")
     p.add_argument("--relations", type=Path, nargs="?", metavar="STATS_JSON",
                    help="rescore with these relation statistics (stages.relations); no file: no rescoring")
+    p.add_argument("--scale", type=int, nargs="?", help="keep only the rows inferred at this test scale; no "
+                   "value: every scale")
+    p.add_argument("--flip", type=parse_bool, nargs="?", metavar="{true,false}",
+                   help="keep only the rows inferred on flipped (true) or unflipped (false) images; no value: "
+                   "both")
     add_config_args(p, "postprocess", RescoreParams.__dataclass_fields__)
     return p.parse_args(argv)
 
@@ -93,12 +111,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             "iou_thr": a.iou_thr, "sigma": a.sigma, "score_thr": a.score_thr, "max_per_image": a.max_per_image,
             "expand_hierarchy": str(a.expand_hierarchy) if a.expand_hierarchy else None,
             "relations": str(a.relations) if a.relations else None, "rescore": asdict(rp) if relations else None,
+            "view": {"scale": a.scale, "flip": a.flip},
             # what the input was (model, infer scales, ensemble settings...): the provenance chain stays readable
             "upstream": read_provenance(a.detections[0])}
     n_in = 0
 
     def load(shard: tuple[str, str]) -> pd.DataFrame:
-        return concat([read_shard(d, "detections", *shard, categorical=True) for d in a.detections])
+        dets = concat([read_shard(d, "detections", *shard, categorical=True) for d in a.detections])
+        return select_view(dets, scale=a.scale, flip=a.flip, source=a.detections[0])
 
     def work(dets: pd.DataFrame) -> pd.DataFrame:
         nonlocal n_in

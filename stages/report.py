@@ -9,6 +9,11 @@ base64 PNG).
          --images results/ingest/images.parquet results/ingest/test_images.parquet \\
          --boxes results/ingest/boxes.parquet --classes results/ingest/classes.parquet \\
          --ablation results/ablation/postprocess.json results/ablation/ensemble.json]
+        [--autoensemble results/autoensemble/search_val_a/scores.json ...]
+
+``--autoensemble`` adds how each auto-ensemble search went (Markdown and HTML) and, in the HTML, its chosen tree
+drawn with every node's mAP; both check the paper's observation that leaves with lower mAP sit deeper (the rank
+correlation of leaf mAP and depth).
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from PIL import Image
 
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
-from stages.formats.io import read_canonical, read_table, write_json, write_text
+from stages.formats.io import read_canonical, read_json, read_table, write_json, write_text
 from stages.formats.readers import read_class_names, read_metrics
+from stages.ops.ensemble_tree import Tree, parse_tree
 from stages.viz.overlay import render_image
+from stages.viz.tree import draw_tree
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +159,65 @@ def read_ablation(path: Path) -> pd.DataFrame:
         return pd.read_csv(path, sep=sep)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise InputError(f"unreadable ablation table: {exc}", file=path) from exc
+
+
+# ----- auto ensemble ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AutoSearch:
+    """One auto-ensemble search (its scores JSON, written by ``stages.autoensemble search``): name (the folder,
+    e.g. ``search_val_a``), the chosen tree and the summary."""
+
+    name: str
+    tree: Tree
+    scores: dict
+
+
+def read_auto_search(path: Path) -> AutoSearch:
+    obj = read_json(path)
+    keys = ("chosen", "vertices", "search_split", "check_split", "shape_only", "candidates", "elapsed_s")
+    absent = [k for k in keys if k not in obj] if isinstance(obj, dict) else ["(top level)"]
+    if not absent and "tree" not in obj["chosen"]:
+        absent = ["chosen/tree"]
+    if absent:
+        raise InputError("not an auto-ensemble scores file", file=path, field=absent[0])
+    tree = parse_tree(obj["chosen"]["tree"], source=path)
+    missing = sorted(set(tree.walk()) - set(obj["vertices"]))
+    if missing:
+        raise InputError(f"no scores of vertex {missing[0]!r}", file=path, field="vertices")
+    return AutoSearch(Path(path).parent.name, tree, obj)
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their mean rank); NaN when either side is constant."""
+    rx, ry = pd.Series(x, dtype=np.float64).rank(), pd.Series(y, dtype=np.float64).rank()
+    if len(rx) < 2 or rx.nunique() < 2 or ry.nunique() < 2:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def auto_frame(searches: Sequence[AutoSearch]) -> pd.DataFrame:
+    """One row per search: where it searched and checked, its size and cost, the mAP of the tree of stage 1
+    (shape, default operators) and of the chosen tree on both splits, and the rank correlation of each leaf's mAP
+    on the searched split with its depth (negative: leaves with lower mAP sit deeper, as in the paper)."""
+    rows = []
+    for a in searches:
+        s, v = a.scores, a.scores["vertices"]
+        leaves = [x for x in a.tree.walk() if a.tree.is_leaf(x)]
+        rows.append({
+            "search": a.name, "searched": s["search_split"], "checked": s["check_split"], "leaves": len(leaves),
+            "depth": max(a.tree.depths().values()), "candidates": s["candidates"], "seconds": s["elapsed_s"],
+            "shape_searched": s["shape_only"]["search_map"], "shape_checked": s["shape_only"]["check_map"],
+            "chosen_searched": s["chosen"]["search_map"], "chosen_checked": s["chosen"]["check_map"],
+            "leaf_mAP_depth_spearman": rank_correlation([v[x]["search_map"] for x in leaves],
+                                                        [v[x]["depth"] for x in leaves]),
+        })
+    return pd.DataFrame(rows)
+
+
+AUTO_NOTE = ("shape = the tree of stage 1 (every node with the default operators), chosen = after the operator "
+             "search and the confirmation; leaf_mAP_depth_spearman = rank correlation of each leaf's mAP on the "
+             "searched split with its depth in the chosen tree (negative: leaves with lower mAP sit deeper, the "
+             "paper's observation; NaN: all leaves at one depth)")
 
 
 # ----- plots (matplotlib without pyplot: no global state) ---------------------------------------------------
@@ -275,7 +341,7 @@ def _table(df: pd.DataFrame, cls: str) -> str:
 
 def build_html(*, metrics: pd.DataFrame, per_class: pd.DataFrame,
                ablations: Mapping[str, pd.DataFrame] | None = None, samples: Sequence[Samples] = (),
-               title: str = "Orchard report", max_classes: int = 50) -> str:
+               searches: Sequence[AutoSearch] = (), title: str = "Orchard report", max_classes: int = 50) -> str:
     """The report as one self-contained HTML page (charts and images inline)."""
     e = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
@@ -292,11 +358,21 @@ def build_html(*, metrics: pd.DataFrame, per_class: pd.DataFrame,
         for name, df in ablations.items():
             parts.append(f"<h3>{e(name)}</h3>" + _table(df, "ablation"))
 
+    if searches:
+        parts.append("<h2 id='autoensemble'>Auto ensemble</h2>" + _table(auto_frame(searches), "autoensemble")
+                     + f"<p class='prov'>{e(AUTO_NOTE)}</p>")
+        for a in searches:
+            png = draw_tree(a.tree, a.scores["vertices"], search_split=a.scores["search_split"],
+                            check_split=a.scores["check_split"], title=f"{a.name}: the chosen tree")
+            parts.append(f"<figure style='max-width:none'>{img_tag(png, f'{a.name} tree')}<figcaption>"
+                         f"{e(a.name)}: each vertex with its mAP on {e(a.scores['search_split'])} (searched) / "
+                         f"{e(a.scores['check_split'])} (checked)</figcaption></figure>")
+
     table = class_ap_table(per_class)
     if len(table):
         parts.append("<h2 id='per-class'>Per-class AP</h2>")
         runs = [c for c in table.columns if c not in ("label", "class_name", "n_gt")]
-        best = [best_run(metrics, stage) for stage in ("postprocess", "ensemble")]
+        best = [best_run(metrics, stage) for stage in ("postprocess", "ensemble", "autoensemble")]
         shown = [r for r in best if r in runs] or runs[:1]
         png, caption = class_ap_chart(table, shown, max_classes=max_classes)
         parts.append(f"<figure style='max-width:none'>{img_tag(png, 'per-class AP')}"
@@ -331,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out-md", type=Path)
     p.add_argument("--out-html", type=Path)
     p.add_argument("--ablation", type=Path, nargs="*", default=[], help="ablation tables (TSV, CSV or JSON)")
+    p.add_argument("--autoensemble", type=Path, nargs="*", default=[],
+                   help="scores JSONs of auto-ensemble searches (stages.autoensemble search --scores)")
     p.add_argument("--detections", type=Path, nargs="*", default=[], help="detection files to draw samples of")
     p.add_argument("--images", type=Path, nargs="*", default=[], help="images tables (labelled and test)")
     p.add_argument("--boxes", type=Path, help="ground-truth boxes table (drawn dashed on the samples)")
@@ -343,10 +421,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not (a.out_json or a.out_md or a.out_html):
         p.error("give at least one of --out-json, --out-md, --out-html")
     df = metrics_frame(a.metrics)
+    searches = [read_auto_search(x) for x in a.autoensemble]
+    md = to_markdown(df)
+    if searches:
+        md += f"\n## Auto ensemble\n\n{to_markdown(auto_frame(searches))}\n{AUTO_NOTE}.\n"
     if a.out_json:
         write_json(a.out_json, df.to_dict(orient="records"))
     if a.out_md:
-        write_text(a.out_md, to_markdown(df))
+        write_text(a.out_md, md)
     if a.out_html:
         if a.detections and not a.images:
             raise InputError("--detections needs --images to find the image files", field="--images")
@@ -364,10 +446,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                                         source=", ".join(map(str, a.images))))
         ablations = {x.stem: read_ablation(x) for x in a.ablation}
         page = build_html(metrics=df, per_class=per_class_frame(a.metrics), ablations=ablations,
-                          samples=samples, title=a.title, max_classes=a.max_classes)
+                          samples=samples, searches=searches, title=a.title, max_classes=a.max_classes)
         write_text(a.out_html, page)
         log.info("wrote %s (%d KiB)", a.out_html, len(page) // 1024)
-    print(to_markdown(df))
+    print(md)
 
 
 if __name__ == "__main__":

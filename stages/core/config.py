@@ -127,6 +127,18 @@ def validate_config(config: dict[str, Any], *, source: object = "config", cross_
         if unknown:
             raise InputError(f"unknown model(s) {unknown}; models are {models}", file=source,
                              field=f"ensemble/groups/{g}")
+    auto = config.get("autoensemble", {})
+    leaves = auto.get("leaves", {})
+    for key, known in (("models", models), ("groups", sorted(ens["groups"]))):
+        unknown = sorted(set(leaves.get(key) or []) - set(known))
+        if unknown:
+            raise InputError(f"unknown {key} {unknown}; they are {known}", file=source,
+                             field=f"autoensemble/leaves/{key}")
+    if leaves.get("models") == [] and not leaves.get("groups"):
+        raise InputError("no leaves: give models and/or groups", file=source, field="autoensemble/leaves")
+    if auto and not auto.get("max_candidates") and not auto.get("max_minutes"):
+        raise InputError("give a search budget: max_candidates and/or max_minutes", file=source,
+                         field="autoensemble/max_candidates")
     abl = config.setdefault("ablation", {})
     abl.setdefault("model", models[0] if models else None)
     # the model ladder compares whole detectors: expert models cover a few classes only
@@ -142,7 +154,7 @@ def validate_config(config: dict[str, Any], *, source: object = "config", cross_
             raise InputError(f"unknown ensemble group {key!r}; groups are {sorted(ens['groups'])}", file=source,
                              field=field)
     for kind in ("postprocess", "ensemble"):
-        keys = set(schema["properties"][kind]["properties"]) - {"groups"}
+        keys = set(schema["properties"][kind]["properties"]) - {"groups", "mode"}
         for variant, spec in abl.get(kind, {}).items():
             if variant == "default":
                 raise InputError("'default' names the configured chain, not an ablation variant", file=source,

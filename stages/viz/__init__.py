@@ -1,1 +1,1 @@
-"""Pictures of the pipeline's tables for people: boxes and masks drawn on images (:mod:`.overlay`)."""
+"""Pictures for people: boxes and masks drawn on images (:mod:`.overlay`), auto-ensemble trees (:mod:`.tree`)."""

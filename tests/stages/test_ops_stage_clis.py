@@ -184,3 +184,29 @@ def test_postprocess_keeps_the_upstream_provenance(tmp_path):
     prov = read_provenance(tmp_path / "out.parquet")
     assert prov["stage"] == "postprocess" and prov["method"] == "nms"
     assert prov["upstream"]["stage"] == "ensemble" and prov["upstream"]["k"] == 4
+
+
+def test_postprocess_of_one_test_time_view(tmp_path, capsys):
+    """--scale / --flip (the auto ensemble's leaves) post-process only that view's rows; no value: every row."""
+    d = _dets(3, n=600).assign(scale=np.where(np.arange(600) % 3 == 0, 320, 288).astype(np.int32),
+                               flip=np.arange(600) % 2 == 1)
+    write_table(tmp_path / "in.parquet", d, "detections")
+    args = ["--detections", str(tmp_path / "in.parquet"), "--method", "adj_nms", "--rows-per-shard", "70"]
+    for scale, flip in ((288, True), (320, False), (None, False), (None, None)):
+        out = tmp_path / f"{scale}_{flip}.parquet"
+        view = ["--scale", *([str(scale)] if scale else []), "--flip", *([str(flip)] if flip is not None else [])]
+        assert postprocess_stage.main([*args, *view, "--out", str(out)]) == 0
+        keep = np.ones(len(d), dtype=bool)
+        keep &= (d["scale"] == scale).to_numpy() if scale else keep
+        keep &= (d["flip"] == flip).to_numpy() if flip is not None else keep
+        rows = d[keep]
+        assert 0 < len(rows) < len(d) or (scale, flip) == (None, None)
+        want = suppress(rows.reset_index(drop=True), method="adj_nms", iou_thr=0.5, sigma=0.5, score_thr=0.001)
+        got = read_table(out, "detections")
+        pd.testing.assert_frame_equal(_key(got), _key(want)[got.columns], check_exact=False)
+        assert read_provenance(out)["view"] == {"scale": scale, "flip": flip}
+    write_table(tmp_path / "plain.parquet", _dets(4), "detections")
+    bad = tmp_path / "bad.parquet"
+    assert postprocess_stage.main(["--detections", str(tmp_path / "plain.parquet"), "--flip", "true",
+                                   "--out", str(bad)]) == 2
+    assert "field 'flip': no column 'flip'" in capsys.readouterr().err and not bad.exists()

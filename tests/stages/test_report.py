@@ -6,10 +6,11 @@ from __future__ import annotations
 import base64
 import json
 import re
+import numpy as np
 import pandas as pd
 import pytest
 
-from stages import evaluate, ingest, report
+from stages import autoensemble, evaluate, ingest, report
 from stages.formats.io import read_table, write_table
 from tests.conftest import ingest_args, write_tiny_dataset
 
@@ -45,7 +46,25 @@ def results(tmp_path_factory) -> dict:
                                   "--split-ids", str(tmp_path / "splits.parquet"), "--split", split,
                                   "--out", str(out)]) == 0
             metrics.append(out)
-    return {"ingest": ing, "metrics": metrics,
+    # an auto-ensemble search over the leaves a and b (each split's own images): search on val_a, check val_b
+    leaves = {split: [] for split in ("val_a", "val_b")}
+    for name, dets in (("a", good), ("b", bad)):
+        for split in leaves:
+            path = tmp_path / "leaves" / name / f"{split}.parquet"
+            write_table(path, dets[dets["image_id"].map(SPLITS) == split], "detections",
+                        provenance={"split": split})
+            leaves[split].append(f"{name}={path}")
+    search = tmp_path / "results" / "autoensemble" / "search_val_a"
+    assert autoensemble.main(["search", "--search-leaves", *leaves["val_a"], "--check-leaves", *leaves["val_b"],
+                              "--boxes", str(ing / "boxes.parquet"),
+                              "--image-labels", str(ing / "image_labels.parquet"),
+                              "--hierarchy", str(ing / "hierarchy.parquet"),
+                              "--classes", str(ing / "classes.parquet"),
+                              "--split-ids", str(tmp_path / "splits.parquet"), "--search-split", "val_a",
+                              "--check-split", "val_b", "--max-candidates", "12", "--node-trials", "4",
+                              "--out-tree", str(search / "tree.json"), "--log", str(search / "search.jsonl"),
+                              "--scores", str(search / "scores.json")]) == 0
+    return {"ingest": ing, "metrics": metrics, "scores": search / "scores.json",
             "ensemble_val": tmp_path / "results/ensemble/default/all/val_a.parquet"}
 
 
@@ -117,6 +136,37 @@ def test_html_report(results, tmp_path):
     assert "sorted by postprocess/a AP" in page
 
 
+def test_autoensemble_in_the_tables_and_the_html(results, tmp_path):
+    """The search's summary in the Markdown and HTML, with the leaf-depth rank correlation; its tree drawn."""
+    scores = json.loads(results["scores"].read_text())
+    out_md, out_html = tmp_path / "e.md", tmp_path / "e.html"
+    assert report.main(["--metrics", *map(str, results["metrics"]), "--autoensemble", str(results["scores"]),
+                        "--out-md", str(out_md), "--out-html", str(out_html)]) == 0
+    row = report.auto_frame([report.read_auto_search(results["scores"])]).iloc[0]
+    assert (row["search"], row["searched"], row["checked"], row["leaves"]) == ("search_val_a", "val_a", "val_b", 2)
+    assert row["chosen_checked"] == scores["chosen"]["check_map"] and row["candidates"] == scores["candidates"]
+    # two leaves under one root: both at depth 1, so no rank correlation
+    assert row["depth"] == 1 and np.isnan(row["leaf_mAP_depth_spearman"])
+    md = out_md.read_text()
+    assert "## Auto ensemble" in md and "| search_val_a | val_a | val_b | 2 | 1 |" in md
+    assert "leaf_mAP_depth_spearman" in md
+    page = out_html.read_text()
+    tree_png = dict(_imgs(page))["search_val_a tree"]
+    assert tree_png.startswith(b"\x89PNG\r\n\x1a\n") and "<td>search_val_a</td>" in page
+
+
+def test_rank_correlation_and_tree_layout():
+    assert report.rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)   # 1 - 6 * 2 / (4 * 15)
+    assert report.rank_correlation([0.1, 0.5, 0.3, 0.3], [3, 1, 2, 2]) == pytest.approx(-1.0)   # ties: mean rank
+    assert np.isnan(report.rank_correlation([0.1, 0.5, 0.3], [2, 2, 2]))
+    from stages.ops.ensemble_tree import parse_tree
+    from stages.viz.tree import layout
+
+    tree = parse_tree({"root": "n2", "nodes": {"n1": {"children": ["a", "b"]}, "n2": {"children": ["n1", "c"]}}})
+    assert layout(tree) == {"a": (0.0, -2.0), "b": (1.0, -2.0), "n1": (0.5, -1.0), "c": (2.0, -1.0),
+                            "n2": (1.25, 0.0)}
+
+
 def test_sample_ids_even_and_deterministic():
     dets = pd.DataFrame({"image_id": [f"i{k:02d}" for k in range(10)] + ["low"], "score": [0.9] * 10 + [0.1]})
     images = pd.DataFrame({"image_id": [f"i{k:02d}" for k in range(9)] + ["low"]})  # i09 has no image
@@ -133,7 +183,7 @@ def test_read_ablation_forms(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["bad_json", "no_map", "no_ap", "not_a_metric_path", "dets_without_images",
-                                  "bad_ablation", "not_detections"])
+                                  "bad_ablation", "not_detections", "bad_search", "search_vertex"])
 def test_bad_input_exits_2(results, tmp_path, capsys, case):
     argv = ["--metrics", *map(str, results["metrics"]), "--out-html", str(tmp_path / "r.html")]
     bad = tmp_path / "evaluate" / "postprocess" / "default" / "x" / "val_a.json"
@@ -161,10 +211,20 @@ def test_bad_input_exits_2(results, tmp_path, capsys, case):
         (tmp_path / "abl.json").write_text("[1,")
         argv += ["--ablation", str(tmp_path / "abl.json")]
         msg = "unreadable ablation table"
-    else:
+    elif case == "not_detections":
         argv += ["--detections", str(results["ingest"] / "boxes.parquet"),
                  "--images", str(results["ingest"] / "images.parquet")]
         msg = "has no scores"
+    else:
+        obj = json.loads(results["scores"].read_text())
+        if case == "bad_search":
+            del obj["chosen"]["tree"]
+            msg = "scores.json: field 'chosen/tree': not an auto-ensemble scores file"
+        else:
+            del obj["vertices"]["a"]
+            msg = "scores.json: field 'vertices': no scores of vertex 'a'"
+        (tmp_path / "scores.json").write_text(json.dumps(obj))
+        argv += ["--autoensemble", str(tmp_path / "scores.json")]
     assert report.main(argv) == 2
     assert msg in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()

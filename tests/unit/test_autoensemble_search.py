@@ -125,6 +125,35 @@ def test_resume_refuses_a_log_of_other_settings(inputs, searched, tmp_path):
     assert not (tmp_path / "tree.json").exists()
 
 
+def test_stale_log_restart_sets_the_log_aside_and_starts_afresh(inputs, searched, tmp_path):
+    """What the DAG does when the leaves or settings change: the old log is kept as *.stale, the search is the
+    one a fresh start gives."""
+    old = (searched / "log.jsonl").read_text()
+    (tmp_path / "log.jsonl").write_text(old)
+    assert _search(inputs, tmp_path, "--seed", "1", "--stale-log", "restart") == 0
+    assert (tmp_path / "log.jsonl.stale").read_text() == old
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert _search(inputs, fresh, "--seed", "1") == 0
+    assert _log_records(tmp_path / "log.jsonl") == _log_records(fresh / "log.jsonl")
+    assert (tmp_path / "tree.json").read_text() == (fresh / "tree.json").read_text()
+
+
+def test_search_options_are_the_config_keys():
+    """The search's options are the autoensemble section's keys with the schema's defaults (one owner)."""
+    from stages.core.config import schema_property
+
+    a = autoensemble.parse_args(["search", "--search-leaves", "m=a", "--check-leaves", "m=b", "--boxes", "x",
+                                 "--image-labels", "x", "--hierarchy", "x", "--classes", "x", "--split-ids", "x",
+                                 "--search-split", "val_a", "--check-split", "val_b", "--out-tree", "t",
+                                 "--log", "l", "--scores", "s"])
+    section = schema_property("autoensemble")["properties"]
+    settings = autoensemble.SearchSettings()
+    for key in autoensemble.SearchSettings.__dataclass_fields__:
+        assert getattr(a, key) == getattr(settings, key) == section[key]["default"], key
+    assert set(section) - set(autoensemble.SearchSettings.__dataclass_fields__) == {"leaves"}
+
+
 def test_guard_choice_rule(inputs, searched, tmp_path):
     (tmp_path / "log.jsonl").write_text((searched / "log.jsonl").read_text())
     assert _search(inputs, tmp_path, "--choice", "guard", "--guard", "0") == 0

@@ -5,26 +5,17 @@ expert model's mining keys re-mine and retrain that expert alone."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.workflow.test_dag import ROOT, TINY, snakemake
+from tests.workflow.test_dag import ROOT, TINY, job_counts, snakemake
 
 STUB_FILES = ["challenge-2019-train-detection-bbox.csv", "challenge-2019-train-detection-human-imagelabels.csv",
               "challenge-2019-classes-description-500.csv", "challenge-2019-label500-hierarchy.json",
               "test-images.csv"]
-
-
-def job_counts(text: str) -> dict[str, int]:
-    """Jobs per rule of a dry run's "Job stats" ({} when there is nothing to do)."""
-    if "Nothing to be done" in text:
-        return {}
-    block = text.split("Job stats:")[1]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", block, re.M)}
 
 
 def stub_dataset(workdir: Path) -> None:
@@ -49,10 +40,16 @@ def test_oid2019_dag_builds_from_stub_files(tmp_path: Path) -> None:
     assert counts["train"] == 28 + 13 and counts["anchors"] == n_models
     assert counts["experts"] == n_experts
     assert counts["infer"] == n_models * 3 * shards           # val_a, val_b, test
-    # validation splits (test goes through ensembles); the ablation variants of one model / group: 4 each
-    assert counts["postprocess"] == (n_models + 4) * 2 * shards
-    assert counts["ensemble"] == (len(cfg["ensemble"]["groups"]) + 4) * 2 * shards + shards
-    assert counts["gather"] == counts["evaluate"] + 1 and counts["evaluate"] == (n_models + 4 + 8 + 4) * 2
+    # validation splits; the ablation variants of one model / group: 4 each; on test, the auto ensemble's leaves:
+    # its models (the experts) and naive groups (the backbones)
+    leaves = cfg["autoensemble"]["leaves"]
+    assert (len(leaves["models"]), len(leaves["groups"]), leaves["views"]) == (13, 7, False)
+    assert counts["postprocess"] == (n_models + 4) * 2 * shards + 13 * shards
+    assert counts["ensemble"] == (len(cfg["ensemble"]["groups"]) + 4) * 2 * shards + 7 * shards
+    # two searches (on val_a, on val_b), each applied to both validation splits; the first to test too
+    assert counts["autoensemble_search"] == 2 and counts["autoensemble_apply"] == (2 * 2 + 1) * shards
+    assert counts["evaluate"] == (n_models + 4 + 8 + 4) * 2 + 2 * 2
+    assert counts["gather"] == counts["evaluate"] + 1    # + the auto ensemble's test detections
     assert seconds < 60, "the issue's target is 30 s on the 2-core machine; this bound only catches blow-ups"
 
 

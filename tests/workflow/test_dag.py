@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,9 @@ TINY = {
         for m, s in (("tiny_a", "class_aware"), ("tiny_b", "uniform"))
     },
     "infer": {"shards": 2},
+    "autoensemble": {"max_candidates": 24, "node_trials": 4},
 }
+TINY["models"]["tiny_a"]["test_flip"] = True   # auto-ensemble leaves: tiny_a@128, tiny_a@128flip, tiny_b@128
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -34,6 +37,31 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Compl
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2",
            *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def job_counts(text: str) -> dict[str, int]:
+    """Jobs per rule from the "Job stats" table of a dry run ({} when there is nothing to do)."""
+    if "Nothing to be done" in text:
+        return {}
+    block = text.split("Job stats:")[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", block, re.M)}
+
+
+def dry_run(tmp_path: Path, cfg: dict, *targets: str) -> tuple[dict[str, int], list[str]]:
+    """Jobs per rule and the ``python -m stages.*`` command lines of a dry run of ``targets`` under ``cfg``."""
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = snakemake(tmp_path, "-n", "-p", *targets, "--configfile", str(p))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    return job_counts(out), [x.strip() for x in out.splitlines() if "-m stages." in x]
+
+
+def command(lines: list[str], stage: str, out: str) -> str:
+    """The one command line of ``stages.<stage>`` that writes ``out``."""
+    found = [x for x in lines if f"-m stages.{stage} " in x and f"--out {out}" in x]
+    assert len(found) == 1, (out, found)
+    return found[0]
 
 
 @pytest.fixture
@@ -78,27 +106,96 @@ def test_variants_run_through_the_postprocess_and_ensemble_rules(tmp_path):
                   "--configfile", str(p))
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [x for x in (r.stdout + r.stderr).splitlines() if "-m stages." in x]
-
-    def command(stage: str, out: str) -> str:
-        found = [x for x in lines if f"-m stages.{stage} " in x and f"--out {out}" in x]
-        assert len(found) == 1, (out, found)
-        return found[0]
-
-    nms = command("postprocess", "results/postprocess/nms/tiny_a/val_a/shard0.parquet")
+    nms = command(lines, "postprocess", "results/postprocess/nms/tiny_a/val_a/shard0.parquet")
     assert "--method nms --iou-thr 0.6" in nms and "--relations  --conf-thr 0.7" in nms
     assert "--expand-hierarchy results/ingest/hierarchy.parquet" in nms
-    rel = command("postprocess", "results/postprocess/adj_nms_relations/tiny_a/val_b/shard1.parquet")
+    rel = command(lines, "postprocess", "results/postprocess/adj_nms_relations/tiny_a/val_b/shard1.parquet")
     assert "--method adj_nms" in rel and "--relations results/relations/stats.json --conf-thr 0.7" in rel
-    plain = command("ensemble", "results/ensemble/concat_adj_nms/all/val_a/shard0.parquet")
+    plain = command(lines, "ensemble", "results/ensemble/concat_adj_nms/all/val_a/shard0.parquet")
     assert "--reweight False --ap-metrics  --vote False" in plain and "--min-iou 0.2" in plain
-    both = command("ensemble", "results/ensemble/reweight_vote/all/val_b/shard0.parquet")
+    both = command(lines, "ensemble", "results/ensemble/reweight_vote/all/val_b/shard0.parquet")
     # val_b is re-weighted with the APs on val_a of the configured post-processing
     assert ("--reweight True --ap-metrics results/evaluate/postprocess/default/tiny_a/val_a.json"
             " results/evaluate/postprocess/default/tiny_b/val_a.json --vote True") in both
-    gathered = command("postprocess", "results/ensemble/vote/all/val_a.parquet")
+    gathered = command(lines, "postprocess", "results/ensemble/vote/all/val_a.parquet")
     assert "--method none --score-thr 0 --max-per-image 0" in gathered
-    scored = command("evaluate", "results/evaluate/ensemble/vote/all/val_a.json")
+    scored = command(lines, "evaluate", "results/evaluate/ensemble/vote/all/val_a.json")
     assert "--predictions results/ensemble/vote/all/val_a.parquet" in scored and "--split val_a" in scored
+
+
+@pytest.mark.parametrize("mode", ["auto", "naive"])
+def test_autoensemble_rules(tmp_path, mode):
+    """Leaves = each model's test-time views, post-processed on their own; two searches (roles of val_a and val_b
+    swapped), each applied per split and shard, the val_a one to test too when it makes the submission."""
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["ensemble"] = {"mode": mode}
+    counts, lines = dry_run(tmp_path, cfg)
+    auto = mode == "auto"
+    assert counts["autoensemble_search"] == 2 and counts["autoensemble_apply"] == (2 * 2 + auto) * 2
+    # 3 views x 2 shards on val_a, val_b (and test when auto); the configured chain and 4 ablation variants
+    assert counts["postprocess"] == 3 * (2 + auto) * 2 + (2 + 4) * 2 * 2
+    assert counts["ensemble"] == (1 + 4) * 2 * 2 + (not auto) * 2      # the naive test ensemble only if naive
+    flip = command(lines, "postprocess", "results/postprocess/view128flip/tiny_a/val_b/shard1.parquet")
+    assert "--scale 128 --flip True --out" in flip
+    plain = command(lines, "postprocess", "results/postprocess/view128/tiny_b/val_a/shard0.parquet")
+    assert "--scale 128 --flip False --out" in plain
+    whole = command(lines, "postprocess", "results/postprocess/default/tiny_b/val_a/shard0.parquet")
+    assert "--scale  --flip  --out" in whole
+    def leaves(where: str) -> str:
+        return " ".join(f"tiny_{m}@128{f}=results/postprocess/view128{f}/tiny_{m}/{where}.parquet"
+                        for m, f in (("a", ""), ("a", "flip"), ("b", "")))
+
+    for search, check in (("val_a", "val_b"), ("val_b", "val_a")):
+        s = next(x for x in lines if f"--out-tree results/autoensemble/search_{search}/tree.json" in x)
+        assert f"--search-leaves {leaves(search)} --check-leaves {leaves(check)} --leaf-classes  " in s
+        assert f"--search-split {search} --check-split {check} --max-candidates 24" in s and "--node-trials 4" in s
+        assert f"--log results/autoensemble/search_{search}/search.jsonl" in s and "--stale-log restart" in s
+    apply = command(lines, "autoensemble", "results/autoensemble/default/search_val_b/val_a/shard1.parquet")
+    assert f"--tree results/autoensemble/search_val_b/tree.json --leaves {leaves('val_a/shard1')}" in apply
+    sub = next(x for x in lines if "-m stages.submit" in x)
+    source = "autoensemble/default/search_val_a" if auto else "ensemble/default/all"
+    assert f"--detections results/{source}/test.parquet" in sub
+    # the auto ensemble in the metrics, the ensemble ablation (with the naive baseline) and the report
+    table = next(x for x in lines if "--out-md results/ablation/ensemble.md" in x)
+    assert ("results/evaluate/ensemble/default/all/val_b.json results/evaluate/autoensemble/default/search_val_a/"
+            "val_a.json") in table
+    assert ("--autoensemble results/autoensemble/search_val_a/scores.json results/autoensemble/search_val_b/"
+            "scores.json") in table
+    assert "results/evaluate/autoensemble/default/search_val_b/val_b.json" in next(
+        x for x in lines if "--out-md results/metrics.md" in x)
+
+
+def test_autoensemble_leaves_of_models_experts_and_naive_groups(tmp_path):
+    """leaves.views off: a model's post-processed detections are one leaf; an expert's leaf gets its class
+    filter; a naive group is a leaf too (its test ensemble is then needed, per shard)."""
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["models"]["tiny_x"] = {**cfg["models"]["tiny_a"], "expert": True, "expert_of": "tiny_a"}
+    cfg["autoensemble"]["leaves"] = {"models": ["tiny_b", "tiny_x"], "views": False, "groups": ["all"]}
+    counts, lines = dry_run(tmp_path, cfg, "results/autoensemble/search_val_a/tree.json",
+                            "results/autoensemble/default/search_val_a/test/shard0.parquet")
+    s = next(x for x in lines if "--out-tree results/autoensemble/search_val_a/tree.json" in x)
+    assert ("--search-leaves tiny_b=results/postprocess/default/tiny_b/val_a.parquet tiny_x=results/postprocess/"
+            "default/tiny_x/val_a.parquet all.naive=results/ensemble/default/all/val_a.parquet") in s
+    assert "--leaf-classes tiny_x=results/experts/tiny_x.json --boxes" in s
+    apply = command(lines, "autoensemble", "results/autoensemble/default/search_val_a/test/shard0.parquet")
+    assert "all.naive=results/ensemble/default/all/test/shard0.parquet" in apply
+    assert "tiny_x=results/postprocess/default/tiny_x/test/shard0.parquet" in apply
+    assert "view" not in " ".join(lines) and counts["autoensemble_search"] == 1
+
+
+@pytest.mark.parametrize("auto, field, msg", [
+    ({"leaves": {"models": ["tiny_z"]}}, "autoensemble/leaves/models", "unknown models ['tiny_z']"),
+    ({"leaves": {"groups": ["best"]}}, "autoensemble/leaves/groups", "unknown groups ['best']"),
+    ({"leaves": {"models": []}}, "autoensemble/leaves", "no leaves"),
+    ({"max_candidates": 0}, "autoensemble/max_candidates", "give a search budget"),
+    ({"choice": "best"}, "autoensemble/choice", "'best' is not one of ['mean', 'guard']"),
+])
+def test_bad_autoensemble_config_is_a_clear_error(tmp_path, auto, field, msg):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({**yaml.safe_load(yaml.safe_dump(TINY)), "autoensemble": auto}))
+    r = snakemake(tmp_path, "-n", "--configfile", str(p))
+    assert r.returncode != 0
+    assert f"field '{field}'" in r.stderr + r.stdout and msg in r.stderr + r.stdout
 
 
 @pytest.mark.parametrize("variants, field, msg", [
@@ -130,7 +227,8 @@ def test_tiny_end_to_end(tmp_path, tiny_config):
     metrics = json.loads((tmp_path / "results/metrics.json").read_text())
     names = {(m["stage"], m["variant"], m["name"]) for m in metrics}
     assert names == {("postprocess", "default", "tiny_a"), ("postprocess", "default", "tiny_b"),
-                     ("ensemble", "default", "all")}
+                     ("ensemble", "default", "all"), ("autoensemble", "default", "search_val_a"),
+                     ("autoensemble", "default", "search_val_b")}
     for m in metrics:
         assert 0.0 <= m["val_a"] <= 1.0 and 0.0 <= m["val_b"] <= 1.0
     per_class = json.loads((tmp_path / "results/evaluate/ensemble/default/all/val_a.json").read_text())
@@ -141,16 +239,38 @@ def test_tiny_end_to_end(tmp_path, tiny_config):
     assert {(m["variant"], m["name"]) for m in abl} == {(v, "tiny_a") for v in
                                                         ("nms", "soft_nms", "adj_nms", "adj_nms_relations")}
     abl = json.loads((tmp_path / "results/ablation/ensemble.json").read_text())
-    assert {m["variant"] for m in abl} == {"concat_adj_nms", "reweight", "vote", "reweight_vote"}
-    assert (tmp_path / "results/ablation/ensemble.md").exists()
+    assert {(m["stage"], m["variant"]) for m in abl} == {
+        ("ensemble", v) for v in ("concat_adj_nms", "reweight", "vote", "reweight_vote", "default")} | {
+        ("autoensemble", "default")}
+    md = (tmp_path / "results/ablation/ensemble.md").read_text()
+    assert "| autoensemble | default | search_val_b |" in md and "| search_val_b | val_b | val_a | 3 |" in md
+    # the auto ensemble: each search's tree over the 3 leaves, applied per shard and gathered, scores on both
+    # validation splits what the search scored in process; its test detections made the submission
+    from stages.ops.ensemble_tree import parse_tree
+
+    for search, check in (("val_a", "val_b"), ("val_b", "val_a")):
+        out = tmp_path / "results/autoensemble" / f"search_{search}"
+        tree = parse_tree(json.loads((out / "tree.json").read_text()))
+        assert sorted(tree.leaves) == ["tiny_a@128", "tiny_a@128flip", "tiny_b@128"]
+        scores = json.loads((out / "scores.json").read_text())
+        assert scores["chosen"]["tree"] == tree.to_json() and scores["candidates"] == 24
+        log = (out / "search.jsonl").read_text().splitlines()
+        assert "header" in json.loads(log[0]) and len(log) - 1 == scores["computed"]   # a line per computed tree
+        for split, key in ((search, "search_map"), (check, "check_map")):
+            m = json.loads((tmp_path / "results/evaluate/autoensemble/default" / f"search_{search}" /
+                            f"{split}.json").read_text())
+            assert m["mAP"] == pytest.approx(scores["chosen"][key], abs=1e-12), (search, split)
+    auto_test = read_table(tmp_path / "results/autoensemble/default/search_val_a/test.parquet", "detections")
+    assert len(dets) == len(auto_test) > 0
     # the configured ensemble and its ablation variant with the same keys agree
     same = [read_table(tmp_path / f"results/ensemble/{v}/all/val_a.parquet", "detections")
             for v in ("default", "reweight_vote")]
     pd.testing.assert_frame_equal(*same)
     # the heavy rules left benchmark files
-    for rule in ("postprocess", "ensemble", "gather", "evaluate"):
+    for rule in ("postprocess", "ensemble", "gather", "evaluate", "autoensemble_search", "autoensemble_apply"):
         assert list((tmp_path / "benchmarks" / rule).rglob("*.tsv")), rule
-    assert "<img" in (tmp_path / "results/report.html").read_text()
+    page = (tmp_path / "results/report.html").read_text()
+    assert "<img" in page and 'alt="search_val_a tree"' in page and 'alt="search_val_b tree"' in page
     # shards were written and gathered
     assert (tmp_path / "results/infer/tiny_a/test/shard1.parquet").exists()
     assert (tmp_path / "results/postprocess/default/tiny_a/val_a/shard1.parquet").exists()

@@ -22,18 +22,41 @@ ENSEMBLE_GROUPS = sorted(config["ensemble"]["groups"])
 # PFDet re-weighting of a split uses each model's AP on the other validation split
 AP_SOURCE = {"val_a": "val_b", "val_b": "val_a", "test": "val_a"}
 ABLATIONS = ["models", "postprocess", "ensemble"]
+# The auto ensemble (autoensemble.smk): leaves of these models (and naive groups); two searches, each named after
+# its search split, confirmed on the other; the tree searched on val_a makes the test detections
+AUTO = config["autoensemble"]
+AUTO_MODELS = MODELS if AUTO["leaves"]["models"] is None else sorted(AUTO["leaves"]["models"])
+SEARCHES = {f"search_{s}": (s, t) for s, t in zip(VAL_SPLITS, reversed(VAL_SPLITS))}
+SUBMIT_SEARCH = "search_val_a"
+
+
+def views(model):
+    """A model's test-time views, {leaf suffix: (scale, flip)}: e.g. {"288": (288, False), "288flip": (288, True)}."""
+    cfg = config["models"][model]
+    flips = [False, True] if cfg["test_flip"] else [False]
+    return {f"{s}{'flip' if f else ''}": (s, f) for s in cfg["test_scales"] for f in flips}
+
+
 # Variants of the post-processing chain and of the ensemble: "default" is the configured section, each ablation
 # variant (config["ablation"]) changes some of its keys. The postprocess and ensemble rules run any of them.
-POSTPROCESS = {"default": config["postprocess"]} | {
-    name: config["postprocess"] | spec for name, spec in config["ablation"]["postprocess"].items()
-}
+# A view variant ("view288flip") is the configured chain on the rows of one test-time view only (scale, flip):
+# the auto ensemble's leaves when autoensemble.leaves.views is on.
+VIEWS = {f"view{v}": sf for m in AUTO_MODELS for v, sf in views(m).items()} if AUTO["leaves"]["views"] else {}
+ALL_VIEWS = {"scale": "", "flip": ""}
+POSTPROCESS = (
+    {"default": ALL_VIEWS | config["postprocess"]}
+    | {name: ALL_VIEWS | config["postprocess"] | spec for name, spec in config["ablation"]["postprocess"].items()}
+    | {name: config["postprocess"] | {"scale": s, "flip": f} for name, (s, f) in VIEWS.items()}
+)
+if set(VIEWS) & set(config["ablation"]["postprocess"]):
+    raise ValueError(f"ablation.postprocess: the variant names {sorted(VIEWS)} are taken by the test-time views")
 ENSEMBLE = {"default": config["ensemble"]} | {
     name: config["ensemble"] | spec for name, spec in config["ablation"]["ensemble"].items()
 }
 # the run whose variants the ablation tables compare: a model (postprocess), an ensemble group (ensemble)
 ABLATION_RUN = {"postprocess": config["ablation"]["model"], "ensemble": config["ablation"]["group"]}
 # stages that run per image shard; `gather` joins their shards, `evaluate` scores the gathered file
-SHARDED_STAGES = ["postprocess", "ensemble"]
+SHARDED_STAGES = ["postprocess", "ensemble", "autoensemble"]
 
 
 def one_of(names):
@@ -47,6 +70,7 @@ wildcard_constraints:
     shard=r"\d+",
     stage=one_of(SHARDED_STAGES),
     variant=one_of(POSTPROCESS | ENSEMBLE),
+    search=one_of(SEARCHES),
 
 
 def raw(key):
@@ -117,14 +141,77 @@ def ensemble_inputs(wildcards):
     }
 
 
+def auto_metrics():
+    """Metric files of the auto ensemble's two searches on both validation splits."""
+    return expand(rules.evaluate.output.json, stage="autoensemble", variant="default", name=SEARCHES, split=VAL_SPLITS)
+
+
 def ablation_metrics(wildcards):
-    """Metric files of one ablation table: the model ladder, or the post-processing / ensemble variants."""
+    """Metric files of one ablation table: the model ladder, or the post-processing / ensemble variants (the
+    ensemble's with the configured naive ensemble of the group and the auto ensemble's searches)."""
     if wildcards.kind == "models":
         return model_metrics(config["ablation"]["models"], VAL_SPLITS)
-    return expand(
+    variants = config["ablation"][wildcards.kind]
+    if wildcards.kind == "ensemble":
+        variants = [*variants, "default"]
+    runs = expand(
         rules.evaluate.output.json,
         stage=wildcards.kind,
-        variant=config["ablation"][wildcards.kind],
+        variant=variants,
         name=ABLATION_RUN[wildcards.kind],
         split=VAL_SPLITS,
     )
+    return runs + auto_metrics() if wildcards.kind == "ensemble" else runs
+
+
+def leaf_runs():
+    """{leaf name: (stage, variant, name)} of the auto ensemble's leaves: each model's test-time views
+    (`<model>@<view>`) or its post-processed detections (`<model>`), and the naive groups (`<group>.naive`)."""
+    out = {}
+    for m in AUTO_MODELS:
+        if AUTO["leaves"]["views"]:
+            out |= {f"{m}@{v}": ("postprocess", f"view{v}", m) for v in views(m)}
+        else:
+            out[m] = ("postprocess", "default", m)
+    return out | {f"{g}.naive": ("ensemble", "default", g) for g in AUTO["leaves"]["groups"]}
+
+
+LEAVES = leaf_runs()
+
+
+def auto_leaves(split, shard=None):
+    """{leaf name: detections file} on `split`: gathered (for the search) or one image shard (to apply a tree)."""
+
+    def one(stage, variant, name):
+        if shard is None:
+            path = rules.gather.output.dets
+        else:
+            path = {"postprocess": rules.postprocess.output.dets, "ensemble": rules.ensemble.output.dets}[stage]
+        return expand(path, stage=stage, variant=variant, name=name, model=name, group=name, split=split, shard=shard)[0]
+
+    return {leaf: one(*run) for leaf, run in LEAVES.items()}
+
+
+def named(leaves):
+    """`NAME=PATH` arguments of the autoensemble CLI."""
+    return " ".join(f"{n}={p}" for n, p in leaves.items())
+
+
+def expert_leaves():
+    """{leaf name: experts JSON} of the leaves of expert models: their class filter in the trees."""
+    return {
+        leaf: expand(rules.experts.output.experts, model=name)[0]
+        for leaf, (stage, _, name) in LEAVES.items()
+        if stage == "postprocess" and model_cfg(name)["expert_of"] is not None
+    }
+
+
+def final_dets(splits):
+    """The gathered detections that make submission.csv (ensemble.mode: the auto ensemble's tree searched on
+    val_a, or the naive ensemble of the group submit.ensemble) on `splits`."""
+    if config["ensemble"]["mode"] == "auto":
+        return expand(rules.gather.output.dets, stage="autoensemble", variant="default", name=SUBMIT_SEARCH, split=splits)
+    return expand(
+        rules.gather.output.dets, stage="ensemble", variant="default", name=config["submit"]["ensemble"], split=splits
+    )
+

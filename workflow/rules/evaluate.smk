@@ -1,5 +1,5 @@
-# The OpenImages Challenge metric on val_a and val_b of every gathered post-processing and ensemble output (any
-# variant), and the tables that collect them.
+# The OpenImages Challenge metric on val_a and val_b of every gathered post-processing and (naive or auto) ensemble
+# output (any variant), and the tables that collect them.
 
 
 rule evaluate:
@@ -33,6 +33,7 @@ rule metrics_table:
         ensembles=expand(
             rules.evaluate.output.json, stage="ensemble", variant="default", name=ENSEMBLE_GROUPS, split=VAL_SPLITS
         ),
+        auto=auto_metrics(),
     output:
         json="results/metrics.json",
         md="results/metrics.md",
@@ -41,13 +42,15 @@ rule metrics_table:
     conda:
         ENV
     shell:
-        "python -m stages.report --metrics {input.models:q} {input.ensembles:q} --out-json {output.json:q}"
+        "python -m stages.report --metrics {input.models:q} {input.ensembles:q} {input.auto:q} --out-json {output.json:q}"
         " --out-md {output.md:q} > {log:q} 2>&1"
 
 
 rule ablation_table:
     input:
-        ablation_metrics,
+        metrics=ablation_metrics,
+        # the ensemble table also tells how each auto-ensemble search went
+        trees=lambda wc: expand(rules.autoensemble_search.output.scores, search=SEARCHES) if wc.kind == "ensemble" else [],
     output:
         json="results/ablation/{kind}.json",
         md="results/ablation/{kind}.md",
@@ -58,4 +61,5 @@ rule ablation_table:
     conda:
         ENV
     shell:
-        "python -m stages.report --metrics {input:q} --out-json {output.json:q} --out-md {output.md:q} > {log:q} 2>&1"
+        "python -m stages.report --metrics {input.metrics:q} --autoensemble {input.trees:q} --out-json {output.json:q}"
+        " --out-md {output.md:q} > {log:q} 2>&1"

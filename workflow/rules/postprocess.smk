@@ -1,6 +1,6 @@
 # Post-processing per variant, model, split and image shard: add parent-class boxes (hierarchy expansion), the
 # suppression (NMS / soft-NMS / adj-NMS) and optional relationship rescoring, as configured (variant `default`)
-# or as an ablation variant changes it. `gather` joins the shards of any per-shard stage before evaluation and
+# or as an ablation variant changes it, or as configured on the rows of one test-time view (`view<scale>[flip]`). `gather` joins the shards of any per-shard stage before evaluation and
 # submission.
 
 
@@ -49,6 +49,8 @@ rule postprocess:
         min_support=variant_key(POSTPROCESS, "min_support"),
         boost=variant_key(POSTPROCESS, "boost"),
         penalty=variant_key(POSTPROCESS, "penalty"),
+        scale=variant_key(POSTPROCESS, "scale"),
+        flip=variant_key(POSTPROCESS, "flip"),
     conda:
         ENV
     shell:
@@ -57,7 +59,7 @@ rule postprocess:
         " --score-thr {params.score_thr} --max-per-image {params.max_per_image}"
         " --relations {input.relations:q} --conf-thr {params.conf_thr} --cooc-weight {params.cooc_weight}"
         " --surround-thr {params.surround_thr} --min-support {params.min_support} --boost {params.boost}"
-        " --penalty {params.penalty} --out {output.dets:q} > {log:q} 2>&1"
+        " --penalty {params.penalty} --scale {params.scale} --flip {params.flip} --out {output.dets:q} > {log:q} 2>&1"
 
 
 rule gather:

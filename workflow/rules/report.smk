@@ -1,17 +1,13 @@
-# The HTML report: mAP per model and stage on val_a / val_b, per-class AP, sample images of the merged
-# detections (val_a with its ground truth dashed, and test), the ablation tables.
+# The HTML report: mAP per model and stage on val_a / val_b, per-class AP, sample images of the detections that
+# make the submission (val_a with its ground truth dashed, and test), the ablation tables, the auto ensemble's
+# trees drawn with each node's mAP.
 
 
 rule report:
     input:
         metrics=rules.metrics_table.input,
-        dets=expand(
-            rules.gather.output.dets,
-            stage="ensemble",
-            variant="default",
-            name=config["submit"]["ensemble"],
-            split=["val_a", "test"],
-        ),
+        dets=final_dets(["val_a", "test"]),
+        trees=expand(rules.autoensemble_search.output.scores, search=SEARCHES),
         ablation=expand(rules.ablation_table.output.json, kind=ABLATIONS),
         images=rules.ingest.output.images,
         test_images=rules.ingest.output.test_images,
@@ -26,4 +22,4 @@ rule report:
     shell:
         "python -m stages.report --metrics {input.metrics:q} --ablation {input.ablation:q} --detections {input.dets:q}"
         " --images {input.images:q} {input.test_images:q} --boxes {input.boxes:q} --classes {input.classes:q}"
-        " --out-html {output.html:q} > {log:q} 2>&1"
+        " --autoensemble {input.trees:q} --out-html {output.html:q} > {log:q} 2>&1"

@@ -1,15 +1,10 @@
-# The Kaggle detection submission from the configured ensemble's test detections.
+# The Kaggle detection submission from the test detections of the ensemble that ensemble.mode names: the auto
+# ensemble (the tree searched on val_a) or the naive ensemble of the group submit.ensemble.
 
 
 rule submit:
     input:
-        dets=expand(
-            rules.gather.output.dets,
-            stage="ensemble",
-            variant="default",
-            name=config["submit"]["ensemble"],
-            split="test",
-        ),
+        dets=final_dets("test"),
         images=rules.ingest.output.test_images,
     output:
         csv="submission.csv",
