@@ -253,7 +253,8 @@ def test_tiny_end_to_end(tmp_path, tiny_config):
         tree = parse_tree(json.loads((out / "tree.json").read_text()))
         assert sorted(tree.leaves) == ["tiny_a@128", "tiny_a@128flip", "tiny_b@128"]
         scores = json.loads((out / "scores.json").read_text())
-        assert scores["chosen"]["tree"] == tree.to_json() and scores["candidates"] == 24
+        # at most the budget: a pass without gain stops the search early
+        assert scores["chosen"]["tree"] == tree.to_json() and 0 < scores["candidates"] <= 24
         log = (out / "search.jsonl").read_text().splitlines()
         assert "header" in json.loads(log[0]) and len(log) - 1 == scores["computed"]   # a line per computed tree
         for split, key in ((search, "search_map"), (check, "check_map")):

@@ -31,8 +31,9 @@ def test_reduced_dag_through_slurm_matches_local_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc_report(proc)
     rules = [job.rule for job in jobs]
     assert "train" in rules and "submit" in rules, jobs
-    # 2 shards x (test, val_a: the AP weights of the test ensemble come from val_a)
-    assert rules.count("infer") == 2 * 2, jobs
+    # 2 shards x (test, val_a, val_b: the auto ensemble that makes the submission is searched on val_a and
+    # confirmed on val_b)
+    assert rules.count("infer") == 2 * 3, jobs
     assert all(job.state == "COMPLETED" for job in jobs), jobs
 
     ours = (tmp_path / "slurm" / "submission.csv").read_text()
