@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image
 
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
-from stages.formats.io import read_canonical, read_json, read_table, write_json, write_text
+from stages.formats.io import read_json, read_provenance, read_table, write_json, write_text
 from stages.formats.readers import read_class_names, read_metrics
 from stages.ops.ensemble_tree import Tree, parse_tree
 from stages.viz.overlay import render_image
@@ -284,12 +285,25 @@ def class_ap_chart(table: pd.DataFrame, runs: Sequence[str], *, max_classes: int
 # ----- sample images ----------------------------------------------------------------------------------------
 def sample_ids(dets: pd.DataFrame, images: pd.DataFrame, *, n: int, score_thr: float) -> list[str]:
     """Up to ``n`` image ids evenly spread over the sorted ids that have a detection >= ``score_thr`` and a row in
-    the images table (deterministic)."""
-    ids = np.array(sorted(set(dets.loc[dets["score"] >= score_thr, "image_id"]) & set(images["image_id"])),
-                   dtype=object)
+    the images table (deterministic). ``dets`` needs only its image_id and score columns."""
+    hit = pd.unique(np.asarray(dets.loc[dets["score"].to_numpy() >= score_thr, "image_id"], dtype=object))
+    ids = np.intersect1d(hit.astype(str), images["image_id"].to_numpy(dtype=str))
     if len(ids) <= n:
-        return list(ids)
-    return list(ids[np.unique(np.linspace(0, len(ids) - 1, n).round().astype(int))])
+        return [str(i) for i in ids]
+    return [str(i) for i in ids[np.unique(np.linspace(0, len(ids) - 1, n).round().astype(int))]]
+
+
+def read_sample_detections(path: Path, images: pd.DataFrame, *, n: int, score_thr: float
+                           ) -> tuple[pd.DataFrame, dict, list[str]]:
+    """What the report draws of a detections file, read without loading the rest: the image ids and scores
+    pick the sample (:func:`sample_ids`), then only those images' rows are read. (rows, provenance, ids)."""
+    prov = read_provenance(path)
+    names = pq.read_schema(path).names
+    if "score" not in names or "image_id" not in names:
+        raise InputError(f"a table with columns {names} has no scores: not detections", file=path)
+    ids = sample_ids(read_table(path, "detections", columns=["image_id", "score"]), images, n=n,
+                     score_thr=score_thr)
+    return read_table(path, "detections", image_ids=ids), prov, ids
 
 
 @dataclass(frozen=True)
@@ -434,13 +448,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise InputError("--detections needs --images to find the image files", field="--images")
         images = (pd.concat([read_table(x, "images") for x in a.images], ignore_index=True)
                   if a.images else None)
-        gt = read_table(a.boxes, "boxes") if a.boxes else None
         names = read_class_names(a.classes) if a.classes else {}
         samples = []
-        for path in a.detections:
-            table, dets, prov = read_canonical(path)
-            if "score" not in dets:
-                raise InputError(f"a {table!r} table has no scores: not detections", file=path)
+        for path in a.detections:   # only the drawn images' rows are read (of detections and ground truth)
+            dets, prov, ids = read_sample_detections(path, images, n=a.samples, score_thr=a.score_thr)
+            gt = read_table(a.boxes, "boxes", image_ids=ids) if a.boxes else None
             samples.append(draw_samples(title=str(path), dets=dets, images=images, provenance=prov, gt=gt,
                                         names=names, n=a.samples, score_thr=a.score_thr,
                                         source=", ".join(map(str, a.images))))

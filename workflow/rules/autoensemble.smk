@@ -39,6 +39,10 @@ rule autoensemble_search:
         choice=AUTO["choice"],
         guard=AUTO["guard"],
         max_per_image=AUTO["max_per_image"],
+    threads: RES["autoensemble_search"]["threads"]
+    resources:
+        mem_mb=rule_mem("autoensemble_search"),
+        runtime=rule_runtime("autoensemble_search"),
     conda:
         ENV
     shell:
@@ -66,6 +70,10 @@ rule autoensemble_apply:
         "benchmarks/autoensemble_apply/{search}/{split}/shard{shard}.tsv"
     params:
         leaves=lambda wc: named(auto_leaves(wc.split, wc.shard)),
+    threads: RES["autoensemble_apply"]["threads"]
+    resources:
+        mem_mb=rule_mem("autoensemble_apply"),
+        runtime=rule_runtime("autoensemble_apply"),
     conda:
         ENV
     shell:

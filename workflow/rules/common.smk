@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -57,6 +58,19 @@ ENSEMBLE = {"default": config["ensemble"]} | {
 ABLATION_RUN = {"postprocess": config["ablation"]["model"], "ensemble": config["ablation"]["group"]}
 # stages that run per image shard; `gather` joins their shards, `evaluate` scores the gathered file
 SHARDED_STAGES = ["postprocess", "ensemble", "autoensemble"]
+
+
+RES = config["resources"]
+
+
+def rule_mem(rule):
+    """The memory a CPU-side rule asks for (config `resources`); a retry asks for twice as much."""
+    return lambda wildcards, attempt: RES[rule]["mem_mb"] * attempt
+
+
+def rule_runtime(rule):
+    """The minutes a CPU-side rule asks for (config `resources`); a retry asks for twice as much."""
+    return lambda wildcards, attempt: RES[rule]["runtime"] * attempt
 
 
 def one_of(names):

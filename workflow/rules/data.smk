@@ -10,7 +10,7 @@ if config["dataset"]["generate"]:
             classes=raw("classes_csv"),
             hierarchy=raw("hierarchy_json"),
             masks=raw("masks_csv"),
-            test_list=raw("test_list_csv"),
+            test_list=raw("test_list_csv") if config["dataset"]["test_list_csv"] else f"{DATA}/test-images.csv",
         log:
             "logs/generate.log",
         benchmark:
@@ -37,7 +37,8 @@ rule ingest:
         labels=raw("labels_csv"),
         classes=raw("classes_csv"),
         hierarchy=raw("hierarchy_json"),
-        test_list=raw("test_list_csv"),
+        test_list=raw("test_list_csv") if config["dataset"]["test_list_csv"] else [],
+        sample_submission=raw("sample_submission_csv") if config["dataset"]["sample_submission_csv"] else [],
     output:
         boxes="results/ingest/boxes.parquet",
         image_labels="results/ingest/image_labels.parquet",
@@ -52,12 +53,23 @@ rule ingest:
         images=lambda wc, input: os.path.join(os.path.dirname(input.boxes), config["dataset"]["images_dir"]),
         test=lambda wc, input: os.path.join(os.path.dirname(input.boxes), config["dataset"]["test_dir"]),
         out=lambda wc, output: os.path.dirname(output.boxes),
+        # the test images: the listed ones, else the sample submission's, else every image in the test folder
+        test_list=lambda wc, input: f"--test-list {shlex.quote(input.test_list)}" if input.test_list else "",
+        sample_submission=lambda wc, input: (
+            f"--sample-submission {shlex.quote(input.sample_submission)}" if input.sample_submission else ""
+        ),
+        image_check=config["dataset"]["image_check"],
+    threads: RES["ingest"]["threads"]
+    resources:
+        mem_mb=rule_mem("ingest"),
+        runtime=rule_runtime("ingest"),
     conda:
         ENV
     shell:
         "python -m stages.ingest --boxes-csv {input.boxes:q} --labels-csv {input.labels:q}"
         " --classes-csv {input.classes:q} --hierarchy-json {input.hierarchy:q} --images-dir {params.images:q}"
-        " --test-dir {params.test:q} --test-list {input.test_list:q} --out-dir {params.out:q} > {log:q} 2>&1"
+        " --test-dir {params.test:q} {params.test_list} {params.sample_submission}"
+        " --image-check {params.image_check} --workers {threads} --out-dir {params.out:q} > {log:q} 2>&1"
 
 
 rule split:
@@ -73,6 +85,10 @@ rule split:
         fractions=" ".join(str(f) for f in config["split"]["fractions"]),
         seed=config["split"]["seed"],
         iters=config["split"]["mining_iters"],
+    threads: RES["split"]["threads"]
+    resources:
+        mem_mb=rule_mem("split"),
+        runtime=rule_runtime("split"),
     conda:
         ENV
     shell:
@@ -91,6 +107,10 @@ rule sample:
         "logs/sample/{method}.log",
     wildcard_constraints:
         method="class_aware|uniform",
+    threads: RES["sample"]["threads"]
+    resources:
+        mem_mb=rule_mem("sample"),
+        runtime=rule_runtime("sample"),
     conda:
         ENV
     shell:

@@ -29,6 +29,10 @@ rule ensemble:
         sigma=config["postprocess"]["sigma"],
         score_thr=config["postprocess"]["score_thr"],
         max_per_image=config["postprocess"]["max_per_image"],
+    threads: RES["ensemble"]["threads"]
+    resources:
+        mem_mb=rule_mem("ensemble"),
+        runtime=rule_runtime("ensemble"),
     conda:
         ENV
     shell:

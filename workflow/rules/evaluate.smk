@@ -19,6 +19,10 @@ rule evaluate:
     wildcard_constraints:
         name=r"[^/]+",
         split=one_of(VAL_SPLITS),
+    threads: RES["evaluate"]["threads"]
+    resources:
+        mem_mb=rule_mem("evaluate"),
+        runtime=rule_runtime("evaluate"),
     conda:
         ENV
     shell:

@@ -16,6 +16,10 @@ rule relations:
         "benchmarks/relations/relations.tsv"
     params:
         ioa_thr=config["postprocess"]["ioa_thr"],
+    threads: RES["relations"]["threads"]
+    resources:
+        mem_mb=rule_mem("relations"),
+        runtime=rule_runtime("relations"),
     conda:
         ENV
     shell:
@@ -51,6 +55,10 @@ rule postprocess:
         penalty=variant_key(POSTPROCESS, "penalty"),
         scale=variant_key(POSTPROCESS, "scale"),
         flip=variant_key(POSTPROCESS, "flip"),
+    threads: RES["postprocess"]["threads"]
+    resources:
+        mem_mb=rule_mem("postprocess"),
+        runtime=rule_runtime("postprocess"),
     conda:
         ENV
     shell:
@@ -80,6 +88,10 @@ rule gather:
         "benchmarks/gather/{stage}/{variant}/{name}/{split}.tsv"
     wildcard_constraints:
         name=r"[^/]+",
+    threads: RES["gather"]["threads"]
+    resources:
+        mem_mb=rule_mem("gather"),
+        runtime=rule_runtime("gather"),
     conda:
         ENV
     shell:

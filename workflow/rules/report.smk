@@ -17,6 +17,10 @@ rule report:
         html="results/report.html",
     log:
         "logs/report.log",
+    threads: RES["report"]["threads"]
+    resources:
+        mem_mb=rule_mem("report"),
+        runtime=rule_runtime("report"),
     conda:
         ENV
     shell:

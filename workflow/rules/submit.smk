@@ -10,6 +10,10 @@ rule submit:
         csv="submission.csv",
     log:
         "logs/submit.log",
+    threads: RES["submit"]["threads"]
+    resources:
+        mem_mb=rule_mem("submit"),
+        runtime=rule_runtime("submit"),
     conda:
         ENV
     shell:

@@ -17,6 +17,10 @@ rule anchors:
         min_size=lambda wc: model_cfg(wc.model)["min_size"],
         max_size=lambda wc: model_cfg(wc.model)["max_size"],
         seed=lambda wc: model_cfg(wc.model)["seed"],
+    threads: RES["anchors"]["threads"]
+    resources:
+        mem_mb=rule_mem("anchors"),
+        runtime=rule_runtime("anchors"),
     conda:
         ENV
     shell:
