@@ -174,6 +174,20 @@ def test_sample_ids_even_and_deterministic():
     assert report.sample_ids(dets, images, n=20, score_thr=0.3) == [f"i{k:02d}" for k in range(9)]
 
 
+def test_the_report_reads_only_the_drawn_images_rows(tmp_path):
+    from stages.formats.io import write_table
+
+    n = 50
+    dets = pd.DataFrame({"image_id": np.repeat([f"i{k:02d}" for k in range(n)], 3), "label": "/m/a",
+                         "score": np.tile([0.9, 0.5, 0.1], n), "x_min": 0.1, "y_min": 0.1, "x_max": 0.5,
+                         "y_max": 0.5})
+    write_table(tmp_path / "d.parquet", dets, "detections")
+    images = pd.DataFrame({"image_id": [f"i{k:02d}" for k in range(n)]})
+    rows, _, ids = report.read_sample_detections(tmp_path / "d.parquet", images, n=4, score_thr=0.3)
+    assert ids == ["i00", "i16", "i33", "i49"]
+    assert sorted(set(rows["image_id"])) == ids and len(rows) == 12   # all rows of those images, none other
+
+
 def test_read_ablation_forms(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"x": 1, "y": 2}, {"x": 3, "y": 4}]))
     (tmp_path / "b.json").write_text(json.dumps({"x": [1, 3], "y": [2, 4]}))

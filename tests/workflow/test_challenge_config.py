@@ -15,7 +15,7 @@ from tests.workflow.test_dag import ROOT, TINY, job_counts, snakemake
 
 STUB_FILES = ["challenge-2019-train-detection-bbox.csv", "challenge-2019-train-detection-human-imagelabels.csv",
               "challenge-2019-classes-description-500.csv", "challenge-2019-label500-hierarchy.json",
-              "test-images.csv"]
+              "sample_submission.csv"]
 
 
 def stub_dataset(workdir: Path) -> None:
@@ -120,6 +120,11 @@ def test_changing_a_resource_reruns_nothing(finished_challenge_run) -> None:
     counts = rerun_after(finished_challenge_run, "resnet50_tsd", gpus=4, nodes=2, gpu_model="h100",
                          cpus_per_gpu=8, threads=2, mem_mb=64000, runtime_min=60)
     assert counts == {}
+    work, cfg = finished_challenge_run
+    changed = yaml.safe_load(yaml.safe_dump(cfg))
+    for rule in ("ingest", "split", "ensemble", "evaluate", "submit", "report", "autoensemble_search"):
+        changed["resources"][rule] = {"threads": 3, "mem_mb": 99000, "runtime": 7}
+    assert job_counts(dry_run(work, changed)) == {}
 
 
 @pytest.mark.slow

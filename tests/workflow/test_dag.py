@@ -198,6 +198,32 @@ def test_bad_autoensemble_config_is_a_clear_error(tmp_path, auto, field, msg):
     assert f"field '{field}'" in r.stderr + r.stdout and msg in r.stderr + r.stdout
 
 
+def test_cpu_rules_take_their_resources_and_ingest_options_from_the_config(tmp_path):
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["resources"] = {"ingest": {"threads": 2, "mem_mb": 12345, "runtime": 17}, "evaluate": {"mem_mb": 23456}}
+    cfg["dataset"] |= {"generate": False, "test_list_csv": None, "sample_submission_csv": "sample_submission.csv",
+                       "image_check": "decode"}
+    data = tmp_path / "data" / "orchard-mini"    # the files of a downloaded dataset (a dry run only looks)
+    data.mkdir(parents=True)
+    for name in ("challenge-2019-train-detection-bbox.csv", "challenge-2019-train-detection-human-imagelabels.csv",
+                 "challenge-2019-classes-description-500.csv", "challenge-2019-label500-hierarchy.json",
+                 "sample_submission.csv"):
+        (data / name).touch()
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = snakemake(tmp_path, "-n", "-p", "results/ingest/images.parquet", "results/evaluate/postprocess/default/"
+                  "tiny_a/val_a.json", "--configfile", str(p))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    ingest = out[out.index("rule ingest:"):]
+    ingest = ingest[: ingest.index("rule ", 10)]
+    assert "mem_mb=12345" in ingest and "runtime=17" in ingest, ingest
+    assert "sample_submission.csv" in ingest and "--test-list" not in ingest
+    assert "--image-check decode --workers 2" in ingest
+    evaluate = out[out.index("rule evaluate:"):].split("\n\n")[0]
+    assert "mem_mb=23456" in evaluate, evaluate
+
+
 @pytest.mark.parametrize("variants, field, msg", [
     ({"postprocess": {"default": {"method": "nms"}}}, "ablation/postprocess/default", "names the configured"),
     ({"ensemble": {"v": {"reweight": False, "k_nn": 3}}}, "ablation/ensemble/v", "unknown key(s) ['k_nn']"),
