@@ -26,6 +26,7 @@ import pandas as pd
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
 from stages.formats import openimages as oi
+from stages.formats.experts import read_experts
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import write_json
 from stages.formats.readers import read_boxes, read_classes, read_image_labels, read_predictions, split_image_ids
@@ -94,6 +95,20 @@ def evaluate_files(args: argparse.Namespace) -> MetricResult:
     return evaluate_detections(gt=gt, detections=preds, iou_thr=args.iou_thr)
 
 
+def restrict_classes(result: MetricResult, labels: Sequence[str], *, source: object = None) -> MetricResult:
+    """``result`` over ``labels`` only (an expert model's trained classes): the other classes' rows are dropped,
+    not scored as AP 0, and the mAP is the mean over the kept classes with ground truth."""
+    keep = result.per_class["label"].isin(set(labels))
+    unknown = sorted(set(labels) - set(result.per_class["label"]))
+    if unknown:
+        raise InputError(f"class {unknown[0]!r} is not in the class list", file=source, field="targets")
+    pc = result.per_class[keep].reset_index(drop=True)
+    ap = pc["ap"].to_numpy(np.float64)
+    m = float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
+    counts = {**result.counts, "n_classes_with_gt": int(np.isfinite(ap).sum())}
+    return MetricResult(map=m, per_class=pc, counts=counts)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--boxes", help="boxes: challenge bbox CSV or boxes parquet (required unless --masks)")
@@ -110,6 +125,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--expanded", action="store_true",
                    help="ground truth is already hierarchy-expanded (do not expand again)")
     p.add_argument("--iou-thr", type=float, default=IOU_THR)
+    p.add_argument("--only-classes", type=Path, metavar="EXPERTS_JSON",
+                   help="score only these classes (stages.experts output: an expert's targets and negatives); "
+                        "the others are left out, not scored as AP 0")
     a = p.parse_args(argv)
     if bool(a.split_ids) != bool(a.split):
         p.error("--split-ids and --split go together")
@@ -124,6 +142,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     result = evaluate_files(args)
+    if args.only_classes:
+        result = restrict_classes(result, read_experts(args.only_classes), source=args.only_classes)
     write_json(args.out, result.to_json())
     print(result.summary())
 

@@ -186,3 +186,19 @@ def test_one_label_check_names_file_row_and_field(tmp_path):
         h = Hierarchy.from_json_obj({"LabelName": "/m/root",
                                      "Subcategory": [{"LabelName": "/m/a"}, {"LabelName": "/m/q"}]})
         check_hierarchy(h, pd.DataFrame({"label": sorted(known)}), source="h.json")
+
+
+def test_an_expert_is_scored_on_its_classes_only(raw, tmp_path, capsys):
+    full, only = tmp_path / "full.json", tmp_path / "only.json"
+    assert main(args(raw, full)) == 0
+    experts = tmp_path / "experts.json"
+    experts.write_text(json.dumps({"targets": ["/m/a"], "negatives": ["/m/c"]}))
+    assert main(args(raw, only, **{"--only-classes": experts})) == 0
+    f, o = json.loads(full.read_text()), json.loads(only.read_text())
+    assert set(o["per_class"]) == {"/m/a", "/m/c"}                  # the others are left out, not AP 0
+    assert o["per_class"]["/m/a"] == f["per_class"]["/m/a"] and o["per_class"]["/m/c"] == f["per_class"]["/m/c"]
+    assert o["mAP"] == pytest.approx((0.5 + 1.0) / 2) and o["counts"]["n_classes_with_gt"] == 2
+    experts.write_text(json.dumps({"targets": ["/m/zzz"]}))
+    bad = tmp_path / "bad.json"
+    assert main(args(raw, bad, **{"--only-classes": experts})) == 2
+    assert "'/m/zzz' is not in the class list" in capsys.readouterr().err and not bad.exists()

@@ -73,6 +73,12 @@ def rule_runtime(rule):
     return lambda wildcards, attempt: RES[rule]["runtime"] * attempt
 
 
+def option(flag, files):
+    """`flag file...` (quoted) for an optional input (a path, or a possibly empty list); "" when there is none."""
+    files = [files] if isinstance(files, str) else list(files)
+    return f"{flag} {' '.join(shlex.quote(str(f)) for f in files)}" if files else ""
+
+
 def one_of(names):
     return "|".join(re.escape(n) for n in names)
 
@@ -111,9 +117,10 @@ def expert_base(model):
 
 def expert_classes(wildcards):
     """The experts JSON (class subset) of an expert model; nothing for other models."""
-    if model_cfg(wildcards.model)["expert_of"] is None:
+    model = wildcards.model if hasattr(wildcards, "model") else wildcards.name
+    if model_cfg(model)["expert_of"] is None:
         return []
-    return expand(rules.experts.output.experts, model=wildcards.model)
+    return expand(rules.experts.output.experts, model=model)
 
 
 def train_json(wildcards):

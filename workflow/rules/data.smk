@@ -54,10 +54,8 @@ rule ingest:
         test=lambda wc, input: os.path.join(os.path.dirname(input.boxes), config["dataset"]["test_dir"]),
         out=lambda wc, output: os.path.dirname(output.boxes),
         # the test images: the listed ones, else the sample submission's, else every image in the test folder
-        test_list=lambda wc, input: f"--test-list {shlex.quote(input.test_list)}" if input.test_list else "",
-        sample_submission=lambda wc, input: (
-            f"--sample-submission {shlex.quote(input.sample_submission)}" if input.sample_submission else ""
-        ),
+        test_list=lambda wc, input: option("--test-list", input.test_list),
+        sample_submission=lambda wc, input: option("--sample-submission", input.sample_submission),
         image_check=config["dataset"]["image_check"],
     threads: RES["ingest"]["threads"]
     resources:

@@ -10,6 +10,8 @@ rule evaluate:
         hierarchy=rules.ingest.output.hierarchy,
         classes=rules.ingest.output.classes,
         splits=rules.split.output.splits,
+        # an expert model is scored on the classes it was trained on only (the others are left out, not AP 0)
+        only=lambda wc: expert_classes(wc) if wc.stage == "postprocess" and wc.name in MODELS else [],
     output:
         json="results/evaluate/{stage}/{variant}/{name}/{split}.json",
     log:
@@ -19,6 +21,8 @@ rule evaluate:
     wildcard_constraints:
         name=r"[^/]+",
         split=one_of(VAL_SPLITS),
+    params:
+        only=lambda wc, input: option("--only-classes", input.only),
     threads: RES["evaluate"]["threads"]
     resources:
         mem_mb=rule_mem("evaluate"),
@@ -28,7 +32,7 @@ rule evaluate:
     shell:
         "python -m stages.evaluate --boxes {input.boxes:q} --image-labels {input.labels:q}"
         " --hierarchy {input.hierarchy:q} --classes {input.classes:q} --predictions {input.dets:q}"
-        " --split-ids {input.splits:q} --split {wildcards.split} --out {output.json:q} > {log:q} 2>&1"
+        " --split-ids {input.splits:q} --split {wildcards.split} {params.only} --out {output.json:q} > {log:q} 2>&1"
 
 
 rule metrics_table:
