@@ -54,7 +54,7 @@ import pandas as pd
 from stages.core.cli import add_config_args, stage_main
 from stages.core.config import schema_default
 from stages.core.errors import InputError
-from stages.formats.experts import read_experts
+from stages.formats.experts import read_expert_targets
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import read_json, read_provenance, write_json
 from stages.formats.readers import (
@@ -538,7 +538,7 @@ def search_main(a: argparse.Namespace) -> None:
     for name, p in parse_named_paths(a.leaf_classes or [], "--leaf-classes").items():
         if name not in s_paths:
             raise InputError(f"{name!r} is not a leaf", field="--leaf-classes")
-        leaf_classes[name] = read_experts(p)
+        leaf_classes[name] = read_expert_targets(p)   # an expert contributes its targets only
     settings = SearchSettings(**{k: getattr(a, k) for k in SearchSettings.__dataclass_fields__})
     classes = read_classes(a.classes)
     known = set(classes["label"])
@@ -599,7 +599,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sp.add_argument("--search-split", required=True)
     sp.add_argument("--check-split", required=True)
     sp.add_argument("--leaf-classes", nargs="*", metavar="NAME=EXPERTS_JSON",
-                    help="class filter above these leaves (stages.experts output: targets + negatives)")
+                    help="class filter above these leaves (stages.experts output: an expert's targets)")
     sp.add_argument("--out-tree", required=True, type=Path)
     sp.add_argument("--log", required=True, type=Path, help="JSONL search log (resumed when it exists)")
     sp.add_argument("--scores", required=True, type=Path, help="summary JSON")

@@ -28,7 +28,8 @@ import pandas as pd
 
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
-from stages.formats.io import read_json, write_json, write_text
+from stages.formats.experts import read_expert_targets
+from stages.formats.io import write_json, write_text
 from stages.formats.readers import read_metrics
 
 COLUMNS = ["expert", "split", "label", "name", "base", "expert_ap", "before", "after", "gain"]
@@ -67,13 +68,6 @@ def _by_split(paths: Sequence[Path], flag: str) -> dict[str, dict]:
     return out
 
 
-def _targets(path: Path) -> list[str]:
-    obj = read_json(path)
-    if not isinstance(obj, dict) or not isinstance(obj.get("targets"), list) or not obj["targets"]:
-        raise InputError("an experts file needs a non-empty 'targets' list", file=path, field="targets")
-    return list(obj["targets"])
-
-
 def to_markdown(df: pd.DataFrame) -> str:
     def cell(v: object) -> str:
         if isinstance(v, float):
@@ -107,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise InputError(f"{flag} needs {n} file(s) per expert ({splits}), got {len(files)}", field=flag)
     frames = []
     for i, (path, name) in enumerate(zip(a.experts, names)):
-        targets = _targets(path)
+        targets = read_expert_targets(path)
         base = _by_split(a.base[i * n:(i + 1) * n], "--base")
         own = _by_split(a.expert[i * n:(i + 1) * n], "--expert")
         for s in splits:

@@ -13,11 +13,17 @@ from stages.formats.io import read_json
 
 
 def read_experts(path: str | Path) -> list[str]:
-    """Targets + negatives of an experts JSON."""
+    """Targets + negatives of an experts JSON: the classes an expert model is trained on."""
+    return [*read_expert_targets(path), *read_json(path).get("negatives", [])]
+
+
+def read_expert_targets(path: str | Path) -> list[str]:
+    """The targets of an experts JSON: the classes an expert contributes to an ensemble (its negatives are
+    trained on only to tell them apart)."""
     obj = read_json(path)
     if not isinstance(obj, dict) or not isinstance(obj.get("targets"), list) or not obj["targets"]:
         raise InputError("an experts file needs a non-empty 'targets' list", file=path, field="targets")
-    return [*obj["targets"], *obj.get("negatives", [])]
+    return list(obj["targets"])
 
 
 def restrict_to_classes(*, images: pd.DataFrame, boxes: pd.DataFrame, classes: Sequence[str]
