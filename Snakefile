@@ -32,3 +32,4 @@ rule all:
         rules.metrics_table.output.json,
         rules.report.output.html,
         expand(rules.ablation_table.output.md, kind=ABLATIONS),
+        rules.experts_table.output.md if EXPERTS and config["ablation"]["experts_baseline"] else [],

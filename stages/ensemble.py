@@ -22,6 +22,7 @@ import pandas as pd
 
 from stages.core.cli import add_config_args, add_stream_args, stage_main
 from stages.core.errors import InputError
+from stages.formats.experts import read_expert_targets
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.readers import read_class_aps
 from stages.formats.stream import TableWriter, image_shards, pipeline, read_shard
@@ -45,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--expand-hierarchy", type=Path, nargs="?", metavar="JSON_OR_PARQUET",
                    help="add parent-class boxes to every model's detections before ensembling; no file: do not")
+    p.add_argument("--class-filters", nargs="*", default=[], metavar="EXPERTS_JSON_OR_-",
+                   help="per --detections file (same order): an expert's mined set (stages.experts JSON), whose "
+                        "targets are the only classes it contributes, or - for a model that contributes all")
     add_config_args(p, "ensemble", ENSEMBLE_KEYS)
     add_config_args(p, "postprocess", SUPPRESS_KEYS)
     add_stream_args(p)
@@ -55,17 +59,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "needs one per model)", field="--ap-metrics")
     if not a.reweight and a.ap_metrics:
         raise InputError("--ap-metrics given but --reweight false", field="--ap-metrics")
+    if a.class_filters and len(a.class_filters) != len(a.detections):
+        raise InputError(f"{len(a.detections)} --detections but {len(a.class_filters)} --class-filters (one per "
+                         "model, - for none)", field="--class-filters")
+    only = [None if f == "-" else set(read_expert_targets(f)) for f in a.class_filters] or [None] * len(a.detections)
     aps = [read_class_aps(f) for f in a.ap_metrics] if a.reweight else None
     k = a.k if a.vote else 0
     t0 = time.perf_counter()
-    prov = {"stage": "ensemble", "inputs": [str(d) for d in a.detections], "reweight": a.reweight, "k": k,
+    prov = {"stage": "ensemble", "inputs": [str(d) for d in a.detections], "class_filters": a.class_filters,
+            "reweight": a.reweight, "k": k,
             "score_weight": a.score_weight, "box_weight": a.box_weight, "min_iou": a.min_iou, "method": a.method,
             "iou_thr": a.iou_thr, "sigma": a.sigma, "score_thr": a.score_thr, "max_per_image": a.max_per_image}
     n_in = 0
 
     def load(shard: tuple[str, str]) -> list[pd.DataFrame]:
         frames = [read_shard(d, "detections", *shard, categorical=True) for d in a.detections]
-        return [expand_hierarchy(f, hierarchy) for f in frames] if hierarchy is not None else frames
+        if hierarchy is not None:
+            frames = [expand_hierarchy(f, hierarchy) for f in frames]
+        # an expert keeps its target classes only (after expansion: its parents' boxes are not its targets)
+        return [f if keep is None else f[f["label"].isin(keep)] for f, keep in zip(frames, only)]
 
     def work(frames: list[pd.DataFrame]) -> pd.DataFrame:
         nonlocal n_in

@@ -183,6 +183,29 @@ def test_autoensemble_leaves_of_models_experts_and_naive_groups(tmp_path):
     assert "view" not in " ".join(lines) and counts["autoensemble_search"] == 1
 
 
+def test_the_default_run_has_an_expert_mined_trained_scored_and_merged(tmp_path):
+    cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    experts = [m for m, c in cfg["models"].items() if c.get("expert_of")]
+    assert experts, "the default config has no expert model"
+    x = experts[0]
+    counts, lines = dry_run(tmp_path, cfg)
+    assert counts["experts"] == len(experts) and counts["experts_table"] == 1
+    mine = command(lines, "experts", f"results/experts/{x}.json")
+    assert f"--model results/train/{cfg['models'][x]['expert_of']}/model.pt" in mine
+    train = next(line for line in lines if f"--out results/train/{x}/model.pt" in line)
+    assert f"--classes results/experts/{x}.json" in train
+    assert next(line for line in lines if f"--out results/infer/{x}/test/shard0.parquet" in line).count("--expert")
+    # scored on its own classes; in the naive group `all` it contributes its targets only, `global` has no filter
+    ev = command(lines, "evaluate", f"results/evaluate/postprocess/default/{x}/val_b.json")
+    assert f"--only-classes results/experts/{x}.json" in ev
+    group = cfg["ensemble"]["groups"]["all"]
+    filters = " ".join(f"results/experts/{m}.json" if m in experts else "-" for m in group)
+    assert f"--class-filters {filters} " in command(lines, "ensemble", "results/ensemble/default/all/val_a/shard0.parquet")
+    assert "--class-filters" not in command(lines, "ensemble", "results/ensemble/default/global/val_a/shard0.parquet")
+    search = next(line for line in lines if "--out-tree results/autoensemble/search_val_a/tree.json" in line)
+    assert f"--leaf-classes {x}" in search
+
+
 @pytest.mark.parametrize("auto, field, msg", [
     ({"leaves": {"models": ["tiny_z"]}}, "autoensemble/leaves/models", "unknown models ['tiny_z']"),
     ({"leaves": {"groups": ["best"]}}, "autoensemble/leaves/groups", "unknown groups ['best']"),

@@ -16,6 +16,7 @@ ENV = "../../envs/orchard.yaml"
 shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 DATA = config["dataset"]["dir"]
 MODELS = sorted(config["models"])
+EXPERTS = [m for m in MODELS if config["models"][m]["expert_of"] is not None]
 VAL_SPLITS = ["val_a", "val_b"]
 SPLITS = VAL_SPLITS + ["test"]
 SHARDS = config["infer"]["shards"]
@@ -159,7 +160,24 @@ def ensemble_inputs(wildcards):
         "dets": expand(rules.infer.output.dets, model=models, split=wildcards.split, shard=wildcards.shard),
         "hierarchy": rules.ingest.output.hierarchy if config["postprocess"]["expand_hierarchy"] else [],
         "aps": model_metrics(models, AP_SOURCE[wildcards.split]) if reweight else [],
+        "filters": [expert_file(m) for m in models if expert_file(m)],
     }
+
+
+def expert_file(model):
+    """The mined set (experts JSON) of an expert model, None for a global model."""
+    if model_cfg(model)["expert_of"] is None:
+        return None
+    return expand(rules.experts.output.experts, model=model)[0]
+
+
+def class_filters(wildcards):
+    """`--class-filters` of the naive ensemble: per model of the group its mined set if it is an expert (it
+    contributes its targets only), else `-`; "" when the group has no expert."""
+    files = [expert_file(m) for m in config["ensemble"]["groups"][wildcards.group]]
+    if not any(files):
+        return ""
+    return "--class-filters " + " ".join(shlex.quote(f) if f else "-" for f in files)
 
 
 def auto_metrics():

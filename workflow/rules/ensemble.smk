@@ -24,6 +24,7 @@ rule ensemble:
         box_weight=variant_key(ENSEMBLE, "box_weight"),
         min_iou=variant_key(ENSEMBLE, "min_iou"),
         method=variant_key(ENSEMBLE, "method"),
+        class_filters=class_filters,
         # the final suppression's thresholds and cap are the postprocess section's
         iou_thr=config["postprocess"]["iou_thr"],
         sigma=config["postprocess"]["sigma"],
@@ -39,6 +40,6 @@ rule ensemble:
         "python -m stages.ensemble --detections {input.dets:q} --expand-hierarchy {input.hierarchy:q}"
         " --reweight {params.reweight} --ap-metrics {input.aps:q} --vote {params.vote} --k {params.k}"
         " --score-weight {params.score_weight} --box-weight {params.box_weight} --min-iou {params.min_iou}"
-        " --method {params.method} --iou-thr {params.iou_thr} --sigma {params.sigma}"
+        " {params.class_filters} --method {params.method} --iou-thr {params.iou_thr} --sigma {params.sigma}"
         " --score-thr {params.score_thr} --max-per-image {params.max_per_image} --out {output.dets:q}"
         " > {log:q} 2>&1"

@@ -71,3 +71,31 @@ rule ablation_table:
     shell:
         "python -m stages.report --metrics {input.metrics:q} --autoensemble {input.trees:q} --out-json {output.json:q}"
         " --out-md {output.md:q} > {log:q} 2>&1"
+
+
+if EXPERTS and config["ablation"]["experts_baseline"]:
+
+    rule experts_table:
+        """The experts' target classes: AP of the base model, the expert, and the ensemble group without
+        (ablation.experts_baseline) and with them (ablation.group)."""
+        input:
+            experts=[expert_file(m) for m in EXPERTS],
+            base=[f for m in EXPERTS for f in model_metrics(expert_base(m), VAL_SPLITS)],
+            expert=model_metrics(EXPERTS, VAL_SPLITS),
+            before=expand(rules.evaluate.output.json, stage="ensemble", variant="default",
+                          name=config["ablation"]["experts_baseline"], split=VAL_SPLITS),
+            after=expand(rules.evaluate.output.json, stage="ensemble", variant="default",
+                         name=config["ablation"]["group"], split=VAL_SPLITS),
+        output:
+            json="results/ablation/experts.json",
+            md="results/ablation/experts.md",
+        log:
+            "logs/ablation_table/experts.log",
+        params:
+            names=EXPERTS,
+        conda:
+            ENV
+        shell:
+            "python -m stages.expert_gain --experts {input.experts:q} --names {params.names} --base {input.base:q}"
+            " --expert {input.expert:q} --before {input.before:q} --after {input.after:q}"
+            " --out-json {output.json:q} --out-md {output.md:q} > {log:q} 2>&1"

@@ -8,7 +8,8 @@ rule report:
         metrics=rules.metrics_table.input,
         dets=final_dets(["val_a", "test"]),
         trees=expand(rules.autoensemble_search.output.scores, search=SEARCHES),
-        ablation=expand(rules.ablation_table.output.json, kind=ABLATIONS),
+        ablation=expand(rules.ablation_table.output.json, kind=ABLATIONS)
+        + ([rules.experts_table.output.json] if EXPERTS and config["ablation"]["experts_baseline"] else []),
         images=rules.ingest.output.images,
         test_images=rules.ingest.output.test_images,
         boxes=rules.ingest.output.boxes,
