@@ -49,6 +49,8 @@ def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """``pd.concat`` that keeps a column categorical when it is categorical in every frame (the categories are
     unioned; plain ``pd.concat`` falls back to Python strings when they differ)."""
     frames = [f for f in frames if len(f.columns)]
+    if len(frames) > 1 and any(len(f) for f in frames):   # empty frames add no rows (and no dtype surprises)
+        frames = [f for f in frames if len(f)]
     if len(frames) == 1:
         return frames[0].reset_index(drop=True)
     cat_cols = [c for c in frames[0].columns

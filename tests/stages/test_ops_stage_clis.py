@@ -171,6 +171,36 @@ def test_ensemble_cli_roundtrip(tmp_path, capsys):
     assert not (tmp_path / "x.parquet").exists()
 
 
+def test_an_expert_in_the_ensemble_contributes_its_targets_only(tmp_path, capsys):
+    for i in range(2):
+        write_table(tmp_path / f"d{i}.parquet", _dets(20 + i, model=f"m{i}"), "detections")
+    x = _dets(30, model="x")
+    write_table(tmp_path / "x.parquet", x, "detections")
+    write_table(tmp_path / "x_empty.parquet", x.iloc[:0], "detections")
+    (tmp_path / "x.json").write_text(json.dumps({"targets": ["/m/dog"], "negatives": ["/m/cat"]}))
+    common = ["--reweight", "false", "--rows-per-shard", "100"]
+    globals_ = ["--detections", str(tmp_path / "d0.parquet"), str(tmp_path / "d1.parquet")]
+    assert ensemble_stage.main(globals_ + common + ["--out", str(tmp_path / "g.parquet")]) == 0
+    g = read_table(tmp_path / "g.parquet", "detections")
+    # an expert with no detections leaves the ensemble unchanged
+    assert ensemble_stage.main([*globals_, str(tmp_path / "x_empty.parquet"), *common, "--class-filters", "-",
+                                "-", str(tmp_path / "x.json"), "--out", str(tmp_path / "e.parquet")]) == 0
+    pd.testing.assert_frame_equal(_key(read_table(tmp_path / "e.parquet", "detections")), _key(g))
+    # with detections: its non-target classes never appear; only its target class changes
+    assert ensemble_stage.main([*globals_, str(tmp_path / "x.parquet"), *common, "--class-filters", "-", "-",
+                                str(tmp_path / "x.json"), "--out", str(tmp_path / "w.parquet")]) == 0
+    w = read_table(tmp_path / "w.parquet", "detections")
+    assert set(w.loc[w["model"] == "x", "label"]) == {"/m/dog"}
+    for lab in ("/m/cat", "/m/animal"):
+        pd.testing.assert_frame_equal(_key(w[w["label"] == lab]), _key(g[g["label"] == lab]))
+    assert len(w[w["label"] == "/m/dog"]) > len(g[g["label"] == "/m/dog"])
+    # one filter per detections file
+    assert ensemble_stage.main([*globals_, str(tmp_path / "x.parquet"), *common, "--class-filters", "-",
+                                "--out", str(tmp_path / "bad.parquet")]) == 2
+    assert "3 --detections but 1 --class-filters" in capsys.readouterr().err
+    assert not (tmp_path / "bad.parquet").exists()
+
+
 def test_postprocess_keeps_the_upstream_provenance(tmp_path):
     from stages import postprocess
     from stages.formats.io import read_provenance, write_table
