@@ -39,6 +39,17 @@ Files written (OpenImages Challenge 2019 names and columns)::
     challenge-2019-label500-hierarchy.json
     challenge-2019-train-segmentation.csv + masks/<ImageID>_<MID without '/'>_<BoxID>.png (0/255, image size)
     summary.json                                         class counts and the phenomena, measured
+
+With ``--external N`` (``n_external_images``; off by default) it also writes a small *external* dataset in COCO
+format, drawn by the same code from its own random streams (the files above do not change)::
+
+    external/instances.json                              COCO instances (bbox-only; iscrowd = group-of)
+    external/images/<ImageID>.jpg                        ImageIDs "ext" + 13 hex digits
+    external/label_map.csv                               category_name,mid,oid_name,match,note
+
+Its categories (:data:`stages.data.taxonomy.EXTERNAL_CATEGORIES`) have their own names ("digit-six", "ball"):
+six show orchard-mini leaf classes (mapped to their MIDs by ``label_map.csv``), two ("square", "plus-sign")
+show shapes orchard-mini does not have (unmapped). ``python -m stages.ingest coco`` reads it back.
 """
 
 from __future__ import annotations
@@ -74,6 +85,7 @@ SEGMENTATION_CSV = "challenge-2019-train-segmentation.csv"
 TEST_CSV = "test-images.csv"
 SUMMARY_JSON = "summary.json"
 IMAGES_DIR, TEST_DIR, MASKS_DIR = "images", "test", "masks"
+EXTERNAL_DIR, EXTERNAL_INSTANCES, EXTERNAL_LABEL_MAP = "external", "instances.json", "label_map.csv"
 
 
 # ----- the plan ---------------------------------------------------------------------------------------------
@@ -620,6 +632,107 @@ def plan_dataset(*, n_train_images: int, n_test_images: int, image_size: tuple[i
     return DatasetPlan(tuple(images), seed)
 
 
+# ----- the external dataset (COCO format) --------------------------------------------------------------------
+def _external_ids(seed: int, n: int) -> list[str]:
+    """``n`` distinct external image ids, ``ext`` + 13 hex digits (never an orchard-mini id), own stream."""
+    rng = np.random.default_rng([seed, 12])
+    ids: list[str] = []
+    seen: set[str] = set()
+    while len(ids) < n:
+        i = f"ext{int(rng.integers(0, 16 ** 13)):013x}"
+        if i not in seen:
+            seen.add(i)
+            ids.append(i)
+    return ids
+
+
+def _external_unit(rng: np.random.Generator, cat: tx.ExternalCategory, objects: Objects, units: Units,
+                   group_of_rate: float) -> list[PlannedObject]:
+    """One placement of an external category: an object of the orchard-mini class it shows (sometimes a
+    group-of cluster), or one square / plus sign; labelled with the category's name."""
+    if cat.label is not None:
+        unit = units.group(cat.label) if rng.random() < group_of_rate else [objects(cat.label)]
+        return [replace(o, label=cat.name) for o in unit]
+    k = objects.k
+    size = rng.uniform(*k.disc_size)
+    w, h = int(round(size)), int(round(size * rng.uniform(0.85, 1.15)))
+    return [objects.look(PlannedObject(cat.name, cat.kind, 0, 0, w, h, color=cat.color,
+                                       shade=float(rng.uniform(*k.shade))))]
+
+
+def plan_external(*, n_images: int, image_size: tuple[int, int] = (256, 320), seed: int = 0,
+                  difficulty: float = DEFAULT_DIFFICULTY, group_of_rate: float = 0.08) -> tuple[PlannedImage, ...]:
+    """The external dataset's images (no pixels): 2-5 placements each, of categories drawn uniformly from
+    :data:`~stages.data.taxonomy.EXTERNAL_CATEGORIES`, with orchard-mini's objects, placement and occlusion
+    (:class:`Objects`, :func:`place`, :func:`mark_occluded`). Labels are the category names. Its own random
+    streams: orchard-mini does not change with it. Deterministic for the arguments."""
+    if n_images < 0:
+        raise ValueError("n_images must be >= 0")
+    k = Difficulty(float(difficulty))
+    lo, hi = image_size
+    rng = np.random.default_rng([seed, 11])
+    objects = Objects(rng, k)
+    units = Units(rng, objects, LongTail(k.zipf_exponent), group_of_rate)
+    out = []
+    for image_id in _external_ids(seed, n_images):
+        w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+        placed: list[tuple[int, int, int, int]] = []
+        objs: list[PlannedObject] = []
+        unit_of: list[int] = []
+        for _ in range(int(rng.integers(2, 6))):
+            cat = tx.EXTERNAL_CATEGORIES[int(rng.integers(len(tx.EXTERNAL_CATEGORIES)))]
+            unit = _external_unit(rng, cat, objects, units, group_of_rate)
+            at = place(rng, unit, size=(w, h), objects=objs, placed=placed, k=k)
+            if at is not None:
+                placed.append(at)
+                unit_of += [len(placed)] * len(unit)
+                objs += [o.moved(at[0], at[1]) for o in unit]
+        if k.hard:
+            objs = mark_occluded(objs, unit_of)
+        out.append(PlannedImage(image_id, "train", w, h, int(rng.integers(0, 2**63)), tuple(objs), (), k.level))
+    return tuple(out)
+
+
+def external_label_map() -> pd.DataFrame:
+    """The external dataset's label map: its categories that show an orchard-mini class -> that MID."""
+    rows = []
+    for c in tx.EXTERNAL_CATEGORIES:
+        if c.label is not None:
+            name = tx.BY_LABEL[c.label].name
+            rows.append((c.name, c.label, name, "synonym", f"draws orchard-mini's {name}"))
+    return pd.DataFrame(rows, columns=["category_name", "mid", "oid_name", "match", "note"])
+
+
+def write_external(root: Path, images: Sequence[PlannedImage], *, seed: int, jpeg_quality: int = 90) -> dict:
+    """Render ``images`` into ``root/images/`` and write ``root/instances.json`` (COCO) and
+    ``root/label_map.csv``. Returns counts for the summary."""
+    from stages.formats.coco import to_coco
+
+    img_dir = root / IMAGES_DIR
+    img_dir.mkdir(parents=True)
+    rows = []
+    for im in images:
+        img, _ = render_image(im)
+        Image.fromarray(img).save(img_dir / f"{im.image_id}.jpg", quality=jpeg_quality_of(im, jpeg_quality))
+        rows += [(im.image_id, o.label, o.x0 / im.width, o.y0 / im.height, o.x1 / im.width, o.y1 / im.height,
+                  o.is_group_of) for o in im.boxes]
+    boxes = pd.DataFrame(rows, columns=["image_id", "label", "x_min", "y_min", "x_max", "y_max", "is_group_of"])
+    table = pd.DataFrame({"image_id": [im.image_id for im in images],
+                          "path": [str(img_dir / f"{im.image_id}.jpg") for im in images],
+                          "width": [im.width for im in images], "height": [im.height for im in images]})
+    names = [c.name for c in tx.EXTERNAL_CATEGORIES]
+    coco = to_coco(boxes=boxes, images=table, classes=pd.DataFrame({"label": names, "name": names}),
+                   images_dir=img_dir, category_ids={c.name: c.id for c in tx.EXTERNAL_CATEGORIES},
+                   description=f"orchard-mini external dataset (seed {seed})")
+    (root / EXTERNAL_INSTANCES).write_text(json.dumps(coco, separators=(",", ":")) + "\n")
+    lm = external_label_map()
+    lm.to_csv(root / EXTERNAL_LABEL_MAP, index=False)
+    counts = boxes["label"].value_counts()
+    return {"n_images": len(images), "n_boxes": len(boxes), "group_of_boxes": int(boxes["is_group_of"].sum()),
+            "boxes_per_category": {n: int(counts.get(n, 0)) for n in names},
+            "label_map": dict(zip(lm["category_name"], lm["mid"]))}
+
+
 # ----- rendering --------------------------------------------------------------------------------------------
 def render_image(im: PlannedImage) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Draw one planned image. Returns (RGB uint8 ``[H, W, 3]``, {object index: visible mask bool ``[H, W]``}
@@ -732,11 +845,12 @@ def jpeg_quality_of(im: PlannedImage, base: int) -> int:
 
 def generate(*, out_dir: Path, n_train_images: int, n_test_images: int, image_size: tuple[int, int] = (256, 320),
              seed: int = 0, jpeg_quality: int = 90, difficulty: float = DEFAULT_DIFFICULTY,
-             log_every: int = 100) -> dict:
+             n_external_images: int = 0, log_every: int = 100) -> dict:
     """Plan, render and write the dataset into ``out_dir`` atomically: everything is built in
     ``.<name>.tmp`` next to it (a stale one from a killed run is removed first) and renamed into place, so a
     failure leaves no partial ``out_dir``. An existing ``out_dir`` is replaced. Returns the summary.
-    ``difficulty``: see :class:`Difficulty` (0 = the original easy look)."""
+    ``difficulty``: see :class:`Difficulty` (0 = the original easy look). ``n_external_images`` > 0 also writes
+    the external COCO-format dataset into ``out_dir/external/`` (:func:`plan_external`, :func:`write_external`)."""
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     plan = plan_dataset(n_train_images=n_train_images, n_test_images=n_test_images, image_size=image_size,
@@ -769,6 +883,11 @@ def generate(*, out_dir: Path, n_train_images: int, n_test_images: int, image_si
                 log.info("rendered %d/%d images (%.1f images/s, ETA %.0f s)", k, n, k / el,
                          (n - k) * el / k)
         summary = summarize(plan, image_size=image_size)
+        if n_external_images > 0:
+            ext = plan_external(n_images=n_external_images, image_size=image_size, seed=seed,
+                                difficulty=difficulty)
+            summary["external"] = write_external(tmp / EXTERNAL_DIR, ext, seed=seed, jpeg_quality=jpeg_quality)
+            log.info("external dataset: %d images, %d boxes", len(ext), summary["external"]["n_boxes"])
         (tmp / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old"
@@ -804,6 +923,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY,
                     help=f"0 = the original easy look, 1 = calibrated default (small objects, clutter, occlusion, "
                          f"colour jitter, blur/noise/JPEG), up to {MAX_DIFFICULTY}")
+    ap.add_argument("--external-images", "--external", dest="external_images", type=int, default=0,
+                    help="also write this many images of the external COCO-format dataset into OUT/external/ "
+                         "(default 0: none)")
     args = ap.parse_args(argv)
     if not 0 <= args.difficulty <= MAX_DIFFICULTY:
         ap.error(f"need 0 <= --difficulty <= {MAX_DIFFICULTY}")
@@ -811,13 +933,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.error("need 128 <= --min-size <= --max-size")
     if args.n_train_images < 1 or args.n_test_images < 0:
         ap.error("need --n-images >= 1 and --n-test >= 0")
+    if args.external_images < 0:
+        ap.error("need --external-images >= 0")
     s = generate(out_dir=args.out, n_train_images=args.n_train_images, n_test_images=args.n_test_images,
                  image_size=(args.min_size, args.max_size), seed=args.seed, jpeg_quality=args.jpeg_quality,
-                 difficulty=args.difficulty)
+                 difficulty=args.difficulty, n_external_images=args.external_images)
     ph = s["phenomena"]
     tail = "n/a (a class has no box)" if ph["long_tail_ratio"] is None else f"{ph['long_tail_ratio']:.1f}x"
     print(f"orchard-mini: {s['n_train_images']} labelled + {s['n_test_images']} test images, {s['n_boxes']} boxes,"
-          f" long tail {tail}, {ph['group_of_boxes']} group-of, {s['seconds']:.1f} s -> {args.out}")
+          f" long tail {tail}, {ph['group_of_boxes']} group-of"
+          + (f"; external: {s['external']['n_images']} images, {s['external']['n_boxes']} boxes" if "external" in s
+             else "") + f", {s['seconds']:.1f} s -> {args.out}")
 
 
 if __name__ == "__main__":

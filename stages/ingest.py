@@ -10,6 +10,14 @@ in parallel, or by decoding it fully (``--image-check decode``). The test images
 ``--test-list`` (``test-images.csv``), else of ``--sample-submission`` (the Kaggle sample's ImageId column), else
 every image in ``--test-dir``. ``--known-images`` takes images tables of an earlier run (or of a dataset's
 metadata) as they are: the images they list are neither looked for nor opened again.
+
+``python -m stages.ingest coco ...`` ingests an external dataset in COCO format instead (COCO, Objects365, the
+generator's ``external/`` set; paper 7.3): a COCO instances JSON, its images folder and a label map (external
+category -> OpenImages MID, see :mod:`stages.formats.coco`) give ``boxes``, ``images`` and ``classes`` of the
+mapped categories, and ``summary.json`` with what was dropped::
+
+    python -m stages.ingest coco --instances instances.json --images-dir images/ --label-map label_map.csv \
+        --classes-csv challenge-2019-classes-description-500.csv --out-dir results/ingest_external/<name>
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
+from stages.formats import coco
 from stages.formats import openimages as oi
 from stages.formats.columns import codes
 from stages.formats.hierarchy import Hierarchy
@@ -214,9 +224,123 @@ def ingest(*, boxes_csv: Path, labels_csv: Path, classes_csv: Path, hierarchy_js
                   hierarchy=h.to_edges())
 
 
+# ----- external datasets in COCO format ---------------------------------------------------------------------
+COCO_IMAGE_CHECKS = ("none", *IMAGE_CHECKS)
+MISSING_IMAGES = ("error", "drop")
+
+
+@dataclass(frozen=True)
+class ExternalTables:
+    boxes: pd.DataFrame
+    images: pd.DataFrame
+    classes: pd.DataFrame
+    summary: dict
+
+
+def ingest_coco(*, instances: Path, images_dir: Path, label_map: Path, classes_csv: Path,
+                image_check: str = "header", missing_images: str = "error", box_tolerance: float = 1.0,
+                workers: int = 1) -> ExternalTables:
+    """An external dataset in COCO format -> canonical ``boxes``, ``images``, ``classes`` (OpenImages MIDs of
+    the categories ``label_map`` maps; :func:`stages.formats.coco.read_instances`) and a summary.
+
+    ``image_check``: ``header`` (default) opens each image's header and checks that it exists and has the
+    JSON's width and height, ``decode`` decodes it fully, ``none`` trusts the JSON. A missing image file is an
+    error, or with ``missing_images="drop"`` the image and its boxes are dropped and counted (Objects365 lists a
+    few images its archives lack)."""
+    if image_check not in COCO_IMAGE_CHECKS:
+        raise ValueError(f"unknown image check {image_check!r}; choose from {COCO_IMAGE_CHECKS}")
+    if missing_images not in MISSING_IMAGES:
+        raise ValueError(f"unknown missing_images {missing_images!r}; choose from {MISSING_IMAGES}")
+    classes = oi.read_classes(classes_csv)
+    lm = coco.read_label_map(label_map, classes=classes)
+    t = coco.read_instances(instances, images_dir=images_dir, label_map=lm, classes=classes,
+                            box_tolerance=box_tolerance)
+    images, boxes = t.images, t.boxes
+    coco_ids = np.asarray(t.coco_image_ids, dtype=np.int64)
+    n_missing = 0
+    if image_check != "none":
+        found = np.fromiter((os.path.isfile(p) for p in images["path"]), dtype=bool, count=len(images))
+        if not found.all():
+            i = int(np.flatnonzero(~found)[0])
+            if missing_images == "error":
+                raise InputError(f"image file {images['path'].iloc[i]} not found ({int((~found).sum())} of "
+                                 f"{len(images)} missing; --missing-images drop drops them)", file=instances,
+                                 row=f"image id {coco_ids[i]}", field="file_name")
+            n_missing = int((~found).sum())
+            log.warning("%d of %d images not found, dropped with their boxes (first: %s)", n_missing, len(images),
+                        images["path"].iloc[i])
+            gone = images["image_id"][~found]
+            boxes = boxes[~boxes["image_id"].isin(gone).to_numpy()].reset_index(drop=True)
+            images, coco_ids = images[found].reset_index(drop=True), coco_ids[found]
+        log.info("checking %d images (%s, %d workers)", len(images), image_check, workers)
+        wh, bad, reason = image_sizes(list(images["path"]), decode=image_check == "decode", workers=workers)
+        if bad >= 0:
+            raise InputError(f"corrupt image {images['path'].iloc[bad]}: {reason}", file=instances,
+                             row=f"image id {coco_ids[bad]}", field="file_name")
+        wrong = (wh[:, 0] != images["width"].to_numpy()) | (wh[:, 1] != images["height"].to_numpy())
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise InputError(f"image {images['path'].iloc[i]} is {wh[i, 0]} x {wh[i, 1]} px, the JSON says "
+                             f"{images['width'].iloc[i]} x {images['height'].iloc[i]}", file=instances,
+                             row=f"image id {coco_ids[i]}", field="width")
+    per_class = boxes["label"].value_counts()
+    summary = {
+        "format": "coco", "instances": str(instances), "label_map": str(label_map),
+        "categories": t.categories, "mapped_categories": len(t.mapped), "classes": len(t.classes),
+        "images": len(images),
+        "images_without_boxes": int((~images["image_id"].isin(boxes["image_id"])).sum()),
+        "boxes": len(boxes), "group_of": int(boxes["is_group_of"].sum()), "clipped_boxes": t.clipped,
+        "dropped_boxes": int(sum(t.unmapped.values())), "missing_images_dropped": n_missing,
+        "boxes_per_class": {lab: int(per_class.get(lab, 0)) for lab in t.classes["label"]},
+        "boxes_per_mapped_category": t.mapped,
+        "unmapped_categories": t.unmapped,
+    }
+    return ExternalTables(boxes=boxes, images=images, classes=t.classes, summary=summary)
+
+
+def main_coco(argv: Sequence[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m stages.ingest coco",
+                                description="Ingest an external dataset in COCO format (instances JSON + images "
+                                            "+ label map) -> boxes, images, classes of the mapped categories.")
+    p.add_argument("--instances", type=Path, required=True, help="COCO instances JSON")
+    p.add_argument("--images-dir", type=Path, required=True, help="the folder the JSON's file_name values are in")
+    p.add_argument("--label-map", type=Path, required=True,
+                   help="CSV: category_name (or category_id), mid[, oid_name]; see stages.formats.coco")
+    p.add_argument("--classes-csv", type=Path, required=True,
+                   help="the OpenImages class descriptions CSV (MID,name, no header) the MIDs must be in")
+    p.add_argument("--image-check", choices=COCO_IMAGE_CHECKS, default="header",
+                   help="header: each image exists and has the JSON's size (default); decode: decode fully; "
+                        "none: trust the JSON")
+    p.add_argument("--missing-images", choices=MISSING_IMAGES, default="error",
+                   help="an image file that is not there: an error (default), or drop it with its boxes")
+    p.add_argument("--box-tolerance", type=float, default=1.0,
+                   help="pixels a box may stick out of its image (it is clipped); further out is an error")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes checking images (default: the CPUs this process may use)")
+    p.add_argument("--out-dir", type=Path, required=True)
+    a = p.parse_args(argv)
+    if a.box_tolerance < 0:
+        p.error("need --box-tolerance >= 0")
+    t = ingest_coco(instances=a.instances, images_dir=a.images_dir, label_map=a.label_map,
+                    classes_csv=a.classes_csv, image_check=a.image_check, missing_images=a.missing_images,
+                    box_tolerance=a.box_tolerance, workers=max(a.workers, 1))
+    prov = {"stage": "ingest", "format": "coco", "source": str(a.instances), "label_map": str(a.label_map)}
+    for name in ("boxes", "images", "classes"):
+        write_table(a.out_dir / f"{name}.parquet", getattr(t, name), name, provenance=prov)
+    write_json(a.out_dir / "summary.json", t.summary)
+    s = t.summary
+    print(f"ingest coco: {s['images']} images, {s['boxes']} boxes of {s['classes']} classes "
+          f"({s['mapped_categories']} of {s['categories']} categories mapped; {s['dropped_boxes']} boxes of "
+          f"{len(s['unmapped_categories'])} unmapped categories dropped) -> {a.out_dir}")
+
+
 @stage_main
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.split("\n\n")[0])
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["coco"]:
+        return main_coco(args[1:])
+    p = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.split("\n\n")[0],
+                                epilog="python -m stages.ingest coco --help: an external dataset in COCO format")
     p.add_argument("--boxes-csv", type=Path, required=True)
     p.add_argument("--labels-csv", type=Path, required=True)
     p.add_argument("--classes-csv", type=Path, required=True)
@@ -234,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="processes checking images (default: the CPUs this process may use)")
     p.add_argument("--out-dir", type=Path, required=True)
-    a = p.parse_args(argv)
+    a = p.parse_args(args)
     known = pd.concat([read_table(k, "images") for k in a.known_images], ignore_index=True).drop_duplicates(
         "image_id") if a.known_images else None
     t = ingest(boxes_csv=a.boxes_csv, labels_csv=a.labels_csv, classes_csv=a.classes_csv,

@@ -129,6 +129,20 @@ def pole(w: int, h: int) -> np.ndarray:
     return np.ones((h, w), np.float32)
 
 
+def square(w: int, h: int) -> np.ndarray:
+    """A solid block (the external dataset's "square"; painted plain, not striped like a pole)."""
+    return np.ones((h, w), np.float32)
+
+
+def cross(w: int, h: int) -> np.ndarray:
+    """A plus sign: two bars, each a third of the box across, through the centre."""
+    a = np.zeros((h, w), np.float32)
+    tw, th = max(2, round(w / 3)), max(2, round(h / 3))
+    a[:, (w - tw) // 2:(w - tw) // 2 + tw] = 1.0
+    a[(h - th) // 2:(h - th) // 2 + th, :] = 1.0
+    return a
+
+
 def shape_alpha(kind: str, w: int, h: int, *, glyph_img: np.ndarray | None = None, thickness: int = 5) -> np.ndarray:
     if kind == "glyph":
         assert glyph_img is not None
@@ -141,6 +155,10 @@ def shape_alpha(kind: str, w: int, h: int, *, glyph_img: np.ndarray | None = Non
         return frame(w, h, thickness)
     if kind == "pole":
         return pole(w, h)
+    if kind == "square":
+        return square(w, h)
+    if kind == "cross":
+        return cross(w, h)
     raise ValueError(f"unknown shape kind {kind!r}")
 
 

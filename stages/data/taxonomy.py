@@ -18,6 +18,10 @@ Hierarchy (only the leaves are annotated with boxes; parents come from expansion
         └── Solid shape ── Disc, Triangle ("Disc" almost always comes on top of a "Pole")
 
 Confusable pairs share a colour: 3/8 and 1/7.
+
+The generator's small **external** dataset (COCO format, :data:`EXTERNAL_CATEGORIES`) names its categories its
+own way ("digit-six", "ball"); six of them show orchard-mini leaf classes (the rarer ones, where extra data is
+meant to help: paper 7.3), two show shapes orchard-mini does not have ("square", "plus-sign").
 """
 
 from __future__ import annotations
@@ -115,3 +119,29 @@ def hierarchy_json() -> dict:
         return d
 
     return node(ROOT)
+
+
+@dataclass(frozen=True)
+class ExternalCategory:
+    """A category of the external dataset: its COCO ``id`` and ``name``, how it is drawn (``kind``, a drawing
+    kind of :mod:`stages.data.draw`), and the orchard-mini leaf class it shows (``label``; None for a shape
+    orchard-mini does not have, drawn in ``color``)."""
+
+    id: int
+    name: str
+    kind: str
+    label: str | None = None
+    color: tuple[int, int, int] = (0, 0, 0)
+
+
+#: the external dataset's categories (ids not contiguous, as in COCO)
+EXTERNAL_CATEGORIES: tuple[ExternalCategory, ...] = (
+    ExternalCategory(3, "digit-five", "glyph", digit_label(5)),
+    ExternalCategory(5, "digit-six", "glyph", digit_label(6)),
+    ExternalCategory(8, "digit-eight", "glyph", digit_label(8)),
+    ExternalCategory(13, "digit-nine", "glyph", digit_label(9)),
+    ExternalCategory(21, "ball", "disc", DISC),
+    ExternalCategory(34, "wedge", "triangle", TRIANGLE),
+    ExternalCategory(55, "square", "square", None, (235, 120, 190)),
+    ExternalCategory(89, "plus-sign", "cross", None, (150, 90, 255)),
+)

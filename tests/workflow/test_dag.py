@@ -17,7 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {
-    "dataset": {"n_images": 30, "n_test": 4, "min_size": 128, "max_size": 160, "seed": 1},
+    "dataset": {"n_images": 30, "n_test": 4, "min_size": 128, "max_size": 160, "seed": 1, "external_images": 4},
     "split": {"fractions": [0.6, 0.2, 0.2], "mining_iters": 100},
     "models": {
         m: {"backbone": "resnet_small", "width": 8, "fpn_channels": 16, "sampling": s, "epochs": 1,

@@ -11,6 +11,9 @@ if config["dataset"]["generate"]:
             hierarchy=raw("hierarchy_json"),
             masks=raw("masks_csv"),
             test_list=raw("test_list_csv") if config["dataset"]["test_list_csv"] else f"{DATA}/test-images.csv",
+            # the external COCO-format dataset (stages.ingest coco reads it), when dataset.external_images > 0
+            external=f"{DATA}/external/instances.json" if config["dataset"]["external_images"] else [],
+            external_label_map=f"{DATA}/external/label_map.csv" if config["dataset"]["external_images"] else [],
         log:
             "logs/generate.log",
         benchmark:
@@ -23,12 +26,13 @@ if config["dataset"]["generate"]:
             max_size=config["dataset"]["max_size"],
             seed=config["dataset"]["seed"],
             difficulty=config["dataset"]["difficulty"],
+            external_images=config["dataset"]["external_images"],
         conda:
             ENV
         shell:
             "python -m stages.generate --out {params.out:q} --n-images {params.n_images} --n-test {params.n_test}"
             " --min-size {params.min_size} --max-size {params.max_size} --seed {params.seed}"
-            " --difficulty {params.difficulty} > {log:q} 2>&1"
+            " --difficulty {params.difficulty} --external-images {params.external_images} > {log:q} 2>&1"
 
 
 rule ingest:
