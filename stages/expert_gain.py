@@ -13,7 +13,8 @@ base model's AP, the expert's own AP, the ensemble's AP without the expert (``--
 
 Each of ``--base``, ``--expert``, ``--before``, ``--after`` takes one metric file per split, in the same order
 (the split is the file's stem); several experts repeat ``--experts`` and give their ``--base`` / ``--expert``
-files expert by expert (all of the first expert's splits, then the next's).
+files expert by expert (all of the first expert's splits, then the next's); ``-`` for a base file that does
+not exist (an expert trained on an external dataset has no base model).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from stages.formats.experts import read_expert_targets
 from stages.formats.io import write_json, write_text
 from stages.formats.readers import read_metrics
 
+NO_METRICS = {"mAP": None, "per_class": {}}
 COLUMNS = ["expert", "split", "label", "name", "base", "expert_ap", "before", "after", "gain"]
 
 
@@ -62,6 +64,8 @@ def gain_table(*, expert: str, targets: Sequence[str], split: str, base: Mapping
 def _by_split(paths: Sequence[Path], flag: str) -> dict[str, dict]:
     out = {}
     for p in paths:
+        if str(p) == "-":   # no file (an expert of an external dataset has no base model)
+            continue
         if p.stem in out:
             raise InputError(f"two metric files of split {p.stem!r}", file=p, field=flag)
         out[p.stem] = read_metrics(p)
@@ -105,9 +109,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         base = _by_split(a.base[i * n:(i + 1) * n], "--base")
         own = _by_split(a.expert[i * n:(i + 1) * n], "--expert")
         for s in splits:
-            if s not in base or s not in own:
-                raise InputError(f"no metric file of split {s!r} for expert {name!r}", field="--base/--expert")
-            frames.append(gain_table(expert=name, targets=targets, split=s, base=base[s], own=own[s],
+            if s not in own:
+                raise InputError(f"no metric file of split {s!r} for expert {name!r}", field="--expert")
+            frames.append(gain_table(expert=name, targets=targets, split=s, base=base.get(s, NO_METRICS),
+                                     own=own[s],
                                      before=before[s], after=after[s]))
     df = pd.concat(frames, ignore_index=True)
     write_json(a.out_json, df.astype(object).where(df.notna(), None).to_dict(orient="records"))  # NaN: null

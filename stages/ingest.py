@@ -327,6 +327,10 @@ def main_coco(argv: Sequence[str]) -> None:
     prov = {"stage": "ingest", "format": "coco", "source": str(a.instances), "label_map": str(a.label_map)}
     for name in ("boxes", "images", "classes"):
         write_table(a.out_dir / f"{name}.parquet", getattr(t, name), name, provenance=prov)
+    # the classes an expert trained on this data contributes, in the mined-set format (stages.experts): the
+    # ensembles and the metric read it as they read an expert's (targets only, no negatives)
+    write_json(a.out_dir / "targets.json", {"targets": sorted(t.classes["label"]), "negatives": [],
+                                            "source": str(a.instances)})
     write_json(a.out_dir / "summary.json", t.summary)
     s = t.summary
     print(f"ingest coco: {s['images']} images, {s['boxes']} boxes of {s['classes']} classes "

@@ -394,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "others are ignored, missing ones take the schema's defaults)")
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--boxes", type=Path, required=True)
-    p.add_argument("--splits", type=Path, required=True)
+    p.add_argument("--splits", type=Path, help="splits table; default: every image of --images trains (e.g. an "
+                   "external dataset)")
     p.add_argument("--split", default="train")
     p.add_argument("--sampling", type=Path, help="sampling weights table (stages.sample); default uniform")
     p.add_argument("--anchors", type=Path, help="anchors JSON (stages.anchors)")
@@ -415,10 +416,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise InputError(f"--config is not JSON: {exc}", field="--config") from exc
     cfg = model_config(cfg)
     torch.set_num_threads(a.threads)
-    splits = read_table(a.splits, "splits")
-    ids = set(splits.loc[splits["split"] == a.split, "image_id"])
     images = read_table(a.images, "images")
-    images = images[images["image_id"].isin(ids)]
+    if a.splits:
+        splits = read_table(a.splits, "splits")
+        images = images[images["image_id"].isin(set(splits.loc[splits["split"] == a.split, "image_id"]))]
     boxes = read_table(a.boxes, "boxes")
     if a.classes:
         classes = read_experts(a.classes)

@@ -106,6 +106,14 @@ def validate_config(config: dict[str, Any], *, source: object = "config", cross_
         if avg is not None and not 1 <= avg[0] <= avg[1] <= m["epochs"]:
             raise InputError(f"average_epochs {avg} must satisfy 1 <= a <= b <= epochs {m['epochs']}", file=source,
                              field=f"models/{name}/average_epochs")
+        data = m["train_data"]
+        if data is not None and cross_refs:
+            if data not in config.get("external", {}):
+                raise InputError(f"train_data names {data!r}, not an entry of the external section "
+                                 f"{sorted(config.get('external', {}))}", file=source, field=f"models/{name}/train_data")
+            if m["expert_of"] is not None:
+                raise InputError("a model trains on an external dataset (train_data) or is mined from a base model "
+                                 "(expert_of), not both", file=source, field=f"models/{name}/train_data")
         base = m["expert_of"]
         if base is not None:
             if not m["expert"]:

@@ -62,7 +62,10 @@ def test_valid_dataset(ext, tmp_path, capsys):
     assert ingest.main(args(ext, out)) == 0
     assert "2 of 3 categories mapped" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["boxes.parquet", "classes.parquet", "images.parquet",
-                                                     "summary.json"]
+                                                     "summary.json", "targets.json"]
+    from stages.formats.experts import read_expert_targets
+
+    assert read_expert_targets(out / "targets.json") == ["/m/cat", "/m/dog"]   # what an expert of it contributes
     boxes = read_table(out / "boxes.parquet", "boxes")
     assert list(boxes["label"]) == ["/m/cat", "/m/dog", "/m/dog"] and list(boxes["image_id"]) == ["e0", "e0", "e2"]
     assert boxes.iloc[0][["x_min", "y_min", "x_max", "y_max"]].tolist() == [0.25, 0.5, 0.75, 1.0]

@@ -31,6 +31,21 @@ TINY = {
 TINY["models"]["tiny_a"]["test_flip"] = True   # auto-ensemble leaves: tiny_a@128, tiny_a@128flip, tiny_b@128
 
 
+def tiny_with_experts() -> dict:
+    """TINY plus an expert mined from tiny_a and an expert of the generator's external COCO-format dataset, both
+    in the naive group `all` (`global` without them); the auto ensemble keeps TINY's leaves."""
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    base = {k: v for k, v in cfg["models"]["tiny_a"].items() if k != "test_flip"}
+    cfg["models"]["tiny_x"] = {**base, "expert": True, "expert_of": "tiny_a", "expert_n_lowest": 2}
+    cfg["models"]["tiny_e"] = {**base, "train_data": "ext", "sampling": "uniform"}
+    cfg["external"] = {"ext": {"instances": "external/instances.json", "images_dir": "external/images",
+                               "label_map": "external/label_map.csv"}}
+    cfg["ensemble"] = {"groups": {"global": ["tiny_a", "tiny_b"], "all": ["tiny_a", "tiny_b", "tiny_x", "tiny_e"]}}
+    cfg["autoensemble"]["leaves"] = {"models": ["tiny_a", "tiny_b"]}
+    cfg["ablation"] = {"models": ["tiny_a", "tiny_b"], "experts_baseline": "global"}
+    return cfg
+
+
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -67,7 +82,7 @@ def command(lines: list[str], stage: str, out: str) -> str:
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     p = tmp_path / "tiny.yaml"
-    p.write_text(yaml.safe_dump(TINY))
+    p.write_text(yaml.safe_dump(tiny_with_experts()))
     return p
 
 
@@ -275,9 +290,24 @@ def test_tiny_end_to_end(tmp_path, tiny_config):
     assert (dets["score"] >= 0).all()   # voting adds 0.05 x the neighbours: scores may pass 1
     metrics = json.loads((tmp_path / "results/metrics.json").read_text())
     names = {(m["stage"], m["variant"], m["name"]) for m in metrics}
-    assert names == {("postprocess", "default", "tiny_a"), ("postprocess", "default", "tiny_b"),
-                     ("ensemble", "default", "all"), ("autoensemble", "default", "search_val_a"),
-                     ("autoensemble", "default", "search_val_b")}
+    assert names == {("postprocess", "default", m) for m in ("tiny_a", "tiny_b", "tiny_x", "tiny_e")} | {
+        ("ensemble", "default", "all"), ("ensemble", "default", "global"), ("autoensemble", "default", "search_val_a"),
+        ("autoensemble", "default", "search_val_b")}
+    # the experts: each scored on its own classes only, contributing its targets only to `all`
+    mined = json.loads((tmp_path / "results/experts/tiny_x.json").read_text())["targets"]
+    ext = json.loads((tmp_path / "results/ingest_external/ext/targets.json").read_text())["targets"]
+    ext_map = pd.read_csv(tmp_path / "data/orchard-mini/external/label_map.csv")
+    assert sorted(ext) == sorted(set(ext_map["mid"]))
+    for name, targets in (("tiny_x", mined), ("tiny_e", ext)):
+        own = json.loads((tmp_path / f"results/evaluate/postprocess/default/{name}/val_a.json").read_text())
+        assert set(own["per_class"]) <= set(targets) | set(json.loads(
+            (tmp_path / "results/experts/tiny_x.json").read_text())["negatives"] if name == "tiny_x" else [])
+    merged = read_table(tmp_path / "results/ensemble/default/all/val_a.parquet", "detections")
+    for name, targets in (("tiny_x", mined), ("tiny_e", ext)):
+        assert set(merged.loc[merged["model"] == name, "label"]) <= set(targets)
+    gain = json.loads((tmp_path / "results/ablation/experts.json").read_text())
+    assert {r["expert"] for r in gain} == {"tiny_x", "tiny_e"}
+    assert {r["label"] for r in gain if r["expert"] == "tiny_e"} <= set(ext) | {"mean"}
     for m in metrics:
         assert 0.0 <= m["val_a"] <= 1.0 and 0.0 <= m["val_b"] <= 1.0
     per_class = json.loads((tmp_path / "results/evaluate/ensemble/default/all/val_a.json").read_text())

@@ -16,7 +16,11 @@ ENV = "../../envs/orchard.yaml"
 shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 DATA = config["dataset"]["dir"]
 MODELS = sorted(config["models"])
-EXPERTS = [m for m in MODELS if config["models"][m]["expert_of"] is not None]
+# expert models: mined from a base model (expert_of) or trained on an external dataset (train_data)
+MINED = [m for m in MODELS if config["models"][m]["expert_of"] is not None]
+EXTERNAL = config["external"]
+FOREIGN = [m for m in MODELS if config["models"][m]["train_data"] is not None]
+EXPERTS = MINED + FOREIGN
 VAL_SPLITS = ["val_a", "val_b"]
 SPLITS = VAL_SPLITS + ["test"]
 SHARDS = config["infer"]["shards"]
@@ -87,6 +91,7 @@ def one_of(names):
 wildcard_constraints:
     model=one_of(MODELS),
     group=one_of(ENSEMBLE_GROUPS),
+    ext=one_of(EXTERNAL) if EXTERNAL else "$^",
     split=one_of(SPLITS),
     shard=r"\d+",
     stage=one_of(SHARDED_STAGES),
@@ -165,10 +170,27 @@ def ensemble_inputs(wildcards):
 
 
 def expert_file(model):
-    """The mined set (experts JSON) of an expert model, None for a global model."""
+    """The classes an expert model contributes, in the mined-set format: its mined set (expert_of), or the
+    label map's classes of its external dataset (train_data); None for a global model."""
+    if model_cfg(model)["train_data"] is not None:
+        return expand(rules.ingest_external.output.targets, ext=model_cfg(model)["train_data"])[0]
     if model_cfg(model)["expert_of"] is None:
         return None
     return expand(rules.experts.output.experts, model=model)[0]
+
+
+def training_tables(wildcards):
+    """The tables a model trains on: the ingested dataset's train split, or all of an external dataset (no
+    split, uniform sampling)."""
+    data = model_cfg(wildcards.model)["train_data"]
+    if data is not None:
+        return {k: expand(getattr(rules.ingest_external.output, k), ext=data)[0] for k in ("images", "boxes")}
+    return {
+        "images": rules.ingest.output.images,
+        "boxes": rules.ingest.output.boxes,
+        "splits": rules.split.output.splits,
+        "sampling": expand(rules.sample.output.weights, method=model_cfg(wildcards.model)["sampling"])[0],
+    }
 
 
 def class_filters(wildcards):
@@ -239,9 +261,9 @@ def named(leaves):
 def expert_leaves():
     """{leaf name: experts JSON} of the leaves of expert models: their class filter in the trees."""
     return {
-        leaf: expand(rules.experts.output.experts, model=name)[0]
+        leaf: expert_file(name)
         for leaf, (stage, _, name) in LEAVES.items()
-        if stage == "postprocess" and model_cfg(name)["expert_of"] is not None
+        if stage == "postprocess" and expert_file(name)
     }
 
 

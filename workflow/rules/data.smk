@@ -74,6 +74,38 @@ rule ingest:
         " --image-check {params.image_check} --workers {threads} --out-dir {params.out:q} > {log:q} 2>&1"
 
 
+rule ingest_external:
+    """An external dataset in COCO format through its label map (paper 7.3): the tables an expert of it trains
+    on, and the classes it contributes (targets.json, in the mined-set format)."""
+    input:
+        instances=lambda wc: f"{DATA}/{EXTERNAL[wc.ext]['instances']}",
+        label_map=lambda wc: f"{DATA}/{EXTERNAL[wc.ext]['label_map']}",
+        classes=raw("classes_csv"),
+    output:
+        boxes="results/ingest_external/{ext}/boxes.parquet",
+        images="results/ingest_external/{ext}/images.parquet",
+        classes="results/ingest_external/{ext}/classes.parquet",
+        targets="results/ingest_external/{ext}/targets.json",
+        summary="results/ingest_external/{ext}/summary.json",
+    log:
+        "logs/ingest_external/{ext}.log",
+    params:
+        images=lambda wc: f"{DATA}/{EXTERNAL[wc.ext]['images_dir']}",
+        image_check=lambda wc: EXTERNAL[wc.ext]["image_check"],
+        missing=lambda wc: EXTERNAL[wc.ext]["missing_images"],
+        out=lambda wc, output: os.path.dirname(output.boxes),
+    threads: RES["ingest"]["threads"]
+    resources:
+        mem_mb=rule_mem("ingest"),
+        runtime=rule_runtime("ingest"),
+    conda:
+        ENV
+    shell:
+        "python -m stages.ingest coco --instances {input.instances:q} --images-dir {params.images:q}"
+        " --label-map {input.label_map:q} --classes-csv {input.classes:q} --image-check {params.image_check}"
+        " --missing-images {params.missing} --workers {threads} --out-dir {params.out:q} > {log:q} 2>&1"
+
+
 rule split:
     input:
         images=rules.ingest.output.images,

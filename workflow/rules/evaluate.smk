@@ -11,7 +11,7 @@ rule evaluate:
         classes=rules.ingest.output.classes,
         splits=rules.split.output.splits,
         # an expert model is scored on the classes it was trained on only (the others are left out, not AP 0)
-        only=lambda wc: expert_classes(wc) if wc.stage == "postprocess" and wc.name in MODELS else [],
+        only=lambda wc: (expert_file(wc.name) or []) if wc.stage == "postprocess" and wc.name in MODELS else [],
     output:
         json="results/evaluate/{stage}/{variant}/{name}/{split}.json",
     log:
@@ -80,7 +80,7 @@ if EXPERTS and config["ablation"]["experts_baseline"]:
         (ablation.experts_baseline) and with them (ablation.group)."""
         input:
             experts=[expert_file(m) for m in EXPERTS],
-            base=[f for m in EXPERTS for f in model_metrics(expert_base(m), VAL_SPLITS)],
+            base=[f for m in MINED for f in model_metrics(expert_base(m), VAL_SPLITS)],
             expert=model_metrics(EXPERTS, VAL_SPLITS),
             before=expand(rules.evaluate.output.json, stage="ensemble", variant="default",
                           name=config["ablation"]["experts_baseline"], split=VAL_SPLITS),
@@ -93,6 +93,8 @@ if EXPERTS and config["ablation"]["experts_baseline"]:
             "logs/ablation_table/experts.log",
         params:
             names=EXPERTS,
+            # an expert of an external dataset has no base model
+            no_base=" ".join("-" for m in FOREIGN for s in VAL_SPLITS),
         conda:
             ENV
         shell:

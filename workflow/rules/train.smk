@@ -52,10 +52,8 @@ rule experts:
 
 rule train:
     input:
-        images=rules.ingest.output.images,
-        boxes=rules.ingest.output.boxes,
-        splits=rules.split.output.splits,
-        sampling=lambda wc: expand(rules.sample.output.weights, method=model_cfg(wc.model)["sampling"]),
+        # images, boxes, splits and sampling weights: the dataset's train split, or an external dataset
+        unpack(training_tables),
         # the k-means anchors file when the model asks for it (none otherwise)
         anchors=lambda wc: (
             expand(rules.anchors.output.anchors, model=wc.model)
@@ -77,7 +75,9 @@ rule train:
         metrics=lambda wc: f"results/train/{wc.model}/metrics.jsonl",
         device=config["device"],
         anchors=lambda wc, input: f"--anchors {input.anchors}" if input.anchors else "",
-        classes=lambda wc, input: f"--classes {input.classes}" if input.classes else "",
+        classes=lambda wc, input: option("--classes", input.classes),
+        splits=lambda wc, input: option("--splits", input.get("splits", [])),
+        sampling=lambda wc, input: option("--sampling", input.get("sampling", [])),
     threads: lambda wc: model_cfg(wc.model)["threads"]
     retries: 1
     resources:
@@ -94,7 +94,7 @@ rule train:
     shell:
         # python, torchrun or srun + torchrun, from the resources (stages/core/launch.py)
         "python -m stages.core.launch {resources.gpu} {resources.nodes} -m stages.train --config {params.cfg:q}"
-        " --images {input.images:q} --boxes {input.boxes:q} --splits {input.splits:q}"
-        " --sampling {input.sampling:q} {params.anchors} {params.classes}"
+        " --images {input.images:q} --boxes {input.boxes:q} {params.splits}"
+        " {params.sampling} {params.anchors} {params.classes}"
         " --device {params.device} --threads {threads} --ckpt-dir {params.ckpt:q} --metrics {params.metrics:q}"
         " --out {output.model:q} > {log:q} 2>&1"
