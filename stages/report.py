@@ -11,6 +11,11 @@ base64 PNG).
          --ablation results/ablation/postprocess.json results/ablation/ensemble.json]
         [--autoensemble results/autoensemble/search_val_a/scores.json ...]
 
+``--experts results/experts/<expert>.json ... [--expert-models results/train/<base>/model.pt ...]`` adds, in the
+HTML, each mined expert set (targets, negatives, how confusion was defined) and per base model the class-by-class
+cosine similarity of its classifier FC weights as a heatmap, the targets and negatives of every set marked (the
+base model's checkpoint: the one given for each experts file, else the file's ``base_model``).
+
 ``--autoensemble`` adds how each auto-ensemble search went (Markdown and HTML) and, in the HTML, its chosen tree
 drawn with every node's mAP; both check the paper's observation that leaves with lower mAP sit deeper (the rank
 correlation of leaf mAP and depth).
@@ -221,6 +226,145 @@ AUTO_NOTE = ("shape = the tree of stage 1 (every node with the default operators
              "paper's observation; NaN: all leaves at one depth)")
 
 
+# ----- expert models ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpertSet:
+    """One mined expert set (``stages.experts``' JSON): the expert's name (the file's stem), its base model's
+    checkpoint, the definition of confusion, targets, negatives and the (target, negative) pairs mined."""
+
+    name: str
+    base_model: str
+    confusion: str
+    targets: tuple[str, ...]
+    negatives: tuple[str, ...]
+    pairs: tuple[tuple[str, str], ...]
+    names: Mapping[str, str] = field(default_factory=dict)
+
+
+def read_expert_set(path: Path, base_model: Path | None = None) -> ExpertSet:
+    """An experts JSON; ``base_model`` overrides the file's ``base_model`` (the checkpoint it was mined from)."""
+    obj = read_json(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("targets"), list) or not obj["targets"]:
+        raise InputError("an experts file needs a non-empty 'targets' list", file=path, field="targets")
+    base = base_model if base_model is not None else obj.get("base_model")
+    if not base:
+        raise InputError("no 'base_model' in the experts file and no --expert-models given", file=path,
+                         field="base_model")
+    sim = obj.get("similarity") or {}
+    if not isinstance(sim, dict) or not all(isinstance(v, dict) for v in sim.values()):
+        raise InputError("'similarity' must map each target to {negative: value}", file=path, field="similarity")
+    pairs = tuple((t, n) for t, near in sim.items() for n in near)
+    return ExpertSet(name=Path(path).stem, base_model=str(base), confusion=str(obj.get("confusion", "cosine")),
+                     targets=tuple(obj["targets"]), negatives=tuple(obj.get("negatives", [])), pairs=pairs,
+                     names=dict(obj.get("names") or {}))
+
+
+def heatmap_classes(labels: Sequence[str], sets: Sequence[ExpertSet], *, max_classes: int) -> list[str]:
+    """The classes a cosine heatmap shows: all of ``labels`` when there are at most ``max_classes``, else only
+    the targets and negatives of ``sets`` (in ``labels`` order)."""
+    if len(labels) <= max_classes:
+        return list(labels)
+    mined = {c for s in sets for c in (*s.targets, *s.negatives)}
+    return [c for c in labels if c in mined]
+
+
+_SET_STYLES = [("s", "black"), ("o", "lime"), ("D", "magenta"), ("^", "orange"), ("v", "cyan")]
+
+
+def expert_heatmap(*, cosine: np.ndarray, labels: Sequence[str], sets: Sequence[ExpertSet],
+                   names: Mapping[str, str] | None = None, max_classes: int = 50, title: str = "") -> tuple[bytes, str]:
+    """Heatmap of a base model's class-by-class classifier FC weight cosine ``[C, C]`` (``labels`` in row order),
+    class names on the axes; each set's (target, negative) cells carry a marker of its own, target names are red
+    and bold, negative names blue. Returns (PNG bytes, caption)."""
+    from matplotlib.figure import Figure
+
+    names = dict(names or {})
+    for s in sets:
+        names = {**s.names, **names}
+    shown = heatmap_classes(labels, sets, max_classes=max_classes)
+    pos = {c: i for i, c in enumerate(labels)}
+    idx = np.asarray([pos[c] for c in shown], dtype=np.int64)
+    cos = np.asarray(cosine, dtype=np.float64)[np.ix_(idx, idx)]
+    n = len(shown)
+    side = max(4.0, 1.5 + 0.28 * n)
+    fig = Figure(figsize=(side + 1.5, side + 0.3 * len(sets)), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(cos, cmap="coolwarm", vmin=-1, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine of classifier FC weights")
+    at = {c: i for i, c in enumerate(shown)}
+    for k, s in enumerate(sets):
+        marker, color = _SET_STYLES[k % len(_SET_STYLES)]
+        cells = [(at[t], at[c]) for t, c in s.pairs if t in at and c in at]
+        diag = [at[t] for t in s.targets if t in at]
+        label = f"{s.name} ({s.confusion}): target rows × negative columns; targets ★ on the diagonal"
+        ax.scatter([c for _, c in cells], [r for r, _ in cells], marker=marker, s=60, facecolors="none",
+                   edgecolors=color, linewidths=1.5, label=label)
+        ax.scatter(diag, diag, marker="*", s=80, color=color)
+    targets = {t for s in sets for t in s.targets}
+    negatives = {c for s in sets for c in s.negatives} - targets
+    ticks = [names.get(c, c) for c in shown]
+    fs = 8 if n <= 30 else 6
+    ax.set_xticks(np.arange(n), ticks, rotation=90, fontsize=fs)
+    ax.set_yticks(np.arange(n), ticks, fontsize=fs)
+    for axis in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for c, lab in zip(shown, axis):
+            if c in targets:
+                lab.set_color("red")
+                lab.set_fontweight("bold")
+            elif c in negatives:
+                lab.set_color("blue")
+    if sets:
+        fig.legend(loc="outside lower center", fontsize=8)
+    ax.set_title(title or "classifier FC weight cosine")
+    caption = (f"{n} classes" if n == len(labels) else
+               f"the {n} mined classes of {len(labels)} (more than {max_classes})")
+    caption += "; targets red, negatives blue; each set's (target, negative) pairs marked"
+    return _png(fig), caption
+
+
+@dataclass(frozen=True)
+class ExpertView:
+    """One base model's heatmap and the expert sets mined from it."""
+
+    base_model: str
+    sets: tuple[ExpertSet, ...]
+    png: bytes
+    caption: str
+
+
+def expert_views(sets: Sequence[ExpertSet], *, names: Mapping[str, str] | None = None, max_classes: int = 50
+                 ) -> list[ExpertView]:
+    """One heatmap per base model (its checkpoint read once) with every set mined from it."""
+    from stages.experts import cosine_matrix, load_classifier
+
+    by_base: dict[str, list[ExpertSet]] = {}
+    for s in sets:
+        by_base.setdefault(s.base_model, []).append(s)
+    out = []
+    for base, mine in by_base.items():
+        labels, weight = load_classifier(base)
+        unknown = sorted({c for s in mine for c in (*s.targets, *s.negatives)} - set(labels))
+        if unknown:
+            raise InputError(f"class {unknown[0]!r} of expert {mine[0].name!r} is not a class of its base model",
+                             file=base, field="labels")
+        png, caption = expert_heatmap(cosine=cosine_matrix(weight), labels=labels, sets=mine, names=names,
+                                      max_classes=max_classes, title=f"{base}: classifier FC weight cosine")
+        out.append(ExpertView(base_model=base, sets=tuple(mine), png=png, caption=caption))
+    return out
+
+
+def experts_frame(views: Sequence[ExpertView], names: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per expert set: expert, base model, confusion, targets and negatives (display names)."""
+    rows = []
+    for v in views:
+        for s in v.sets:
+            nm = {**s.names, **(names or {})}
+            rows.append({"expert": s.name, "base_model": v.base_model, "confusion": s.confusion,
+                         "targets": ", ".join(nm.get(c, c) for c in s.targets),
+                         "negatives": ", ".join(nm.get(c, c) for c in s.negatives) or "(none)"})
+    return pd.DataFrame(rows, columns=["expert", "base_model", "confusion", "targets", "negatives"])
+
+
 # ----- plots (matplotlib without pyplot: no global state) ---------------------------------------------------
 def _png(fig) -> bytes:
     buf = io.BytesIO()
@@ -355,7 +499,8 @@ def _table(df: pd.DataFrame, cls: str) -> str:
 
 def build_html(*, metrics: pd.DataFrame, per_class: pd.DataFrame,
                ablations: Mapping[str, pd.DataFrame] | None = None, samples: Sequence[Samples] = (),
-               searches: Sequence[AutoSearch] = (), title: str = "Orchard report", max_classes: int = 50) -> str:
+               searches: Sequence[AutoSearch] = (), experts: Sequence[ExpertView] = (),
+               names: Mapping[str, str] | None = None, title: str = "Orchard report", max_classes: int = 50) -> str:
     """The report as one self-contained HTML page (charts and images inline)."""
     e = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
@@ -381,6 +526,12 @@ def build_html(*, metrics: pd.DataFrame, per_class: pd.DataFrame,
             parts.append(f"<figure style='max-width:none'>{img_tag(png, f'{a.name} tree')}<figcaption>"
                          f"{e(a.name)}: each vertex with its mAP on {e(a.scores['search_split'])} (searched) / "
                          f"{e(a.scores['check_split'])} (checked)</figcaption></figure>")
+
+    if experts:
+        parts.append("<h2 id='experts'>Expert models</h2>" + _table(experts_frame(experts, names), "experts"))
+        for v in experts:
+            parts.append(f"<figure style='max-width:none'>{img_tag(v.png, f'{v.base_model} FC cosine')}"
+                         f"<figcaption>{e(v.base_model)}: {e(v.caption)}</figcaption></figure>")
 
     table = class_ap_table(per_class)
     if len(table):
@@ -423,6 +574,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--ablation", type=Path, nargs="*", default=[], help="ablation tables (TSV, CSV or JSON)")
     p.add_argument("--autoensemble", type=Path, nargs="*", default=[],
                    help="scores JSONs of auto-ensemble searches (stages.autoensemble search --scores)")
+    p.add_argument("--experts", type=Path, nargs="*", default=[],
+                   help="experts JSONs (stages.experts): their sets and the base models' FC-weight cosine heatmaps")
+    p.add_argument("--expert-models", type=Path, nargs="*", default=[],
+                   help="the base model checkpoint of each --experts file, in order (default: its base_model)")
     p.add_argument("--detections", type=Path, nargs="*", default=[], help="detection files to draw samples of")
     p.add_argument("--images", type=Path, nargs="*", default=[], help="images tables (labelled and test)")
     p.add_argument("--boxes", type=Path, help="ground-truth boxes table (drawn dashed on the samples)")
@@ -434,6 +589,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = p.parse_args(argv)
     if not (a.out_json or a.out_md or a.out_html):
         p.error("give at least one of --out-json, --out-md, --out-html")
+    if a.expert_models and len(a.expert_models) != len(a.experts):
+        p.error(f"--expert-models gives {len(a.expert_models)} checkpoints for {len(a.experts)} --experts files")
     df = metrics_frame(a.metrics)
     searches = [read_auto_search(x) for x in a.autoensemble]
     md = to_markdown(df)
@@ -457,8 +614,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                                         names=names, n=a.samples, score_thr=a.score_thr,
                                         source=", ".join(map(str, a.images))))
         ablations = {x.stem: read_ablation(x) for x in a.ablation}
+        sets = [read_expert_set(x, m) for x, m in zip(a.experts, a.expert_models or [None] * len(a.experts))]
+        views = expert_views(sets, names=names, max_classes=a.max_classes) if sets else []
         page = build_html(metrics=df, per_class=per_class_frame(a.metrics), ablations=ablations,
-                          samples=samples, searches=searches, title=a.title, max_classes=a.max_classes)
+                          samples=samples, searches=searches, experts=views, names=names, title=a.title,
+                          max_classes=a.max_classes)
         write_text(a.out_html, page)
         log.info("wrote %s (%d KiB)", a.out_html, len(page) // 1024)
     print(md)

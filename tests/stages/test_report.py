@@ -4,13 +4,17 @@ and a self-contained HTML page with the tables, charts and sample drawings embed
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from PIL import Image
 
-from stages import autoensemble, evaluate, ingest, report
+from stages import autoensemble, evaluate, experts, ingest, report
 from stages.formats.io import read_table, write_table
 from tests.conftest import ingest_args, write_tiny_dataset
 
@@ -247,4 +251,97 @@ def test_bad_input_exits_2(results, tmp_path, capsys, case):
 def test_needs_an_output(results):
     with pytest.raises(SystemExit) as e:
         report.main(["--metrics", str(results["metrics"][0])])
+    assert e.value.code == 2
+
+
+# ----- expert models ------------------------------------------------------------------------------------------
+#: a base model's classifier over car, cat, dog (the checkpoint's sorted labels): cat and dog nearly parallel,
+#: car opposite to both
+FC = np.array([[0.0, 0.0, 1.0], [-1.0, 0.1, 0.0], [1.0, 0.0, 0.0], [0.95, 0.2, 0.0]])
+
+
+@pytest.fixture
+def mined(results, tmp_path) -> dict:
+    """A base-model checkpoint and the expert set mined from it by stages.experts (its val_a AP: model b's)."""
+    state = {"roi_heads.box_predictor.cls_score.weight": torch.tensor(FC, dtype=torch.float32)}
+    torch.save({"model": state, "labels": ["/m/car", "/m/cat", "/m/dog"]}, tmp_path / "base.pt")
+    metrics = next(p for p in results["metrics"] if p.parts[-4:] == ("postprocess", "default", "b", "val_a.json"))
+    out = tmp_path / "experts" / "b_expert.json"
+    assert experts.main(["--model", str(tmp_path / "base.pt"), "--metrics", str(metrics), "--n-lowest", "1",
+                         "--sim-thr", "0.5", "--classes", str(results["ingest"] / "classes.parquet"),
+                         "--out", str(out)]) == 0
+    return {"model": tmp_path / "base.pt", "experts": out, "set": json.loads(out.read_text())}
+
+
+def test_expert_heatmap_in_the_html(results, mined, tmp_path):
+    # model b misses img0's cat: Cat is the target, Dog (cosine 0.98) its negative, Car (cosine -1) is not
+    assert mined["set"]["targets"] == ["/m/cat"] and mined["set"]["negatives"] == ["/m/dog"]
+    out = tmp_path / "r.html"
+    assert report.main(["--metrics", *map(str, results["metrics"]), "--out-html", str(out),
+                        "--classes", str(results["ingest"] / "classes.parquet"),
+                        "--experts", str(mined["experts"]), "--expert-models", str(mined["model"])]) == 0
+    page = out.read_text()
+    assert "<h2 id='experts'>Expert models</h2>" in page
+    assert "<td>b_expert</td>" in page and "<td>cosine</td>" in page and "<td>Cat</td>" in page
+    assert "<td>Dog</td>" in page
+    imgs = dict(_imgs(page))
+    png = imgs[f"{mined['model']} FC cosine"]
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    # a real heatmap: red cells (cat/dog, the diagonal) and blue ones (car against cat and dog)
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    red = (rgb[..., 0] > 150) & (rgb[..., 2] < 90)
+    blue = (rgb[..., 2] > 150) & (rgb[..., 0] < 90)
+    assert red.sum() > 500 and blue.sum() > 500
+    # without --expert-models the file's base_model is read: the same page
+    out2 = tmp_path / "r2.html"
+    assert report.main(["--metrics", *map(str, results["metrics"]), "--out-html", str(out2),
+                        "--classes", str(results["ingest"] / "classes.parquet"),
+                        "--experts", str(mined["experts"])]) == 0
+    assert dict(_imgs(out2.read_text()))[f"{mined['model']} FC cosine"] == png
+
+
+def test_expert_sets_over_one_base_and_the_classes_shown(mined):
+    s = report.read_expert_set(mined["experts"])
+    assert (s.name, s.base_model, s.targets, s.negatives, s.pairs) == (
+        "b_expert", str(mined["model"]), ("/m/cat",), ("/m/dog",), (("/m/cat", "/m/dog"),))
+    assert s.names == {"/m/cat": "Cat", "/m/dog": "Dog"}
+    other = report.ExpertSet("e2", s.base_model, "siblings", ("/m/car",), (), ())
+    views = report.expert_views([s, other], max_classes=50)
+    assert len(views) == 1 and [x.name for x in views[0].sets] == ["b_expert", "e2"]   # one heatmap per base
+    assert views[0].caption.startswith("3 classes")
+    labels = [f"/m/c{i}" for i in range(10)]
+    big = report.ExpertSet("e", "m.pt", "cosine", ("/m/c7",), ("/m/c2",), (("/m/c7", "/m/c2"),))
+    assert report.heatmap_classes(labels, [big], max_classes=10) == labels
+    assert report.heatmap_classes(labels, [big], max_classes=9) == ["/m/c2", "/m/c7"]
+    cos = experts.cosine_matrix(np.vstack([np.zeros(10), np.eye(10)]))
+    png, caption = report.expert_heatmap(cosine=cos, labels=labels, sets=[big], max_classes=9)
+    assert caption.startswith("the 2 mined classes of 10") and png.startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("no_base", "field 'base_model': no 'base_model' in the experts file"),
+    ("empty", "field 'targets': an experts file needs a non-empty 'targets' list"),
+    ("unknown_class", "field 'labels': class '/m/zebra' of expert 'x' is not a class of its base model"),
+    ("not_a_model", "not a stages.train checkpoint"),
+])
+def test_bad_expert_input_exits_2(results, mined, tmp_path, capsys, case, msg):
+    obj = dict(mined["set"])
+    model = mined["model"]
+    if case == "no_base":
+        del obj["base_model"]
+    elif case == "empty":
+        obj["targets"] = []
+    elif case == "unknown_class":
+        obj["negatives"] = ["/m/zebra"]
+    else:
+        torch.save({"weights": 1}, tmp_path / "bad.pt")
+        obj["base_model"] = str(tmp_path / "bad.pt")
+    (tmp_path / "x.json").write_text(json.dumps(obj))
+    assert report.main(["--metrics", *map(str, results["metrics"]), "--out-html", str(tmp_path / "r.html"),
+                        "--experts", str(tmp_path / "x.json")]) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+    with pytest.raises(SystemExit) as e:    # one checkpoint per experts file, or none
+        report.main(["--metrics", *map(str, results["metrics"]), "--out-html", str(tmp_path / "r.html"),
+                     "--experts", str(mined["experts"]), str(mined["experts"]), "--expert-models", str(model)])
     assert e.value.code == 2

@@ -71,7 +71,8 @@ def test_background_row_is_ignored():
     w[0] = [0, 0, 5]
     ap = {c: 0.5 for c in LABELS} | {"/m/d": 0.0}
     out = experts.mine_experts(ap=ap, fc_weight=w, labels=LABELS, n_lowest=1, sim_thr=0.5)
-    assert out == {"targets": ["/m/d"], "negatives": [], "similarity": {"/m/d": {}}}
+    assert out == {"confusion": "cosine", "targets": ["/m/d"], "negatives": [], "similarity": {"/m/d": {}},
+                   "nearest_cosine": {}, "nearest_target": {}}
     with pytest.raises(ValueError, match="C\\+1"):
         experts.mine_experts(ap=ap, fc_weight=W[1:], labels=LABELS, n_lowest=1, sim_thr=0.5)
 

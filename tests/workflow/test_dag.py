@@ -170,6 +170,8 @@ def test_autoensemble_rules(tmp_path, mode):
     sub = next(x for x in lines if "-m stages.submit" in x)
     source = "autoensemble/default/search_val_a" if auto else "ensemble/default/all"
     assert f"--detections results/{source}/test.parquet" in sub
+    # no expert model: the report draws no FC-weight heatmap
+    assert "--experts" not in next(x for x in lines if "-m stages.report" in x and "--out-html" in x)
     # the auto ensemble in the metrics, the ensemble ablation (with the naive baseline) and the report
     table = next(x for x in lines if "--out-md results/ablation/ensemble.md" in x)
     assert ("results/evaluate/ensemble/default/all/val_b.json results/evaluate/autoensemble/default/search_val_a/"
@@ -219,6 +221,28 @@ def test_the_default_run_has_an_expert_mined_trained_scored_and_merged(tmp_path)
     assert "--class-filters" not in command(lines, "ensemble", "results/ensemble/default/global/val_a/shard0.parquet")
     search = next(line for line in lines if "--out-tree results/autoensemble/search_val_a/tree.json" in line)
     assert f"--leaf-classes {x}" in search
+
+
+def test_expert_mining_definitions_and_the_report(tmp_path):
+    """expert_confusion reaches the experts rule; the matrix definition adds its base model's post-processed val_a
+    detections, the ground truth and the splits (only it); the report gets each expert set and base model."""
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["models"]["tiny_x"] = {**cfg["models"]["tiny_a"], "expert": True, "expert_of": "tiny_a",
+                               "expert_confusion": "siblings"}
+    cfg["models"]["tiny_y"] = {**cfg["models"]["tiny_b"], "expert": True, "expert_of": "tiny_b",
+                               "expert_confusion": "matrix", "expert_confusion_thr": 0.2,
+                               "expert_confusion_score_thr": 0.4}
+    _, lines = dry_run(tmp_path, cfg, "results/report.html")
+    x = command(lines, "experts", "results/experts/tiny_x.json")
+    assert "--classes results/ingest/classes.parquet" in x and "--confusion siblings" in x
+    assert "--detections" not in x and "--confusion-thr" not in x
+    y = command(lines, "experts", "results/experts/tiny_y.json")
+    assert ("--confusion matrix --sim-thr 0.3 --detections results/postprocess/default/tiny_b/val_a.parquet"
+            " --boxes results/ingest/boxes.parquet --splits results/split/splits.parquet --split val_a"
+            " --confusion-thr 0.2 --confusion-score-thr 0.4") in y
+    rep = next(x for x in lines if "-m stages.report" in x and "--out-html" in x)
+    assert ("--experts results/experts/tiny_x.json results/experts/tiny_y.json"
+            " --expert-models results/train/tiny_a/model.pt results/train/tiny_b/model.pt") in rep
 
 
 @pytest.mark.parametrize("auto, field, msg", [

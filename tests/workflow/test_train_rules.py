@@ -50,7 +50,8 @@ def test_dry_run_wires_an_expert_model(tmp_path: Path):
     assert len(mine) == 1
     assert "--model results/train/tiny_a/model.pt" in mine[0]
     assert "--metrics results/evaluate/postprocess/default/tiny_a/val_a.json" in mine[0]
-    assert "--n-lowest 2 --sim-thr 0.4" in mine[0] and "--out results/experts/tiny_x.json" in mine[0]
+    assert "--n-lowest 2 --confusion cosine --sim-thr 0.4" in mine[0]
+    assert "--out results/experts/tiny_x.json" in mine[0]
     train_x = next(x for x in lines if "stages.train" in x and "tiny_x/model.pt" in x)
     train_a = next(x for x in lines if "stages.train" in x and "tiny_a/model.pt" in x)
     assert "--classes results/experts/tiny_x.json" in train_x and "--classes" not in train_a

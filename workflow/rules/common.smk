@@ -129,6 +129,22 @@ def expert_classes(wildcards):
     return expand(rules.experts.output.experts, model=model)
 
 
+def expert_confusion_inputs(wildcards):
+    """What an expert model with `expert_confusion` matrix mines from besides the checkpoint: its base model's
+    post-processed val_a detections, the ground-truth boxes and the splits (in this order); nothing otherwise."""
+    if model_cfg(wildcards.model)["expert_confusion"] != "matrix":
+        return []
+    base = expert_base(wildcards.model)
+    dets = expand(rules.gather.output.dets, stage="postprocess", variant="default", name=base, split="val_a")
+    return [*dets, rules.ingest.output.boxes, rules.split.output.splits]
+
+
+def expert_models():
+    """The expert models (`expert_of` set) and their base models, in the same order."""
+    experts = [m for m in MODELS if model_cfg(m)["expert_of"] is not None]
+    return experts, [model_cfg(m)["expert_of"] for m in experts]
+
+
 def train_json(wildcards):
     """What training reads of a model's section (its `x-reads: train` keys) as JSON: the train rule's parameter,
     so a change of any other key (inference, experts, resources) retrains nothing."""

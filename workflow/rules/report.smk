@@ -1,6 +1,6 @@
 # The HTML report: mAP per model and stage on val_a / val_b, per-class AP, sample images of the detections that
 # make the submission (val_a with its ground truth dashed, and test), the ablation tables, the auto ensemble's
-# trees drawn with each node's mAP.
+# trees drawn with each node's mAP, and the expert models' mined sets over their base models' FC-weight cosines.
 
 
 rule report:
@@ -14,10 +14,20 @@ rule report:
         test_images=rules.ingest.output.test_images,
         boxes=rules.ingest.output.boxes,
         classes=rules.ingest.output.classes,
+        # expert models (expert_of set): their mined sets and base models (the FC-weight cosine heatmaps)
+        experts=expand(rules.experts.output.experts, model=expert_models()[0]),
+        expert_models=expand(rules.train.output.model, model=expert_models()[1]),
     output:
         html="results/report.html",
     log:
         "logs/report.log",
+    params:
+        experts=lambda wc, input: (
+            f"--experts {' '.join(map(shlex.quote, input.experts))}"
+            f" --expert-models {' '.join(map(shlex.quote, input.expert_models))}"
+            if input.experts
+            else ""
+        ),
     threads: RES["report"]["threads"]
     resources:
         mem_mb=rule_mem("report"),
@@ -27,4 +37,4 @@ rule report:
     shell:
         "python -m stages.report --metrics {input.metrics:q} --ablation {input.ablation:q} --detections {input.dets:q}"
         " --images {input.images:q} {input.test_images:q} --boxes {input.boxes:q} --classes {input.classes:q}"
-        " --autoensemble {input.trees:q} --out-html {output.html:q} > {log:q} 2>&1"
+        " --autoensemble {input.trees:q} {params.experts} --out-html {output.html:q} > {log:q} 2>&1"

@@ -35,18 +35,31 @@ rule experts:
         # the base model's per-class AP on val_a (after post-processing)
         metrics=lambda wc: model_metrics(expert_base(wc.model), "val_a"),
         hierarchy=rules.ingest.output.hierarchy,
+        classes=rules.ingest.output.classes,
+        # expert_confusion: matrix reads the base model's post-processed val_a detections and the ground truth
+        confusion=expert_confusion_inputs,
     output:
         experts="results/experts/{model}.json",
     log:
         "logs/experts/{model}.log",
     params:
         n_lowest=lambda wc: model_cfg(wc.model)["expert_n_lowest"],
+        confusion=lambda wc: model_cfg(wc.model)["expert_confusion"],
         sim_thr=lambda wc: model_cfg(wc.model)["expert_sim_thr"],
+        matrix=lambda wc, input: (
+            f"--detections {shlex.quote(input.confusion[0])} --boxes {shlex.quote(input.confusion[1])}"
+            f" --splits {shlex.quote(input.confusion[2])} --split val_a"
+            f" --confusion-thr {model_cfg(wc.model)['expert_confusion_thr']}"
+            f" --confusion-score-thr {model_cfg(wc.model)['expert_confusion_score_thr']}"
+            if input.confusion
+            else ""
+        ),
     conda:
         ENV
     shell:
         "python -m stages.experts --model {input.model:q} --metrics {input.metrics:q}"
-        " --hierarchy {input.hierarchy:q} --n-lowest {params.n_lowest} --sim-thr {params.sim_thr}"
+        " --hierarchy {input.hierarchy:q} --classes {input.classes:q} --n-lowest {params.n_lowest}"
+        " --confusion {params.confusion} --sim-thr {params.sim_thr} {params.matrix}"
         " --out {output.experts:q} > {log:q} 2>&1"
 
 
