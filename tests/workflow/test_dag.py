@@ -216,7 +216,14 @@ def test_the_default_run_has_an_expert_mined_trained_scored_and_merged(tmp_path)
     ev = command(lines, "evaluate", f"results/evaluate/postprocess/default/{x}/val_b.json")
     assert f"--only-classes results/experts/{x}.json" in ev
     group = cfg["ensemble"]["groups"]["all"]
-    filters = " ".join(f"results/experts/{m}.json" if m in experts else "-" for m in group)
+    def contributes(m):
+        c = cfg["models"][m]
+        if c.get("train_data"):
+            return f"results/ingest_external/{c['train_data']}/targets.json"
+        return f"results/experts/{m}.json" if m in experts else "-"
+
+    filters = " ".join(contributes(m) for m in group)
+    assert any(cfg["models"][m].get("train_data") for m in group), "no external-dataset expert in `all`"
     assert f"--class-filters {filters} " in command(lines, "ensemble", "results/ensemble/default/all/val_a/shard0.parquet")
     assert "--class-filters" not in command(lines, "ensemble", "results/ensemble/default/global/val_a/shard0.parquet")
     search = next(line for line in lines if "--out-tree results/autoensemble/search_val_a/tree.json" in line)

@@ -139,12 +139,6 @@ def expert_confusion_inputs(wildcards):
     return [*dets, rules.ingest.output.boxes, rules.split.output.splits]
 
 
-def expert_models():
-    """The expert models (`expert_of` set) and their base models, in the same order."""
-    experts = [m for m in MODELS if model_cfg(m)["expert_of"] is not None]
-    return experts, [model_cfg(m)["expert_of"] for m in experts]
-
-
 def train_json(wildcards):
     """What training reads of a model's section (its `x-reads: train` keys) as JSON: the train rule's parameter,
     so a change of any other key (inference, experts, resources) retrains nothing."""

@@ -15,8 +15,8 @@ rule report:
         boxes=rules.ingest.output.boxes,
         classes=rules.ingest.output.classes,
         # expert models (expert_of set): their mined sets and base models (the FC-weight cosine heatmaps)
-        experts=expand(rules.experts.output.experts, model=expert_models()[0]),
-        expert_models=expand(rules.train.output.model, model=expert_models()[1]),
+        experts=expand(rules.experts.output.experts, model=MINED),
+        expert_models=[expand(rules.train.output.model, model=expert_base(m))[0] for m in MINED],
     output:
         html="results/report.html",
     log:
