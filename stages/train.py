@@ -2,7 +2,14 @@
 
 Progress (epoch, iteration, loss, images/s, ETA) goes to the log every ``--log-every`` iterations and one
 JSON line per logged step to ``metrics.jsonl``. A killed run resumes from its last complete epoch checkpoint
-(checkpoints whose config hash differs are ignored, so a changed config never resumes stale weights).
+(checkpoints whose config hash differs are ignored, so a changed config never resumes stale weights). After
+each epoch the older checkpoints are pruned: the latest stays complete (model + optimiser, the resume point),
+those of the ``average_epochs`` window keep their weights only, the others are deleted.
+
+Each epoch's sample is planned from the seed and the epoch (:class:`PlanSampler`, a batch sampler); with
+``--workers W`` W DataLoader processes decode and augment it (each sample's randomness comes from the seed, the
+epoch and its position, so the result does not depend on W) while this process moves batches to the device
+and steps.
 
 The same command trains on N processes under ``torchrun --nproc_per_node N`` (gloo on CPU, NCCL on GPU,
 DistributedDataParallel): every rank plans the same per-epoch sample from the seed and takes its share of each
@@ -19,10 +26,10 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -67,20 +74,51 @@ def _ckpt_path(out_dir: Path, epoch: int) -> Path:
     return out_dir / f"epoch_{epoch:03d}.pt"
 
 
-def find_resume(out_dir: Path, chash: str) -> Path | None:
+def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """The epoch checkpoints in ``out_dir`` as (0-based epoch, path), oldest first."""
     found = []
     for p in out_dir.glob("epoch_*.pt"):
         m = re.fullmatch(r"epoch_(\d+)\.pt", p.name)
         if m:
             found.append((int(m.group(1)), p))
-    for _, p in sorted(found, reverse=True):
+    return sorted(found)
+
+
+def find_resume(out_dir: Path, chash: str) -> Path | None:
+    """The newest checkpoint of config hash ``chash`` that holds the optimiser state (one to resume from)."""
+    for _, p in reversed(_checkpoints(out_dir)):
         try:
             meta = torch.load(p, map_location="cpu", weights_only=False)
         except Exception:  # a checkpoint that does not load is skipped  # noqa: BLE001
             continue
-        if meta.get("config_hash") == chash:
+        if meta.get("config_hash") == chash and meta.get("optimizer") is not None:
             return p
     return None
+
+
+def prune_checkpoints(out_dir: Path, *, latest: int, keep: Collection[int]) -> None:
+    """Retention after epoch ``latest``'s checkpoint was written: that one stays complete (model, optimiser:
+    the resume point); of the older ones, the epochs in ``keep`` (0-based; the ``average_epochs`` window) are
+    cut down to their weights and metadata (rewritten atomically, the optimiser and scaler state dropped) and
+    the others deleted. Checkpoints of later epochs (another config's, which this run will overwrite) are
+    left alone."""
+    for epoch, p in _checkpoints(out_dir):
+        if epoch >= latest:
+            continue
+        if epoch not in keep:
+            p.unlink()
+            continue
+        state = torch.load(p, map_location="cpu", weights_only=False)
+        if state.get("optimizer") is None and state.get("scaler") is None:
+            continue
+        with atomic_path(p) as tmp:
+            torch.save({**state, "optimizer": None, "scaler": None}, tmp)
+
+
+def average_window(cfg: Mapping[str, Any]) -> set[int]:
+    """The 0-based epochs whose checkpoints the output model averages (``average_epochs: [a, b]``, 1-based)."""
+    avg = cfg["average_epochs"]
+    return set() if avg is None else set(range(avg[0] - 1, avg[1]))
 
 
 def plan_epoch(*, rng: np.random.Generator, n: int, batch_size: int, draw: SamplingDraw, class_first: bool,
@@ -137,57 +175,132 @@ def _all_finite(loss: torch.Tensor, world: int) -> bool:
     return bad.item() == 0
 
 
+class PlanItem(NamedTuple):
+    """One sample of an epoch's plan: position ``j`` of epoch ``epoch``'s plan, the image position ``image`` in
+    the dataset, the class drawn for it (-1: none) and whether it is flipped."""
+
+    epoch: int
+    j: int
+    image: int
+    cls: int
+    flip: bool
+
+
+class PlanSampler(torch.utils.data.Sampler):
+    """The training sample as a batch sampler: per iteration, this rank's ``batch_size`` positions of the
+    epoch's plan (:func:`plan_epoch`, drawn from the seed and the epoch alone, the same on every rank), as
+    :class:`PlanItem` s; iteration ``k`` of rank ``r`` takes positions ``k * B + r * batch_size ...`` of the
+    global batch of ``B = batch_size * world``. Call :meth:`set_epoch` before iterating."""
+
+    def __init__(self, draw: SamplingDraw, *, seed: int, iters: int, batch_size: int, class_first: bool,
+                 full_class_batch: bool, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        self.draw, self.seed, self.iters, self.batch_size = draw, seed, iters, batch_size
+        self.class_first, self.full_class_batch = class_first, full_class_batch
+        self.rank, self.world = rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Epoch ``epoch``'s whole plan (every rank's samples): (image positions, classes, flips)."""
+        global_bs = self.batch_size * self.world
+        return plan_epoch(rng=np.random.default_rng([self.seed, epoch]), n=self.iters * global_bs,
+                          batch_size=global_bs, draw=self.draw, class_first=self.class_first,
+                          full_class_batch=self.full_class_batch)
+
+    def __len__(self) -> int:
+        return self.iters
+
+    def __iter__(self) -> Iterator[list[PlanItem]]:
+        epoch = self.epoch
+        order, classes, flips = self.plan(epoch)
+        global_bs = self.batch_size * self.world
+        for k in range(self.iters):
+            first = k * global_bs + self.rank * self.batch_size
+            yield [PlanItem(epoch, j, int(order[j]), int(classes[j]), bool(flips[j]))
+                   for j in range(first, first + self.batch_size)]
+
+
+class TrainingSet(torch.utils.data.Dataset):
+    """Decoding and augmentation of one :class:`PlanItem` (in a DataLoader worker or in the training process):
+    the image and its target, after the elaborate augmentation (if on; its randomness comes from
+    ``np.random.default_rng([seed, epoch, j])`` alone) and the plan's flip. Nothing here touches torch's or
+    numpy's global random state, so a sample does not depend on the process or the worker that makes it."""
+
+    def __init__(self, ds: DetectionDataset, *, seed: int, elaborate: bool, stats: AugmentStats | None,
+                 rotate_std: Sequence[float] = (3.0, 10.0), max_pixels: int = 1_000_000):
+        if elaborate and stats is None:
+            raise ValueError("the elaborate augmentation needs the dataset's box statistics")
+        self.ds, self.seed, self.elaborate, self.stats = ds, seed, elaborate, stats
+        self.rotate_std, self.max_pixels = tuple(rotate_std), max_pixels
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, item: PlanItem) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        img, tgt = self.ds[item.image]
+        if self.elaborate:
+            img, b, lab = elaborate_augment(
+                img, tgt["boxes"], tgt["labels"], cls=item.cls, stats=self.stats,
+                rng=np.random.default_rng([self.seed, item.epoch, item.j]),
+                rotate_std=self.rotate_std, max_pixels=self.max_pixels)
+            tgt = {"boxes": b, "labels": lab}
+        if item.flip:
+            img, tgt = hflip(img, tgt)
+        return img, tgt
+
+
 @dataclass
-class Sampler:
-    """The training images (sorted by id) and how an epoch's sample is drawn from them and augmented."""
+class TrainingData:
+    """The training images (sorted by id), the sampler that draws each epoch's batches from them and the
+    dataset that decodes and augments a drawn sample."""
 
-    cfg: Mapping[str, Any]
-    ds: DetectionDataset
-    draw: SamplingDraw                   # the sample stage's (image, class) pairs and their probabilities
-    class_first: bool
-    elaborate: bool
-    stats: AugmentStats | None           # elaborate augmentation: the dataset's box statistics
+    dataset: TrainingSet
+    sampler: PlanSampler
 
-    def plan(self, epoch: int, *, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Epoch ``epoch``'s sample of ``n`` images in global batches of ``batch_size`` (:func:`plan_epoch`),
-        drawn from the seed and the epoch alone (the same on every rank)."""
-        return plan_epoch(rng=np.random.default_rng([self.cfg["seed"], epoch]), n=n, batch_size=batch_size,
-                          draw=self.draw, class_first=self.class_first,
-                          full_class_batch=self.cfg["full_class_batch"])
-
-    def batch(self, plan: tuple[np.ndarray, np.ndarray, np.ndarray], positions: range, *, epoch: int,
-              device: torch.device) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """The (image, target) pairs at ``positions`` of an epoch's plan, augmented, on ``device``."""
-        order, classes, flips = plan
-        batch = []
-        for j in positions:
-            img, tgt = self.ds[int(order[j])]
-            if self.elaborate:
-                img, b, lab = elaborate_augment(
-                    img, tgt["boxes"], tgt["labels"], cls=int(classes[j]), stats=self.stats,
-                    rng=np.random.default_rng([self.cfg["seed"], epoch, j]),
-                    rotate_std=tuple(self.cfg["aug_rotate_std"]), max_pixels=self.cfg["aug_max_pixels"])
-                tgt = {"boxes": b, "labels": lab}
-            if flips[j]:
-                img, tgt = hflip(img, tgt)
-            batch.append((img.to(device), {n: v.to(device) for n, v in tgt.items()}))
-        return batch
+    def loader(self, *, workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+        """Batches (images, targets) of lists, decoded and augmented by ``workers`` processes (0: in this
+        one); the workers live as long as the loader. The result does not depend on ``workers``."""
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
+            pin_memory=pin_memory, persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
+            # the loader's base seed comes from this generator, not from torch's global one (which the
+            # detector's RoI sampling reads in the training process)
+            generator=torch.Generator().manual_seed(0))
 
 
-def make_sampler(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame,
-                 weights: pd.DataFrame | None, labels: Sequence[str]) -> Sampler:
-    """The sampler of ``images`` (1-based class indices in the order of ``labels``) for config ``cfg``."""
+def training_data(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame,
+                  weights: pd.DataFrame | None, labels: Sequence[str], iters: int, rank: int = 0,
+                  world: int = 1) -> TrainingData:
+    """The training data of ``images`` (1-based class indices in the order of ``labels``) for config ``cfg``:
+    ``iters`` iterations per epoch of ``cfg["batch_size"]`` images on each of ``world`` ranks."""
     label_index = {lab: i + 1 for i, lab in enumerate(labels)}
     images = images.sort_values("image_id").reset_index(drop=True)
     ds = DetectionDataset(images, boxes, label_index)
     draw = training_draw(weights, image_ids=images["image_id"], label_index=label_index)
     elaborate = cfg["augment"] == "elaborate"
-    class_first = elaborate or cfg["full_class_batch"]
     stats: AugmentStats | None = None
     if elaborate:
         box_wh, image_wh, box_labels = ds.box_sizes()
         stats = augment_stats(box_wh=box_wh, image_wh=image_wh, labels=box_labels)
-    return Sampler(cfg, ds, draw, class_first, elaborate, stats)
+    sampler = PlanSampler(draw, seed=cfg["seed"], iters=iters, batch_size=cfg["batch_size"],
+                          class_first=elaborate or cfg["full_class_batch"],
+                          full_class_batch=cfg["full_class_batch"], rank=rank, world=world)
+    dataset = TrainingSet(ds, seed=cfg["seed"], elaborate=elaborate, stats=stats,
+                          rotate_std=cfg["aug_rotate_std"], max_pixels=cfg["aug_max_pixels"])
+    return TrainingData(dataset, sampler)
+
+
+def to_device(imgs: Sequence[torch.Tensor], tgts: Sequence[Mapping[str, torch.Tensor]], device: torch.device
+              ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    nb = device.type == "cuda"
+    return ([i.to(device, non_blocking=nb) for i in imgs],
+            [{n: v.to(device, non_blocking=nb) for n, v in t.items()} for t in tgts])
 
 
 @dataclass
@@ -236,13 +349,13 @@ def resume(trainer: Trainer, ckpt_dir: Path, chash: str) -> int:
     return state["epoch"] + 1
 
 
-def step(trainer: Trainer, batch: list, *, lr: float, clip_grad_norm: float, world: int, where: str
-         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One iteration on ``batch`` at learning rate ``lr``: (loss, loss parts). Raises :class:`NonFiniteLoss`
-    (on every rank at once) when the loss is not finite; ``where`` names the iteration in that message."""
+def step(trainer: Trainer, imgs: list[torch.Tensor], tgts: list[dict[str, torch.Tensor]], *, lr: float,
+         clip_grad_norm: float, world: int, where: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One iteration on the images ``imgs`` and targets ``tgts`` (on the trainer's device) at learning rate
+    ``lr``: (loss, loss parts). Raises :class:`NonFiniteLoss` (on every rank at once) when the loss is not
+    finite; ``where`` names the iteration in that message."""
     for g in trainer.opt.param_groups:
         g["lr"] = lr
-    imgs, tgts = collate(batch)
     with torch.autocast(device_type=trainer.device.type, dtype=trainer.amp_dtype, enabled=trainer.use_amp):
         losses = trainer.model(imgs, tgts)
     loss = sum(losses.values())
@@ -285,11 +398,14 @@ def final_model(ckpt_dir: Path, last: int, *, cfg: Mapping[str, Any], meta: Mapp
 
 def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, weights: pd.DataFrame | None,
           ckpt_dir: Path, device: torch.device, metrics_path: Path | None = None, log_every: int = 10,
-          anchors: Mapping | None = None, stop_after_epoch: int | None = None) -> dict[str, Any]:
-    """Train and return the final checkpoint dict (model state, labels, config). Writes one checkpoint per epoch
-    into ``ckpt_dir``. ``weights``: the sample stage's ``sampling`` table (image_id, label, weight), the draw of
-    every epoch (:func:`plan_epoch`); None means every image equally, without a class. Only the keys
-    training reads (``model_part(cfg, "train")``) are used, recorded and hashed.
+          anchors: Mapping | None = None, stop_after_epoch: int | None = None, workers: int = 0
+          ) -> dict[str, Any]:
+    """Train and return the final checkpoint dict (model state, labels, config). Writes a checkpoint per epoch
+    into ``ckpt_dir`` and keeps the latest complete and the ``average_epochs`` window's weights
+    (:func:`prune_checkpoints`). ``weights``: the sample stage's ``sampling`` table (image_id, label, weight),
+    the draw of every epoch (:func:`plan_epoch`); None means every image equally, without a class. Only the
+    keys training reads (``model_part(cfg, "train")``) are used, recorded and hashed. ``workers``: DataLoader
+    processes that decode and augment (0: this process); the result does not depend on it.
 
     Under an initialised ``torch.distributed`` process group every rank calls this with the same arguments;
     rank 0 alone writes checkpoints and metrics, and every rank returns the same result.
@@ -302,12 +418,13 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
     chash = config_hash({"cfg": cfg, "labels": labels, "n_images": len(images), "anchors": anchors,
                          "world": world})
     meta = {"labels": labels, "config": cfg, "config_hash": chash, "anchors": anchors}
-    sampler = make_sampler(cfg=cfg, images=images, boxes=boxes, weights=weights, labels=labels)
-    trainer = build(cfg, num_classes=len(labels), anchors=anchors, device=device)
-    bs = cfg["batch_size"]
-    global_bs = bs * world
+    global_bs = cfg["batch_size"] * world
     iters = cfg["iters_per_epoch"] or max(1, math.ceil(len(images) / global_bs))
+    data = training_data(cfg=cfg, images=images, boxes=boxes, weights=weights, labels=labels, iters=iters,
+                         rank=rank, world=world)
+    trainer = build(cfg, num_classes=len(labels), anchors=anchors, device=device)
     start_epoch = resume(trainer, ckpt_dir, chash)
+    loader = data.loader(workers=workers, pin_memory=device.type == "cuda")
     if world > 1:
         trainer.model = torch.nn.parallel.DistributedDataParallel(
             trainer.core, device_ids=[device.index] if device.type == "cuda" else None)
@@ -318,20 +435,20 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
         for epoch in range(start_epoch, cfg["epochs"]):
             trainer.model.train()
             torch.manual_seed(cfg["seed"] * 1000 + epoch * world + rank)
-            plan = sampler.plan(epoch, n=iters * global_bs, batch_size=global_bs)
+            data.sampler.set_epoch(epoch)
             t_epoch = time.time()
-            for k in range(iters):
+            for k, (imgs, tgts) in enumerate(loader):
                 it = epoch * iters + k
                 lr = lr_at(it, epoch, cfg)
-                first = k * global_bs + rank * bs
-                batch = sampler.batch(plan, range(first, first + bs), epoch=epoch, device=device)
-                loss, losses = step(trainer, batch, lr=lr, clip_grad_norm=cfg["clip_grad_norm"], world=world,
-                                    where=f"epoch {epoch + 1} iteration {k + 1} (rank {rank})")
+                imgs, tgts = to_device(imgs, tgts, device)
+                loss, losses = step(trainer, imgs, tgts, lr=lr, clip_grad_norm=cfg["clip_grad_norm"],
+                                    world=world, where=f"epoch {epoch + 1} iteration {k + 1} (rank {rank})")
                 progress.step()
                 if rank == 0 and ((k + 1) % log_every == 0 or k + 1 == iters):
                     progress.log(epoch=epoch, k=k, iters=iters, it=it, lr=lr, loss=loss, losses=losses)
             if rank == 0:
                 path = checkpoint(trainer, ckpt_dir, epoch, meta=meta)
+                prune_checkpoints(ckpt_dir, latest=epoch, keep=average_window(cfg))
                 dt = time.time() - t_epoch
                 log.info("epoch %d done in %.0fs (%.2f img/s) -> %s", epoch + 1, dt, iters * global_bs / dt, path)
             if world > 1:
@@ -340,6 +457,7 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
                 break
     finally:
         progress.close()
+        loader = None  # shuts the workers down now, also when a traceback keeps this frame alive
     last = cfg["epochs"] if stop_after_epoch is None else min(stop_after_epoch, cfg["epochs"])
     return final_model(ckpt_dir, last, cfg=cfg, meta=meta)
 
@@ -404,6 +522,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=schema_default("model", "threads"),
                    help="torch CPU threads (the rule passes the job's threads: the model's threads resource)")
+    p.add_argument("--workers", type=int, default=schema_default("model", "workers"),
+                   help="DataLoader processes decoding and augmenting the images (0: the training process; the "
+                   "rule passes the model's workers resource); the result does not depend on it")
     p.add_argument("--ckpt-dir", type=Path, required=True)
     p.add_argument("--metrics", type=Path)
     p.add_argument("--log-every", type=int, default=10)
@@ -433,11 +554,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise InputError("the config says anchors: kmeans but no --anchors file was given", field="--anchors")
     rank, world, device = _init_distributed(a.device)
     try:
-        log.info("training on %d images, device %s, %d threads, %d process(es)", len(images), device,
-                 torch.get_num_threads(), world)
+        log.info("training on %d images, device %s, %d threads, %d process(es), %d loader worker(s) each",
+                 len(images), device, torch.get_num_threads(), world, a.workers)
         result = train(cfg=cfg, images=images, boxes=boxes, weights=weights, ckpt_dir=a.ckpt_dir, device=device,
                        metrics_path=a.metrics, log_every=a.log_every, anchors=anchors,
-                       stop_after_epoch=a.stop_after_epoch)
+                       stop_after_epoch=a.stop_after_epoch, workers=a.workers)
         if rank == 0:
             with atomic_path(a.out) as tmp:
                 torch.save({**result, "code": code_version()}, tmp)

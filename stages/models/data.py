@@ -24,45 +24,77 @@ def load_image(path: str) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-class DetectionDataset(torch.utils.data.Dataset):
-    """Images with their boxes in absolute xyxy pixels and 1-based class indices (0 is background)."""
+def _positions(index: pd.Index, values: pd.Series) -> np.ndarray:
+    """Position in ``index`` of each of ``values`` (-1: absent); a categorical column is looked up once per
+    category (no Python object per row)."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        of_category = np.append(index.get_indexer(values.cat.categories.to_numpy(dtype=object)), -1)
+        return of_category[values.cat.codes.to_numpy()]          # code -1 (missing) -> the appended -1
+    return index.get_indexer(values.to_numpy(dtype=object))
 
-    def __init__(self, images: pd.DataFrame, boxes: pd.DataFrame, label_index: dict[str, int]):
-        self.images = images.reset_index(drop=True)
-        b = boxes[boxes["label"].isin(label_index)]
-        self.by_image = {k: g for k, g in b.groupby("image_id", sort=False)}
-        self.label_index = label_index
+
+def _pixel_boxes(xyxy_norm: np.ndarray, wh: np.ndarray) -> np.ndarray:
+    """Normalised xyxy (N, 4) float32 -> absolute pixels for image sizes ``wh`` ((2,) or (N, 2)), each box at
+    least a pixel wide and high (torchvision rejects degenerate boxes with an error)."""
+    wh = np.asarray(wh, np.float32)
+    xyxy = xyxy_norm * np.concatenate([wh, wh], -1)
+    xyxy[:, 2] = np.maximum(xyxy[:, 2], xyxy[:, 0] + 1)
+    xyxy[:, 3] = np.maximum(xyxy[:, 3], xyxy[:, 1] + 1)
+    return xyxy
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Images with their boxes in absolute xyxy pixels and 1-based class indices (0 is background).
+
+    Held as flat numpy arrays, built once without a Python loop per image or box: ``paths`` (n,) UTF-8 bytes,
+    ``widths``/``heights`` (n,) float64, and the boxes of image ``i`` at rows ``offsets[i]:offsets[i + 1]`` of
+    ``xyxy_norm`` (N, 4) float32 normalised xyxy and ``cls`` (N,) int64 (in the boxes table's order within an
+    image). There is no Python object per row, so DataLoader workers forked from the training process share
+    these pages instead of copying them as reference counts change; every rank builds the same arrays.
+    Boxes of other images or of labels outside ``label_index`` are dropped.
+    """
+
+    def __init__(self, images: pd.DataFrame, boxes: pd.DataFrame, label_index: Mapping[str, int]):
+        ids = pd.Index(images["image_id"].to_numpy(dtype=object))
+        if not ids.is_unique:
+            dup = ids[ids.duplicated()][0]
+            raise InputError(f"image {dup!r} appears twice in the images table", field="image_id")
+        n = len(ids)
+        self.paths = np.asarray(images["path"].astype(str).str.encode("utf-8").to_numpy(), dtype=np.bytes_)
+        self.widths = images["width"].to_numpy(np.float64)
+        self.heights = images["height"].to_numpy(np.float64)
+        img = _positions(ids, boxes["image_id"])
+        pos = _positions(pd.Index(list(label_index), dtype=object), boxes["label"])
+        keep = np.flatnonzero((img >= 0) & (pos >= 0))
+        order = keep[np.argsort(img[keep], kind="stable")]  # by image position, table order within an image
+        index = np.fromiter(label_index.values(), np.int64, len(label_index))
+        self.xyxy_norm = np.ascontiguousarray(
+            boxes[["x_min", "y_min", "x_max", "y_max"]].to_numpy(np.float32)[order])
+        self.cls = index[pos[order]]
+        self.offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(np.bincount(img[keep], minlength=n), out=self.offsets[1:])
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.paths)
+
+    def path(self, i: int) -> str:
+        return self.paths[i].decode("utf-8")
 
     def target(self, i: int) -> dict[str, torch.Tensor]:
-        row = self.images.iloc[i]
-        g = self.by_image.get(row["image_id"])
-        w, h = float(row["width"]), float(row["height"])
-        if g is None or len(g) == 0:
-            return {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}
-        xyxy = g[["x_min", "y_min", "x_max", "y_max"]].to_numpy(np.float32) * np.array([w, h, w, h], np.float32)
-        # torchvision drops degenerate boxes with an error; give every box at least a pixel
-        xyxy[:, 2] = np.maximum(xyxy[:, 2], xyxy[:, 0] + 1)
-        xyxy[:, 3] = np.maximum(xyxy[:, 3], xyxy[:, 1] + 1)
-        labels = np.array([self.label_index[lab] for lab in g["label"]], np.int64)
-        return {"boxes": torch.from_numpy(xyxy), "labels": torch.from_numpy(labels)}
+        a, b = self.offsets[i], self.offsets[i + 1]
+        xyxy = _pixel_boxes(self.xyxy_norm[a:b], (self.widths[i], self.heights[i]))
+        return {"boxes": torch.from_numpy(xyxy), "labels": torch.from_numpy(self.cls[a:b].copy())}
 
     def box_sizes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(box (w, h) pixels (N, 2), their image's (w, h) (N, 2), class indices (N,)) over the dataset."""
-        bw, iw, lab = [], [], []
-        for i in range(len(self.images)):
-            t = self.target(i)
-            b = t["boxes"].numpy()
-            bw.append(np.stack([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1))
-            row = self.images.iloc[i]
-            iw.append(np.tile([float(row["width"]), float(row["height"])], (len(b), 1)))
-            lab.append(t["labels"].numpy())
-        return np.concatenate(bw), np.concatenate(iw), np.concatenate(lab)
+        """(box (w, h) pixels (N, 2), their image's (w, h) (N, 2), class indices (N,)) over the dataset, the
+        boxes as :meth:`target` gives them."""
+        of_box = np.repeat(np.arange(len(self.paths)), np.diff(self.offsets))
+        image_wh = np.stack([self.widths, self.heights], 1)[of_box]
+        b = _pixel_boxes(self.xyxy_norm, image_wh)
+        return np.stack([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1), image_wh, self.cls.copy()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return load_image(self.images.iloc[i]["path"]), self.target(i)
+        return load_image(self.path(i)), self.target(i)
 
 
 def hflip(img: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -176,7 +176,11 @@ def test_train_with_kmeans_anchors_elaborate_augment_and_averaging(tables, tmp_p
     assert train.main(_train_args(out, splits, run, cfg, "--anchors", str(anchors), "--sampling", str(sampling))) == 0
     result = torch.load(run / "model.pt", weights_only=False)
     assert result["averaged_epochs"] == [2, 3] and result["anchors"] == json.loads(anchors.read_text())
-    ck = [torch.load(run / "ckpt" / f"epoch_{e:03d}.pt", weights_only=False)["model"] for e in (1, 2)]
+    # retention: epoch 1 deleted, the window's epoch 2 weights only, epoch 3 complete
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["epoch_001.pt", "epoch_002.pt"]
+    ck = [torch.load(run / "ckpt" / f"epoch_{e:03d}.pt", weights_only=False) for e in (1, 2)]
+    assert ck[0]["optimizer"] is None and ck[1]["optimizer"] is not None
+    ck = [c["model"] for c in ck]
     expected = average_state_dicts(ck)
     assert any(not torch.equal(ck[0][k], ck[1][k]) for k in ck[0] if ck[0][k].is_floating_point())
     for k, v in expected.items():
@@ -230,6 +234,6 @@ def test_distributed_two_cpu_processes(tables, tmp_path):
     assert "2 process(es)" in r.stdout and r.stdout.count("train: ") == 1  # rank 0 alone writes
     result = torch.load(run / "model.pt", weights_only=False)
     assert result["epochs"] == 2
-    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["epoch_000.pt", "epoch_001.pt"]
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["epoch_001.pt"]   # the latest alone
     lines = [json.loads(x) for x in (run / "m.jsonl").read_text().splitlines()]
     assert [x["iter"] for x in lines] == [1, 2, 3, 4]

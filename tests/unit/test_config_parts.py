@@ -24,8 +24,8 @@ def test_model_part_splits_a_section_by_reader():
     m = validate_config({"models": {"m": {"gpus": 2, "test_scales": [300, 400], "lr": 0.1}}})["models"]["m"]
     parts = {p: model_part(m, p) for p in MODEL_PARTS}
     assert sorted(k for p in parts.values() for k in p) == sorted(m)          # a partition of the section
-    assert set(parts["resources"]) == {"threads", "gpus", "gpu_model", "cpus_per_gpu", "nodes", "mem_mb",
-                                       "runtime_min"}
+    assert set(parts["resources"]) == {"threads", "workers", "gpus", "gpu_model", "cpus_per_gpu", "nodes",
+                                       "mem_mb", "runtime_min"}
     assert set(parts["experts"]) == {"expert_of", "expert_n_lowest", "expert_sim_thr", "expert_confusion",
                                      "expert_confusion_thr", "expert_confusion_score_thr"}
     assert {"test_scales", "test_flip", "expert", "box_nms_thresh", "rpn_pre_nms_top_n_test",

@@ -118,7 +118,8 @@ def rerun_after(run: tuple[Path, dict], model: str, **change) -> dict[str, int]:
 @pytest.mark.slow
 def test_changing_a_resource_reruns_nothing(finished_challenge_run) -> None:
     counts = rerun_after(finished_challenge_run, "resnet50_tsd", gpus=4, nodes=2, gpu_model="h100",
-                         cpus_per_gpu=8, threads=2, mem_mb=64000, runtime_min=60)
+                         cpus_per_gpu=8, threads=2, workers=7, mem_mb=64000,
+                         runtime_min=60)
     assert counts == {}
     work, cfg = finished_challenge_run
     changed = yaml.safe_load(yaml.safe_dump(cfg))

@@ -1,5 +1,6 @@
 """The train rule's wiring: a k-means-anchors model pulls in the anchors rule and passes its file; the launcher
-gets the model's GPUs and nodes from the job's resources; the inference keys reach the infer command."""
+gets the model's GPUs and nodes (and the train stage its DataLoader workers) from the job's resources; the
+inference keys reach the infer command."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _dry_run_commands(tmp_path: Path, cfg: dict, *targets: str) -> list[str]:
 def test_dry_run_shows_anchors_rule_and_torchrun(tmp_path: Path):
     cfg = yaml.safe_load(yaml.safe_dump(TINY))
     cfg["models"]["tiny_a"].update(anchors="kmeans", anchor_scales=[4, 6], gpus=2, test_flip=True,
-                                   box_nms_thresh=0.6, rpn_post_nms_top_n_test=77)
+                                   box_nms_thresh=0.6, rpn_post_nms_top_n_test=77, workers=3)
     lines = _dry_run_commands(tmp_path, cfg, "results/train/tiny_a/model.pt", "results/train/tiny_b/model.pt",
                               "results/infer/tiny_a/val_a/shard0.parquet")
     anchors = [x for x in lines if "-m stages.anchors" in x]
@@ -33,10 +34,13 @@ def test_dry_run_shows_anchors_rule_and_torchrun(tmp_path: Path):
     assert "python -m stages.core.launch 2 1 -m stages.train" in train_a
     assert "--anchors results/anchors/tiny_a.json" in train_a
     assert "python -m stages.core.launch 0 1 -m stages.train" in train_b and "--anchors" not in train_b
+    # DataLoader workers: the model's resource (the schema's default 0 for tiny_b)
+    assert "--workers 3 " in train_a and "--workers 0 " in train_b
     infer_a = next(x for x in lines if "stages.infer" in x and "tiny_a" in x)
     assert "--flip" in infer_a and "--box-nms-thresh 0.6" in infer_a and "--rpn-post-nms-top-n-test 77" in infer_a
     # the training config holds no inference key and no resource
     assert '"box_nms_thresh"' not in train_a and '"gpus"' not in train_a and '"test_flip"' not in train_a
+    assert '"workers"' not in train_a
 
 
 def test_dry_run_wires_an_expert_model(tmp_path: Path):

@@ -102,6 +102,8 @@ rule train:
         cpus_per_gpu=lambda wc: model_cfg(wc.model)["cpus_per_gpu"] if model_cfg(wc.model)["gpus"] else 0,
         nodes=lambda wc: model_cfg(wc.model)["nodes"],
         tasks=lambda wc: model_cfg(wc.model)["nodes"],
+        # DataLoader processes per training process (a resource: the result does not depend on it)
+        workers=lambda wc: model_cfg(wc.model)["workers"],
     conda:
         ENV
     shell:
@@ -109,5 +111,6 @@ rule train:
         "python -m stages.core.launch {resources.gpu} {resources.nodes} -m stages.train --config {params.cfg:q}"
         " --images {input.images:q} --boxes {input.boxes:q} {params.splits}"
         " {params.sampling} {params.anchors} {params.classes}"
-        " --device {params.device} --threads {threads} --ckpt-dir {params.ckpt:q} --metrics {params.metrics:q}"
+        " --device {params.device} --threads {threads} --workers {resources.workers}"
+        " --ckpt-dir {params.ckpt:q} --metrics {params.metrics:q}"
         " --out {output.model:q} > {log:q} 2>&1"
