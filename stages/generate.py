@@ -595,17 +595,23 @@ def plan_split(rng: np.random.Generator, image_ids: Sequence[str], split: str, s
             for i, image_id in enumerate(image_ids)]
 
 
-def _image_ids(seed: int, n: int) -> list[str]:
-    """``n`` distinct 16-hex-digit image ids from their own stream (labelled images first, then test images)."""
-    rng = np.random.default_rng([seed, 7])
+def _distinct_ids(seed: int, stream: int, n: int, *, prefix: str = "", digits: int = 16) -> list[str]:
+    """``n`` distinct ids ``prefix`` + ``digits`` hex digits from the random stream ``(seed, stream)``."""
+    rng = np.random.default_rng([seed, stream])
+    high = 2**63 if digits >= 16 else 16 ** digits
     ids: list[str] = []
     seen: set[str] = set()
     while len(ids) < n:
-        i = f"{int(rng.integers(0, 2**63)):016x}"
+        i = f"{prefix}{int(rng.integers(0, high)):0{digits}x}"
         if i not in seen:
             seen.add(i)
             ids.append(i)
     return ids
+
+
+def _image_ids(seed: int, n: int) -> list[str]:
+    """``n`` distinct 16-hex-digit image ids from their own stream (labelled images first, then test images)."""
+    return _distinct_ids(seed, 7, n)
 
 
 def plan_dataset(*, n_train_images: int, n_test_images: int, image_size: tuple[int, int] = (256, 320),
@@ -635,15 +641,7 @@ def plan_dataset(*, n_train_images: int, n_test_images: int, image_size: tuple[i
 # ----- the external dataset (COCO format) --------------------------------------------------------------------
 def _external_ids(seed: int, n: int) -> list[str]:
     """``n`` distinct external image ids, ``ext`` + 13 hex digits (never an orchard-mini id), own stream."""
-    rng = np.random.default_rng([seed, 12])
-    ids: list[str] = []
-    seen: set[str] = set()
-    while len(ids) < n:
-        i = f"ext{int(rng.integers(0, 16 ** 13)):013x}"
-        if i not in seen:
-            seen.add(i)
-            ids.append(i)
-    return ids
+    return _distinct_ids(seed, 12, n, prefix="ext", digits=13)
 
 
 def _external_unit(rng: np.random.Generator, cat: tx.ExternalCategory, objects: Objects, units: Units,
