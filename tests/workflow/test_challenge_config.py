@@ -18,10 +18,14 @@ STUB_FILES = ["challenge-2019-train-detection-bbox.csv", "challenge-2019-train-d
               "sample_submission.csv"]
 
 
+EXTERNAL_STUBS = ["coco/annotations/instances_train2017.json", "objects365/annotations/objects365_train.json"]
+
+
 def stub_dataset(workdir: Path) -> None:
     stub = workdir / "data" / "oid2019"
     stub.mkdir(parents=True)
-    for name in STUB_FILES:
+    for name in STUB_FILES + EXTERNAL_STUBS:
+        (stub / name).parent.mkdir(parents=True, exist_ok=True)
         (stub / name).touch()
 
 
@@ -36,9 +40,11 @@ def test_oid2019_dag_builds_from_stub_files(tmp_path: Path) -> None:
     cfg = yaml.safe_load((ROOT / "configs" / "oid2019.yaml").read_text())
     n_models, shards = len(cfg["models"]), cfg["infer"]["shards"]
     n_experts = sum(1 for m in cfg["models"].values() if m.get("expert_of"))
-    assert (n_models, n_experts) == (28 + 13, 13)           # the zoo and the paper's 3 + 2 + 8 expert models
+    data = [m["train_data"] for m in cfg["models"].values() if m.get("train_data")]
+    # the zoo and the paper's 3 + 2 + 8 expert models: 3 mined, 2 of COCO, 8 of Objects365
+    assert (n_models, n_experts, data.count("coco"), data.count("objects365")) == (28 + 13, 3, 2, 8)
     assert counts["train"] == 28 + 13 and counts["anchors"] == n_models
-    assert counts["experts"] == n_experts
+    assert counts["experts"] == n_experts and counts["ingest_external"] == 2
     assert counts["infer"] == n_models * 3 * shards           # val_a, val_b, test
     # validation splits; the ablation variants of one model / group: 4 each; on test, the auto ensemble's leaves:
     # its models (the experts) and naive groups (the backbones)

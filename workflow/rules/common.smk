@@ -104,6 +104,13 @@ def raw(key):
     return f"{DATA}/{config['dataset'][key]}"
 
 
+def external_path(name, key):
+    """A path of an external dataset's entry: `{repo}` stands for this checkout (the label maps shipped in
+    configs/labelmaps/), an absolute path is kept, any other is relative to dataset.dir."""
+    path = EXTERNAL[name][key].replace("{repo}", workflow.basedir)
+    return path if os.path.isabs(path) else f"{DATA}/{path}"
+
+
 def model_cfg(model):
     return config["models"][model]
 

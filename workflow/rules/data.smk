@@ -78,8 +78,8 @@ rule ingest_external:
     """An external dataset in COCO format through its label map (paper 7.3): the tables an expert of it trains
     on, and the classes it contributes (targets.json, in the mined-set format)."""
     input:
-        instances=lambda wc: f"{DATA}/{EXTERNAL[wc.ext]['instances']}",
-        label_map=lambda wc: f"{DATA}/{EXTERNAL[wc.ext]['label_map']}",
+        instances=lambda wc: external_path(wc.ext, "instances"),
+        label_map=lambda wc: external_path(wc.ext, "label_map"),
         classes=raw("classes_csv"),
     output:
         boxes="results/ingest_external/{ext}/boxes.parquet",
@@ -90,7 +90,7 @@ rule ingest_external:
     log:
         "logs/ingest_external/{ext}.log",
     params:
-        images=lambda wc: f"{DATA}/{EXTERNAL[wc.ext]['images_dir']}",
+        images=lambda wc: external_path(wc.ext, "images_dir"),
         image_check=lambda wc: EXTERNAL[wc.ext]["image_check"],
         missing=lambda wc: EXTERNAL[wc.ext]["missing_images"],
         out=lambda wc, output: os.path.dirname(output.boxes),
