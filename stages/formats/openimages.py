@@ -282,18 +282,6 @@ def read_image_ids(path: str | os.PathLike, column: str) -> pd.Series:
 
 
 # ----- writers ----------------------------------------------------------------------------------------------
-def boxes_to_csv_frame(boxes: pd.DataFrame, source: str = "orchard") -> pd.DataFrame:
-    """``boxes`` table -> the challenge's bbox CSV columns (XMin, XMax, YMin, YMax order)."""
-    out = pd.DataFrame({"ImageID": boxes["image_id"], "Source": source, "LabelName": boxes["label"],
-                        "Confidence": 1})
-    for ours, theirs in [("x_min", "XMin"), ("x_max", "XMax"), ("y_min", "YMin"), ("y_max", "YMax")]:
-        out[theirs] = boxes[ours].map(lambda v: f"{v:.6f}")
-    for theirs, ours in _FLAGS.items():
-        out[theirs] = boxes[ours].astype(int) if ours in boxes else 0
-    out["IsGroupOf"] = boxes["is_group_of"].astype(int)
-    return out[BBOX_COLUMNS]
-
-
 def fixed_decimals(values: np.ndarray, decimals: int = 6) -> pa.Array:
     """``"%.{decimals}f" % v`` of every value as an arrow string array, built by arrow from the integer
     ``round(v * 10**decimals)`` (no Python object per value): its digits, zero-padded, with the point put in.
@@ -424,10 +412,3 @@ def read_detection_submission(path: str | os.PathLike, *, known_labels: set[str]
     parts = [d for _, d in iter_detection_submission(path, known_labels=known_labels)]
     dets = concat(parts) if parts else empty("detections")
     return conform(dets, "detections", source=path, keep_categorical=categorical)
-
-
-def known(classes: pd.DataFrame) -> set[str]:
-    return set(classes["label"])
-
-
-
