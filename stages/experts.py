@@ -71,7 +71,8 @@ from stages.core.errors import InputError
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import write_json
 from stages.formats.readers import read_class_aps
-from stages.metrics.detection import IOU_THR, codes, segment_pairs
+from stages.formats.columns import positions
+from stages.metrics.detection import IOU_THR, segment_pairs
 from stages.ops.boxes import paired_iou
 
 log = logging.getLogger(__name__)
@@ -199,18 +200,18 @@ def confusion_shares(*, detections: pd.DataFrame, boxes: pd.DataFrame, targets: 
                                                 boxes["label"].to_numpy(dtype=object),
                                                 dets["label"].to_numpy(dtype=object)])), dtype=object)
     k = len(index)
-    gt_cls = codes(boxes["label"], index)
+    gt_cls = positions(boxes["label"], index)
     gt_group = boxes["is_group_of"].to_numpy(dtype=bool)
     tcode = index.get_indexer(targets)
     n_boxes = np.bincount(gt_cls[~gt_group], minlength=k)
     # ground truth sorted by image; each detection meets the boxes of its image
     images = pd.Index(pd.unique(boxes["image_id"].to_numpy(dtype=object)), dtype=object)
-    gt_img = codes(boxes["image_id"], images)
+    gt_img = positions(boxes["image_id"], images)
     order = np.argsort(gt_img, kind="stable")
     gt_img, gt_cls, gt_group = gt_img[order], gt_cls[order], gt_group[order]
     gt_box = _xyxy(boxes)[order]
-    det_img = codes(dets["image_id"], images)
-    det_cls = codes(dets["label"], index)
+    det_img = positions(dets["image_id"], images)
+    det_cls = positions(dets["label"], index)
     det_box = _xyxy(dets)
     lo = np.searchsorted(gt_img, det_img, "left")
     cnt = np.where(det_img >= 0, np.searchsorted(gt_img, det_img, "right") - lo, 0)

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from stages.core.errors import InputError
+from stages.formats.columns import positions
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.tables import check_labels
 from stages.ops.boxes import paired_ioa, paired_iou
@@ -115,7 +116,7 @@ def _expand(cls: np.ndarray, ptr: np.ndarray, idx: np.ndarray) -> tuple[np.ndarr
 
 
 def _class_of(labels: pd.Series, index: pd.Index, table: str) -> np.ndarray:
-    c = codes(labels, index)
+    c = positions(labels, index)
     if (c < 0).any():
         check_labels(labels, index, source=table)
     return c
@@ -225,17 +226,6 @@ def _official_order(key: np.ndarray, score: np.ndarray) -> np.ndarray:
     return o
 
 
-def codes(values: pd.Series, index: pd.Index) -> np.ndarray:
-    """Positions of ``values`` in ``index`` (-1 if absent), hashing each distinct value once; categorical
-    columns (e.g. from a dictionary-encoded parquet) are mapped through their categories only."""
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        c, uniq = values.cat.codes.to_numpy(), values.cat.categories
-    else:
-        c, uniq = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=True)
-    m = np.append(index.get_indexer(uniq), -1).astype(np.int64)
-    return m[c]
-
-
 def run_starts(sorted_key: np.ndarray) -> np.ndarray:
     """First position of each run of equal values in a sorted array."""
     if not len(sorted_key):
@@ -246,8 +236,8 @@ def run_starts(sorted_key: np.ndarray) -> np.ndarray:
 def prepare_detections(*, gt: PreparedGroundTruth, detections: pd.DataFrame) -> _Dets:
     """Keep evaluated, valid detections; order them as the official evaluator does."""
     n_in = len(detections)
-    img = codes(detections["image_id"], gt.image_index)
-    cls = codes(detections["label"], gt.label_index)
+    img = positions(detections["image_id"], gt.image_index)
+    cls = positions(detections["label"], gt.label_index)
     score = detections["score"].to_numpy(np.float64)
     x0, y0 = detections["x_min"].to_numpy(np.float64), detections["y_min"].to_numpy(np.float64)
     x1, y1 = detections["x_max"].to_numpy(np.float64), detections["y_max"].to_numpy(np.float64)
