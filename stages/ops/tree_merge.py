@@ -32,7 +32,7 @@ import pandas as pd
 
 from stages.core.errors import InputError
 from stages.formats.tables import BOX_COLUMNS
-from stages.metrics.detection import codes
+from stages.formats.columns import positions
 from stages.ops.boxes import box_iou
 from stages.ops.ensemble import topk_vote
 from stages.ops.ensemble_tree import Node, Tree
@@ -63,8 +63,8 @@ class Dets(NamedTuple):
 def to_dets(dets: pd.DataFrame, *, images: pd.Index, labels: pd.Index, source: object = None) -> Dets:
     """A ``detections`` table as :class:`Dets` over the given image and class indexes, in table row order;
     an image or label not in its index is an :class:`InputError`."""
-    img = codes(dets["image_id"], images)
-    cls = codes(dets["label"], labels)
+    img = positions(dets["image_id"], images)
+    cls = positions(dets["label"], labels)
     for c, col in ((img, "image_id"), (cls, "label")):
         if (c < 0).any():
             i = int(np.flatnonzero(c < 0)[0])
