@@ -11,9 +11,12 @@ python="${ORCHARD_PYTHON:-python3}"
 hash="$(cat "$req" "$here/bootstrap.sh" | sha256sum | cut -c1-12)"
 root="${ORCHARD_ENV_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/orchard}"
 venv="$root/venv-$hash"
+mkdir -p "$root"
+# one build at a time: a second caller (another clone, a helper, a parallel make) waits for the first
+exec 9>"$root/.lock-$hash"
+flock 9
 if [ ! -f "$venv/.complete" ]; then
   echo "[bootstrap] building $venv from $req (first time only; torch is large)" >&2
-  mkdir -p "$root"
   rm -rf "$venv"   # an earlier, interrupted build has no .complete marker
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip >&2

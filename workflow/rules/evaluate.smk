@@ -98,6 +98,6 @@ if EXPERTS and config["ablation"]["experts_baseline"]:
         conda:
             ENV
         shell:
-            "python -m stages.expert_gain --experts {input.experts:q} --names {params.names} --base {input.base:q}"
-            " --expert {input.expert:q} --before {input.before:q} --after {input.after:q}"
+            "python -m stages.expert_gain --experts {input.experts:q} --names {params.names}"
+            " --base {input.base:q} {params.no_base} --expert {input.expert:q} --before {input.before:q} --after {input.after:q}"
             " --out-json {output.json:q} --out-md {output.md:q} > {log:q} 2>&1"
