@@ -151,12 +151,13 @@ def apply_main(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     dets, images = load_leaves({n: paths[n] for n in tree.leaves}, labels=labels, split=a.split,
                                split_images=split_images)
-    runner = TreeRunner(dets, images=images, labels=labels, cache_bytes=0)
+    runner = TreeRunner(dets, images=images, labels=labels, cache_bytes=0, max_per_class=a.max_per_class)
     try:
         out = runner.frame(tree)
     except InputError as exc:
         raise _in_file(exc, a.tree) from exc
     prov = {"stage": "autoensemble", "tree": str(a.tree), "tree_key": tree.key(), "split": a.split,
+            "max_per_class": a.max_per_class,
             "leaves": {n: str(paths[n]) for n in tree.leaves}}
     with TableWriter(a.out, "detections", provenance=prov) as w:
         w.write(out)
@@ -560,13 +561,15 @@ def search_main(a: argparse.Namespace) -> None:
                              field="split")
         if not settings.max_per_image:
             dets = {k: evaluated_only(v, images=images, gt=gt) for k, v in dets.items()}
-        return Split(name, TreeRunner(dets, images=images, labels=labels, cache_bytes=a.cache_mb << 20), gt)
+        return Split(name, TreeRunner(dets, images=images, labels=labels, cache_bytes=a.cache_mb << 20,
+                                      max_per_class=a.max_per_class), gt)
 
     search, check = split(a.search_split, s_paths), split(a.check_split, c_paths)
     log.info("leaves and ground truth ready in %.1f s", time.perf_counter() - t0)
     inputs = {f"leaf {n}": [file_digest(s_paths[n]), file_digest(c_paths[n])] for n in sorted(s_paths)}
     inputs.update({k: file_digest(Path(getattr(a, k))) for k in ("boxes", "image_labels", "classes", "split_ids")})
-    header = {"settings": settings.fingerprint(), "splits": [a.search_split, a.check_split], "inputs": inputs,
+    header = {"settings": settings.fingerprint(), "max_per_class": a.max_per_class,
+              "splits": [a.search_split, a.check_split], "inputs": inputs,
               "leaf_classes": {k: list(v) for k, v in sorted(leaf_classes.items())}}
     s = Search(search=search, check=check, leaves=sorted(s_paths), settings=settings, log_path=a.log,
                header=header, leaf_classes=leaf_classes, restart_stale=a.stale_log == "restart")
@@ -591,6 +594,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--split-ids", type=Path, help="splits parquet: the leaves must hold only --split's images")
     ap.add_argument("--split", help="the split the leaves hold (checked against their provenance)")
+    add_config_args(ap, "postprocess", ["max_per_class"])
     sp = sub.add_parser("search", help="search a tree on one split, confirm on another")
     sp.add_argument("--search-leaves", required=True, nargs="+", metavar="NAME=PATH")
     sp.add_argument("--check-leaves", required=True, nargs="+", metavar="NAME=PATH")
@@ -604,6 +608,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sp.add_argument("--log", required=True, type=Path, help="JSONL search log (resumed when it exists)")
     sp.add_argument("--scores", required=True, type=Path, help="summary JSON")
     add_config_args(sp, "autoensemble", SearchSettings.__dataclass_fields__)
+    add_config_args(sp, "postprocess", ["max_per_class"])
     sp.add_argument("--cache-mb", type=int, default=1024, help="node-output cache per split")
     sp.add_argument("--stale-log", choices=("error", "restart"), default="error",
                     help="a log written by a search with other settings or inputs: an error, or set aside "

@@ -1,13 +1,16 @@
 """Naive ensemble of several models' detections (see :mod:`stages.ops.ensemble` for the formulas).
 
     python -m stages.ensemble --detections a.parquet b.parquet --ap-metrics a.json b.json --out out.parquet \
-        [--reweight true --vote true --k 4 --score-weight 0.05 --box-weight 0.7 --min-iou 0 --method adj_nms] \
-        [--iou-thr 0.5 --sigma 0.5 --score-thr 0.001 --max-per-image 300] [--expand-hierarchy hierarchy.parquet]
+        [--reweight true --merge-views true --vote true --k 4 --score-weight 0.05 --box-weight 0.7 --min-iou 0] \
+        [--method adj_nms --iou-thr 0.5 --sigma 0.5 --score-thr 0.001 --max-per-image 300 --max-per-class 4000] \
+        [--expand-hierarchy hierarchy.parquet]
 
 Options named after keys of the config's ``ensemble`` section (and, for the suppression, of the ``postprocess``
 section) take those keys' schema defaults. AP files: the metric JSON of stages.evaluate, one per detections file
-(none with ``--reweight false``). Processed in image shards over all inputs together, so memory stays flat with
-the number of images.
+(none with ``--reweight false``). With ``--merge-views true`` the test-time views of each model (the infer
+stage's ``scale`` / ``flip`` columns) are merged per model before the models are ensembled; ``--max-per-class``
+bounds every pool per (image, class) before its pairwise steps. Processed in image shards over all inputs
+together, so memory stays flat with the number of images.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from stages.ops.nms import top_per_image
 log = logging.getLogger(__name__)
 
 #: config keys of the ``ensemble`` section, and of the ``postprocess`` section (the final suppression), it reads
-ENSEMBLE_KEYS = ("method", "reweight", "vote", "k", "score_weight", "box_weight", "min_iou")
-SUPPRESS_KEYS = ("iou_thr", "sigma", "score_thr", "max_per_image")
+ENSEMBLE_KEYS = ("method", "reweight", "merge_views", "vote", "k", "score_weight", "box_weight", "min_iou")
+SUPPRESS_KEYS = ("iou_thr", "sigma", "score_thr", "max_per_image", "max_per_class")
 
 
 @stage_main
@@ -67,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     k = a.k if a.vote else 0
     t0 = time.perf_counter()
     prov = {"stage": "ensemble", "inputs": [str(d) for d in a.detections], "class_filters": a.class_filters,
-            "reweight": a.reweight, "k": k,
+            "reweight": a.reweight, "merge_views": a.merge_views, "k": k, "max_per_class": a.max_per_class,
             "score_weight": a.score_weight, "box_weight": a.box_weight, "min_iou": a.min_iou, "method": a.method,
             "iou_thr": a.iou_thr, "sigma": a.sigma, "score_thr": a.score_thr, "max_per_image": a.max_per_image}
     n_in = 0
@@ -84,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         n_in += sum(len(f) for f in frames)
         out = naive_ensemble(frames, ap_per_model=aps, k=k, score_weight=a.score_weight, box_weight=a.box_weight,
                              min_iou=a.min_iou, method=a.method, iou_thr=a.iou_thr, sigma=a.sigma,
-                             score_thr=a.score_thr, device=a.device)
+                             score_thr=a.score_thr, max_per_class=a.max_per_class, merge_views=a.merge_views,
+                             device=a.device)
         return top_per_image(out, max_per_image=a.max_per_image) if a.max_per_image else out
 
     with TableWriter(a.out, "detections", provenance=prov) as w:

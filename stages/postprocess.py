@@ -2,7 +2,8 @@
 rescoring, a per-image cap.
 
     python -m stages.postprocess --detections in.parquet --out out.parquet [--method adj_nms --iou-thr 0.5 \
-        --sigma 0.5 --score-thr 0.001 --max-per-image 300] [--expand-hierarchy hierarchy.json|hierarchy.parquet] \
+        --sigma 0.5 --score-thr 0.001 --max-per-image 300 --max-per-class 4000] \
+        [--expand-hierarchy hierarchy.json|hierarchy.parquet] \
         [--relations stats.json [--conf-thr 0.5 --cooc-weight 0.5 ...]] [--scale 288 --flip true]
 
 Every option named after a key of the config's ``postprocess`` section takes that key's schema default.
@@ -35,8 +36,8 @@ from stages.ops.relations import RelationStats, rescore
 
 log = logging.getLogger(__name__)
 
-#: config keys of the suppression (the ensemble's suppression reads the last four too)
-SUPPRESS_KEYS = ("method", "iou_thr", "sigma", "score_thr", "max_per_image")
+#: config keys of the suppression (the ensemble's suppression reads all but the method too)
+SUPPRESS_KEYS = ("method", "iou_thr", "sigma", "score_thr", "max_per_image", "max_per_class")
 
 
 @dataclass(frozen=True)
@@ -52,16 +53,18 @@ class RescoreParams:
 
 
 def postprocess(dets: pd.DataFrame, *, method: str, iou_thr: float, sigma: float, score_thr: float,
-                max_per_image: int, hierarchy: Hierarchy | None = None, relations: RelationStats | None = None,
-                rescore_params: RescoreParams | None = None, device: object = None) -> pd.DataFrame:
-    """expand (if ``hierarchy``) -> suppress with ``method`` -> rescore (if ``relations``, with
-    ``rescore_params``) -> keep the ``max_per_image`` best per image (0 = all). Returns a detections table sorted
-    by image_id, score desc."""
+                max_per_image: int, max_per_class: int | None = None, hierarchy: Hierarchy | None = None,
+                relations: RelationStats | None = None, rescore_params: RescoreParams | None = None,
+                device: object = None) -> pd.DataFrame:
+    """expand (if ``hierarchy``) -> keep the ``max_per_class`` best per (image, class) (None: all; not with
+    ``method`` none) and suppress with ``method`` -> rescore (if ``relations``, with ``rescore_params``) -> keep
+    the ``max_per_image`` best per image (0 = all). Returns a detections table sorted by image_id, score desc."""
     if relations is not None and rescore_params is None:
         raise ValueError("relations need rescore_params")
     if hierarchy is not None:
         dets = expand_hierarchy(dets, hierarchy)
-    out = suppress(dets, method=method, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr, device=device)
+    out = suppress(dets, method=method, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr,
+                   max_per_class=max_per_class, device=device)
     if relations is not None:
         out = rescore(out, relations, **asdict(rescore_params))
     if max_per_image:
@@ -109,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rp = RescoreParams(**{k: getattr(a, k) for k in RescoreParams.__dataclass_fields__})
     prov = {"stage": "postprocess", "input": [str(d) for d in a.detections], "method": a.method,
             "iou_thr": a.iou_thr, "sigma": a.sigma, "score_thr": a.score_thr, "max_per_image": a.max_per_image,
+            "max_per_class": a.max_per_class,
             "expand_hierarchy": str(a.expand_hierarchy) if a.expand_hierarchy else None,
             "relations": str(a.relations) if a.relations else None, "rescore": asdict(rp) if relations else None,
             "view": {"scale": a.scale, "flip": a.flip},
@@ -124,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         nonlocal n_in
         n_in += len(dets)
         return postprocess(dets, method=a.method, iou_thr=a.iou_thr, sigma=a.sigma, score_thr=a.score_thr,
-                           max_per_image=a.max_per_image, hierarchy=hierarchy, relations=relations,
+                           max_per_image=a.max_per_image, max_per_class=a.max_per_class, hierarchy=hierarchy,
+                           relations=relations,
                            rescore_params=rp, device=a.device)
 
     with TableWriter(a.out, "detections", provenance=prov) as w:

@@ -19,6 +19,17 @@ at the k-th place votes is unspecified) and becomes
 unchanged, ``k = 0`` is the identity). Boxes of the same model do not vote for each other, so a one-model
 ensemble is exactly that model's post-processing (``suppress`` with the same method and thresholds).
 The voted pool then goes through adj-NMS (or the chosen :data:`~stages.ops.nms.METHODS`).
+
+Test-time views (``merge_views``): a model's detections inferred at several test scales and/or flipped (the
+``scale`` and ``flip`` columns of the infer stage) are first merged per model, with the same operators as
+across models (its views vote for each other, then the suppression), and the per-model results are then
+ensembled across models. So a pool never holds more than one model's views, and every model comes into the
+ensemble with one box per object, as a one-view model does. A model with one view comes in as it is; a
+one-model ensemble is its view merge (one view: exactly its post-processing).
+
+Bounds (``max_per_class``): before every vote and suppression only the ``max_per_class`` highest-scoring boxes
+of each (image, class) of the pool take part (:func:`stages.ops.nms.cap_per_group`), so the pairwise
+``[N, N]`` blocks stay bounded however many boxes the models propose for a crowded (parent) class.
 """
 
 from __future__ import annotations
@@ -44,7 +55,18 @@ from stages.ops._array import (
     xp,
 )
 from stages.ops.boxes import box_iou
-from stages.ops.nms import frame_arrays, frame_groups, group_blocks, group_ids, suppress_arrays, take_sorted
+from stages.ops.nms import (
+    cap_per_group,
+    frame_arrays,
+    frame_groups,
+    group_blocks,
+    group_ids,
+    suppress_arrays,
+    take_sorted,
+)
+
+#: the columns that tell a model's test-time views apart (written by the infer stage)
+VIEW_COLUMNS = ("scale", "flip")
 
 
 def ap_factors(ap_per_model: Sequence[Mapping[str, float | None]]) -> list[dict[str, float]]:
@@ -131,14 +153,56 @@ def vote(dets: pd.DataFrame, sources: np.ndarray, *, k: int = 4, score_weight: f
     return out
 
 
+def view_ids(dets: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """``(int64 view index per row, number of views)``: the distinct (``scale``, ``flip``) of a model's
+    detections; one view when the table has neither column."""
+    cols = [c for c in VIEW_COLUMNS if c in dets]
+    if not cols or len(dets) == 0:
+        return np.zeros(len(dets), dtype=np.int64), min(len(dets), 1)
+    ids = dets.groupby(cols, sort=True, dropna=False, observed=True).ngroup().to_numpy(np.int64)
+    return ids, int(ids.max()) + 1
+
+
+def merge_pool(pooled: pd.DataFrame, sources: np.ndarray, *, k: int = 4, score_weight: float = 0.05,
+               box_weight: float = 0.7, min_iou: float = 0.0, method: str = "adj_nms", iou_thr: float = 0.5,
+               sigma: float = 0.5, score_thr: float = 0.001, max_per_class: int | None = None,
+               device: object = None) -> pd.DataFrame:
+    """One pool of detections from several ``sources`` (models, or one model's views): keep the
+    ``max_per_class`` best per (image, class) (None: all), top-k vote across sources (``k = 0``: no vote), then
+    suppress with ``method``. Returns a detections table sorted by image_id, score descending."""
+    if len(pooled) == 0:
+        return pooled.reset_index(drop=True)
+    boxes, scores = frame_arrays(pooled, default_backend(device))
+    img, n_img, gid = frame_groups(pooled)
+    groups, src = like(gid, scores), like(np.asarray(sources, dtype=np.int64), scores)
+    rows = None
+    if max_per_class is not None:
+        idx = cap_per_group(groups, scores, max_per_class=max_per_class)
+        if len(idx) < len(scores):
+            boxes, scores, groups, src, rows = boxes[idx], scores[idx], groups[idx], src[idx], to_numpy(idx)
+    if k > 0:
+        boxes, scores = topk_vote(boxes, scores, groups, src, k=k, score_weight=score_weight,
+                                  box_weight=box_weight, min_iou=min_iou)
+    keep, new = suppress_arrays(boxes, scores, groups, method=method, iou_thr=iou_thr, sigma=sigma,
+                                score_thr=score_thr)
+    keep = to_numpy(keep)
+    kept_boxes = to_numpy(boxes)[keep]
+    if rows is not None:
+        keep = rows[keep]
+    return take_sorted(pooled, img, keep, to_numpy(new), kept_boxes, n_img=n_img)
+
+
 def naive_ensemble(dets_per_model: Sequence[pd.DataFrame], *,
                    ap_per_model: Sequence[Mapping[str, float | None]] | None = None,
                    k: int = 4, score_weight: float = 0.05, box_weight: float = 0.7, min_iou: float = 0.0,
                    method: str = "adj_nms", iou_thr: float = 0.5, sigma: float = 0.5, score_thr: float = 0.001,
+                   max_per_class: int | None = None, merge_views: bool = True,
                    device: object = None) -> pd.DataFrame:
-    """Re-weight each model by per-class AP (skipped when ``ap_per_model`` is None), pool, top-k vote across
-    models (``k = 0`` skips it), then suppress with ``method`` (default adj-NMS). Returns a detections table
-    sorted by image_id, score descending. ``device``: None = CUDA when available, else numpy on the CPU.
+    """Re-weight each model by per-class AP (skipped when ``ap_per_model`` is None), merge each model's
+    test-time views (``merge_views``; see module doc), pool, keep the ``max_per_class`` best per (image, class)
+    (None: all), top-k vote across models (``k = 0`` skips it), then suppress with ``method`` (default adj-NMS).
+    Returns a detections table sorted by image_id, score descending. ``device``: None = CUDA when available,
+    else numpy on the CPU.
     """
     if not dets_per_model:
         raise ValueError("naive_ensemble needs at least one model's detections")
@@ -147,17 +211,15 @@ def naive_ensemble(dets_per_model: Sequence[pd.DataFrame], *,
     frames = list(dets_per_model)
     if ap_per_model is not None:
         frames = [reweight(d, f) for d, f in zip(frames, ap_factors(ap_per_model))]
+    ops = dict(k=k, score_weight=score_weight, box_weight=box_weight, min_iou=min_iou, method=method,
+               iou_thr=iou_thr, sigma=sigma, score_thr=score_thr, max_per_class=max_per_class, device=device)
+    merged = False
+    if merge_views:
+        for i, d in enumerate(frames):
+            views, n_views = view_ids(d)
+            if n_views > 1:
+                frames[i], merged = merge_pool(d, views, **ops), True
+        if merged and len(frames) == 1:
+            return frames[0]     # one model: its views are merged and suppressed already
     sources = np.concatenate([np.full(len(d), i, dtype=np.int64) for i, d in enumerate(frames)])
-    pooled = concat(frames)
-    if len(pooled) == 0:
-        return pooled
-    boxes, scores = frame_arrays(pooled, default_backend(device))
-    img, n_img, gid = frame_groups(pooled)
-    groups = like(gid, scores)
-    if k > 0:
-        boxes, scores = topk_vote(boxes, scores, groups, like(sources, scores), k=k, score_weight=score_weight,
-                                  box_weight=box_weight, min_iou=min_iou)
-    keep, new = suppress_arrays(boxes, scores, groups, method=method, iou_thr=iou_thr, sigma=sigma,
-                                score_thr=score_thr)
-    keep = to_numpy(keep)
-    return take_sorted(pooled, img, keep, to_numpy(new), to_numpy(boxes)[keep], n_img=n_img)
+    return merge_pool(concat(frames), sources, **ops)

@@ -96,6 +96,30 @@ def segment_order(keys: np.ndarray, scores: np.ndarray, n_keys: int | None = Non
     return _layout(keys, np.asarray(scores, dtype=np.float64), n_keys)[0]
 
 
+def cap_per_group(groups: Array, scores: Array, *, max_per_class: int) -> Array:
+    """Indices (ascending) of the boxes among the ``max_per_class`` highest-scoring of their group (ties: the
+    lower index first); every box of a group with at most ``max_per_class`` boxes is kept.
+
+    ``groups [M]`` int (one id per image and class), ``scores [M]``; numpy arrays or tensors (the indices come
+    back as the same kind). Bounds the ``N`` of every pairwise ``[N, N]`` block built on the result. Only the
+    boxes of groups over the cap are sorted (by group, then score: :func:`segment_order`); no loop per group.
+    """
+    if max_per_class < 1:
+        raise ValueError(f"max_per_class must be >= 1, not {max_per_class}")
+    keys, n_keys = _dense(to_numpy(groups))
+    counts = np.bincount(keys, minlength=n_keys)
+    over = counts > max_per_class
+    if not over.any():
+        return arange_like(len(keys), scores)
+    rows = np.flatnonzero(over[keys])                          # the boxes of the groups over the cap, ascending
+    order = segment_order(keys[rows], to_numpy(scores)[rows], n_keys)
+    sk = keys[rows][order]                                     # sorted: each group's boxes by score descending
+    rank = np.arange(len(sk)) - np.searchsorted(sk, sk)
+    keep = np.ones(len(keys), dtype=bool)
+    keep[rows[order[rank >= max_per_class]]] = False
+    return like(np.flatnonzero(keep), scores)
+
+
 class Blocks(NamedTuple):
     """Boxes laid out for batched per-group work: ``perm`` lists every box once, groups of equal size ``N``
     contiguous, each group sorted by score descending (ties: lower index first); ``spans`` are
@@ -264,8 +288,17 @@ METHODS = ("nms", "soft_nms", "soft_nms_linear", "adj_nms", "none")
 
 
 def suppress_arrays(boxes: Array, scores: Array, groups: Array, *, method: str, iou_thr: float = 0.5,
-                    sigma: float = 0.5, score_thr: float = 0.001) -> tuple[Array, Array]:
-    """Dispatch one of :data:`METHODS`; returns ``(keep, new_scores of keep)``, ``keep`` in no set order."""
+                    sigma: float = 0.5, score_thr: float = 0.001,
+                    max_per_class: int | None = None) -> tuple[Array, Array]:
+    """Dispatch one of :data:`METHODS`; returns ``(keep, new_scores of keep)``, ``keep`` in no set order.
+    ``max_per_class``: before a pairwise method (not ``none``), only the ``max_per_class`` highest-scoring
+    boxes of each group take part (:func:`cap_per_group`; None: all)."""
+    if max_per_class is not None and method != "none":
+        idx = cap_per_group(groups, scores, max_per_class=max_per_class)
+        if len(idx) < len(scores):
+            keep, new = suppress_arrays(boxes[idx], scores[idx], groups[idx], method=method, iou_thr=iou_thr,
+                                        sigma=sigma, score_thr=score_thr)
+            return idx[keep], new
     if method == "none":
         keep = (scores > score_thr).nonzero()[0] if is_numpy(scores) else (scores > score_thr).nonzero()[:, 0]
         return keep, scores[keep]
@@ -302,10 +335,12 @@ def frame_groups(dets: pd.DataFrame) -> tuple[np.ndarray, int, np.ndarray]:
 
 
 def suppress(dets: pd.DataFrame, *, method: str = "adj_nms", iou_thr: float = 0.5, sigma: float = 0.5,
-             score_thr: float = 0.001, device: object = None) -> pd.DataFrame:
+             score_thr: float = 0.001, max_per_class: int | None = None, device: object = None) -> pd.DataFrame:
     """Apply one of :data:`METHODS` per (image_id, label) to a ``detections`` table.
 
     ``soft_nms`` is gaussian, ``soft_nms_linear`` linear. ``none`` only drops scores <= ``score_thr``.
+    ``max_per_class``: the other methods see only the ``max_per_class`` best rows of each (image_id, label)
+    (:func:`cap_per_group`; None: all).
     Returns the surviving rows (all columns kept) with their new scores, sorted by image_id then score
     descending. ``device``: None = CUDA when available, else numpy on the CPU (see
     :func:`stages.ops._array.default_backend`).
@@ -318,7 +353,7 @@ def suppress(dets: pd.DataFrame, *, method: str = "adj_nms", iou_thr: float = 0.
     boxes, scores = frame_arrays(dets, backend)
     img, n_img, groups = frame_groups(dets)
     keep, new = suppress_arrays(boxes, scores, like(groups, scores), method=method, iou_thr=iou_thr,
-                                sigma=sigma, score_thr=score_thr)
+                                sigma=sigma, score_thr=score_thr, max_per_class=max_per_class)
     return take_sorted(dets, img, to_numpy(keep), to_numpy(new), n_img=n_img)
 
 

@@ -5,7 +5,9 @@ strings), built once per leaf. An inner node (:func:`merge`) takes its children'
 
 1. class filter: keeps only the listed classes of a child (``classes[i]``, e.g. an expert's);
 2. weights: multiplies child ``i``'s scores by ``weights[i]``;
-3. pools child 0's then child 1's boxes; ``merge: vote`` runs top-k voting across the two children
+3. pools child 0's then child 1's boxes and keeps the ``max_per_class`` highest-scoring of each (image, class)
+   (:func:`stages.ops.nms.cap_per_group`; a runner setting, not an operator: it bounds the pairwise blocks);
+   ``merge: vote`` runs top-k voting across the two children
    (:func:`stages.ops.ensemble.topk_vote` with ``k, score_weight, box_weight, min_iou``); ``merge: keep_best``
    drops every box that has a higher-scoring box of the other child (same image and class) with
    IoU > ``match_iou`` (ties: child 0 wins), so each matched pair goes on as its best box, untouched;
@@ -36,7 +38,7 @@ from stages.formats.columns import positions
 from stages.ops.boxes import box_iou
 from stages.ops.ensemble import topk_vote
 from stages.ops.ensemble_tree import Node, Tree
-from stages.ops.nms import group_blocks, segment_order, suppress_arrays, top_per_image
+from stages.ops.nms import cap_per_group, group_blocks, segment_order, suppress_arrays, top_per_image
 
 
 class Dets(NamedTuple):
@@ -108,9 +110,11 @@ def cross_match(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, sourc
 
 
 def merge(children: tuple[Dets, Dets], node: Node, *, n_classes: int,
-          class_masks: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> Dets:
+          class_masks: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+          max_per_class: int | None = None) -> Dets:
     """Merge two children's detections with ``node``'s operators (module doc); ``class_masks[i]`` is a bool
-    array over class indexes (child i's class filter) or None."""
+    array over class indexes (child i's class filter) or None; ``max_per_class`` caps the pool per (image,
+    class) before any pairwise step (None: no cap)."""
     parts = []
     for d, w, mask in zip(children, node.weights, class_masks):
         if mask is not None:
@@ -122,6 +126,10 @@ def merge(children: tuple[Dets, Dets], node: Node, *, n_classes: int,
     src = np.repeat(np.arange(2, dtype=np.int64), [len(p.key) for p in parts])
     if len(key) == 0:
         return Dets(key, boxes, scores)
+    if max_per_class is not None:
+        idx = cap_per_group(key, scores, max_per_class=max_per_class)
+        if len(idx) < len(key):
+            key, boxes, scores, src = key[idx], boxes[idx], scores[idx], src[idx]
     nb, ns = boxes, scores
     if node.merge == "vote" and node.k > 0:
         nb, ns = topk_vote(boxes, scores, key, src, k=node.k, score_weight=node.score_weight,
@@ -153,14 +161,16 @@ class TreeRunner:
 
     ``leaves``: name -> :class:`Dets` over ``images`` x ``labels``. The cache holds at most ``cache_bytes``
     of node outputs (least recently used dropped first); ``cache_bytes=0`` recomputes every node.
+    ``max_per_class``: every node's pool is capped per (image, class) before its pairwise steps (None: no cap).
     ``computed`` counts the node merges run.
     """
 
     def __init__(self, leaves: Mapping[str, Dets], *, images: pd.Index, labels: pd.Index,
-                 cache_bytes: int = 2 << 30):
+                 cache_bytes: int = 2 << 30, max_per_class: int | None = None):
         self.leaves = {k: v.frozen() for k, v in leaves.items()}
         self.images, self.labels = images, labels
         self.cache_bytes = cache_bytes
+        self.max_per_class = max_per_class
         self._cache: OrderedDict[str, Dets] = OrderedDict()
         self._masks: dict[tuple[str, ...], np.ndarray] = {}
         self.computed = 0
@@ -198,7 +208,8 @@ class TreeRunner:
         node = tree.nodes[name]
         kids = (self._run(tree, node.children[0], keys), self._run(tree, node.children[1], keys))
         out = merge(kids, node, n_classes=len(self.labels),
-                    class_masks=(self._mask(node.classes[0], name), self._mask(node.classes[1], name))).frozen()
+                    class_masks=(self._mask(node.classes[0], name), self._mask(node.classes[1], name)),
+                    max_per_class=self.max_per_class).frozen()
         self.computed += 1
         if self.cache_bytes > 0:
             self._cache[key] = out

@@ -111,12 +111,13 @@ def test_cli_options_are_the_schema_keys(capsys):
     from stages.core.config import schema_default
 
     a = postprocess_stage.parse_args(["--detections", "x.parquet", "--out", "y.parquet"])
-    for key in ("method", "iou_thr", "sigma", "score_thr", "max_per_image", "conf_thr", "cooc_weight",
-                "surround_thr", "min_support", "boost", "penalty"):
+    for key in ("method", "iou_thr", "sigma", "score_thr", "max_per_image", "max_per_class", "conf_thr",
+                "cooc_weight", "surround_thr", "min_support", "boost", "penalty"):
         assert getattr(a, key) == schema_default("postprocess", key), key
     assert a.expand_hierarchy is None and a.relations is None
     for argv, msg in ((["--method", "fancy"], "invalid choice: 'fancy'"),
-                      (["--min-support", "2.5"], "--min-support: invalid int value"),):
+                      (["--min-support", "2.5"], "--min-support: invalid int value"),
+                      (["--max-per-class", "many"], "--max-per-class: invalid int value"),):
         with pytest.raises(SystemExit) as e:
             postprocess_stage.parse_args(["--detections", "x", "--out", "y", *argv])
         assert e.value.code == 2 and msg in capsys.readouterr().err
@@ -240,3 +241,63 @@ def test_postprocess_of_one_test_time_view(tmp_path, capsys):
     assert postprocess_stage.main(["--detections", str(tmp_path / "plain.parquet"), "--flip", "true",
                                    "--out", str(bad)]) == 2
     assert "field 'flip': no column 'flip'" in capsys.readouterr().err and not bad.exists()
+
+
+def test_postprocess_cap_per_class(tmp_path):
+    """--max-per-class keeps each (image, class)'s best rows before the suppression (a cap above every group
+    changes nothing); the gather form (--method none) is never capped."""
+    d = _dets(5, n=600, images=3)
+    write_table(tmp_path / "in.parquet", d, "detections")
+
+    def run(name, *args):
+        out = tmp_path / f"{name}.parquet"
+        assert postprocess_stage.main(["--detections", str(tmp_path / "in.parquet"), "--max-per-image", "0",
+                                       "--rows-per-shard", "150", *args, "--out", str(out)]) == 0
+        return read_table(out, "detections")
+
+    default = run("default")
+    pd.testing.assert_frame_equal(run("large", "--max-per-class", "600"), default)
+    capped = run("capped", "--max-per-class", "4", "--method", "nms")
+    assert capped.groupby(["image_id", "label"]).size().max() <= 4
+    top = d.sort_values("score", ascending=False, kind="stable").groupby(["image_id", "label"]).head(4)
+    want = suppress(top.reset_index(drop=True), method="nms")
+    pd.testing.assert_frame_equal(_key(capped), _key(want), check_categorical=False)
+    assert read_provenance(tmp_path / "capped.parquet")["max_per_class"] == 4
+    assert len(run("gather", "--method", "none", "--score-thr", "0", "--max-per-class", "1")) == len(d)
+
+
+def test_ensemble_cli_merges_views_and_caps(tmp_path):
+    """--merge-views (default: the schema's true) merges each model's test-time views before the models;
+    --max-per-class bounds every pool."""
+    from stages.core.config import schema_default
+    from stages.ops.ensemble import naive_ensemble
+    from stages.ops.nms import top_per_image
+
+    rng = np.random.default_rng(6)
+    base = _dets(6, n=300, model="m0")
+    views = [base.assign(x_min=base.x_min + rng.normal(0, 0.01, len(base)), scale=np.int32(288), flip=f)
+             for f in (False, True)]
+    d0 = pd.concat(views, ignore_index=True)
+    d1 = _dets(7, n=300, model="m1").assign(scale=np.int32(288), flip=False)     # one view
+    write_table(tmp_path / "d0.parquet", d0, "detections")
+    write_table(tmp_path / "d1.parquet", d1, "detections")
+    args = ["--detections", str(tmp_path / "d0.parquet"), str(tmp_path / "d1.parquet"), "--reweight", "false",
+            "--rows-per-shard", "200"]
+
+    def run(name, *extra):
+        out = tmp_path / f"{name}.parquet"
+        assert ensemble_stage.main([*args, *extra, "--out", str(out)]) == 0
+        return read_table(out, "detections")
+
+    assert schema_default("ensemble", "merge_views") is True
+    merged, pooled = run("merged"), run("pooled", "--merge-views", "false")
+    frames = [read_table(tmp_path / f"d{i}.parquet", "detections") for i in range(2)]
+    for got, mv in ((merged, True), (pooled, False)):
+        want = top_per_image(naive_ensemble(frames, merge_views=mv,
+                                            max_per_class=schema_default("postprocess", "max_per_class")),
+                             max_per_image=schema_default("postprocess", "max_per_image"))
+        pd.testing.assert_frame_equal(_key(got), _key(want), check_exact=False)
+    assert not _key(merged).equals(_key(pooled))
+    assert read_provenance(tmp_path / "merged.parquet")["merge_views"] is True
+    capped = run("capped", "--max-per-class", "3", "--max-per-image", "0")
+    assert capped.groupby(["image_id", "label"]).size().max() <= 3

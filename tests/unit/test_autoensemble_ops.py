@@ -171,6 +171,36 @@ def test_two_leaf_default_tree_is_the_naive_ensemble(seed):
     _same(r.frame(weighted), naive_ensemble([a, b], ap_per_model=aps, device="cpu"))
 
 
+def _top_per_key(keys: np.ndarray, scores: np.ndarray, cap: int) -> np.ndarray:
+    """The rows among the ``cap`` best of their key, ascending (slow reference; ties: lower row first)."""
+    top = []
+    for k in np.unique(keys):
+        top += sorted(np.flatnonzero(keys == k), key=lambda i: (-scores[i], i))[:cap]
+    return np.array(sorted(top), dtype=np.int64)
+
+
+@pytest.mark.parametrize("ops", [{}, {"merge": "keep_best", "method": "nms"}, {"dropout": "scores_0"}],
+                         ids=["vote", "keep_best", "dropout"])
+def test_node_cap_per_class(ops):
+    """``max_per_class`` above every pool changes nothing; one that bites = the node on each pool's top boxes
+    (the cap comes after the class filters and weights)."""
+    a, b = _pair(5, 120, 100)
+    node = make_node(("a", "b"), weights=[1.0, 0.6], **ops)
+    kids = (_dets(a), _dets(b))
+    plain = merge(kids, node, n_classes=3)
+    np.testing.assert_array_equal(_rows(merge(kids, node, n_classes=3, max_per_class=220)), _rows(plain))
+    keys = np.concatenate([kids[0].key, kids[1].key])
+    scores = np.concatenate([kids[0].scores, kids[1].scores * 0.6])
+    top = _top_per_key(keys, scores, 6)
+    n0 = len(kids[0].key)
+    want = merge((kids[0].take(top[top < n0]), kids[1].take(top[top >= n0] - n0)), node, n_classes=3)
+    got = merge(kids, node, n_classes=3, max_per_class=6)
+    np.testing.assert_array_equal(_rows(got), _rows(want))
+    assert not np.array_equal(_rows(got), _rows(plain))
+    r = _runner({"a": a, "b": b}, max_per_class=6)
+    np.testing.assert_array_equal(_rows(r.output(Tree("n1", {"n1": node}))), _rows(got))
+
+
 # ------------------------------------------------------------------------------- caching and pruning
 
 EDITS = [{}, {"method": "nms", "iou_thr": 0.6}, {"weights": [0.5, 1.5]}, {"merge": "keep_best", "method": "none"},

@@ -43,6 +43,24 @@ def test_apply_two_leaves_equals_ensemble_stage(inputs, tmp_path):
     pd.testing.assert_frame_equal(got[COLS], want[COLS], check_exact=True)
 
 
+def test_apply_cap_per_class_equals_the_ensemble_stage_with_it(inputs, tmp_path):
+    """--max-per-class (default: the schema's) reaches every node: a two-leaf tree capped at 2 per image and
+    class is the naive ensemble stage capped alike, and differs from the uncapped one."""
+    tree = _tree_file(tmp_path / "t.json", {"root": "n1", "nodes": {"n1": {"children": ["m1", "m3"]}}})
+    leaves = inputs["leaves"]["val_a"]
+    outs = {}
+    for cap in ("2", "100000"):
+        assert _apply(inputs, tree, tmp_path / f"auto{cap}.parquet", "--max-per-class", cap) == 0
+        assert ensemble.main(["--detections", str(leaves["m1"]), str(leaves["m3"]), "--reweight", "false",
+                              "--max-per-class", cap, "--out", str(tmp_path / f"naive{cap}.parquet")]) == 0
+        got = read_table(tmp_path / f"auto{cap}.parquet", "detections")
+        pd.testing.assert_frame_equal(got[COLS], read_table(tmp_path / f"naive{cap}.parquet", "detections")[COLS],
+                                      check_exact=True)
+        outs[cap] = got
+    assert outs["2"].groupby(["image_id", "label"], observed=True).size().max() <= 2
+    assert len(outs["2"]) < len(outs["100000"])
+
+
 def test_apply_one_leaf_tree_reproduces_the_leaf(inputs, tmp_path):
     tree = _tree_file(tmp_path / "t.json", {"root": "m2"})
     assert _apply(inputs, tree, tmp_path / "out.parquet") == 0

@@ -5,9 +5,9 @@ import torch
 
 from stages.formats.hierarchy import Hierarchy
 from stages.ops._array import to_numpy
-from stages.ops.ensemble import ap_factors, naive_ensemble, reweight, topk_vote
+from stages.ops.ensemble import ap_factors, naive_ensemble, reweight, topk_vote, view_ids
 from stages.ops.hierarchy import expand_hierarchy
-from stages.ops.nms import suppress
+from stages.ops.nms import group_ids, suppress
 from tests import ops_reference as ref
 
 H = Hierarchy.from_json_obj({"LabelName": "/m/root", "Subcategory": [
@@ -100,3 +100,76 @@ def test_ensemble_reweights_and_votes():
     assert np.allclose(cat_b, want)
     voted = naive_ensemble([a, b], ap_per_model=None, k=4, method="none", score_thr=0)
     assert (voted["score"].sum() > plain["score"].sum())
+
+
+def _views(rng, n, *, model, views=((288, False), (288, True)), images=3):
+    """A model's detections at several test-time views: the same objects, jittered per view."""
+    base = _dets(rng, n, images=images, model=model)
+    out = []
+    for scale, flip in views:
+        d = base.copy()
+        for c in ("x_min", "y_min", "x_max", "y_max"):
+            d[c] = d[c] + rng.normal(0, 0.01, n)
+        d["score"] = np.clip(d["score"] + rng.normal(0, 0.05, n), 0.01, 1)
+        out.append(d.assign(scale=np.int32(scale), flip=flip))
+    return pd.concat(out, ignore_index=True)
+
+
+def test_view_ids():
+    d = pd.DataFrame({"scale": np.array([600, 800, 600, 600], np.int32), "flip": [False, False, True, False]})
+    assert view_ids(d)[0].tolist() == [0, 2, 1, 0] and view_ids(d)[1] == 3
+    assert view_ids(d[["scale"]])[1] == 2
+    assert view_ids(pd.DataFrame({"score": [0.1, 0.2]}))[0].tolist() == [0, 0]
+
+
+def test_merge_views_merges_each_models_views_first():
+    """With merge_views each model's views are ensembled like models (vote across views, then the suppression),
+    then the models are: the same as a two-level ensemble built by hand."""
+    rng = np.random.default_rng(21)
+    a, b = _views(rng, 60, model="a"), _views(rng, 60, model="b", views=((600, False), (800, False), (800, True)))
+    c = _dets(rng, 60, model="c")                      # one view (no view columns): comes in as it is
+    aps = [{"/m/cat": 0.4, "/m/dog": 0.2}, {"/m/cat": 0.2, "/m/dog": 0.3}, {"/m/cat": 0.1}]
+    out = naive_ensemble([a, b, c], ap_per_model=aps, k=4, merge_views=True)
+    f = ap_factors(aps)
+    per_model = [naive_ensemble([g for _, g in reweight(d, f[i]).groupby(["scale", "flip"])], merge_views=False)
+                 for i, d in enumerate((a, b))]
+    want = naive_ensemble([*per_model, reweight(c, f[2])], k=4, merge_views=False)
+    pd.testing.assert_frame_equal(out, want)
+    # without it every view of every model is in one pool (a model's views do not vote for each other)
+    pooled = naive_ensemble([a, b, c], ap_per_model=aps, k=4, merge_views=False)
+    assert not pooled.equals(out)
+
+
+def test_merge_views_of_one_model():
+    """A one-model ensemble is its view merge: the views vote for each other (scores only rise before the
+    suppression), then one suppression; without view columns it is the model's post-processing either way."""
+    rng = np.random.default_rng(22)
+    a = _views(rng, 80, model="a")
+    merged = naive_ensemble([a], k=4, merge_views=True)
+    views = [g for _, g in a.groupby(["scale", "flip"])]
+    pd.testing.assert_frame_equal(merged, naive_ensemble(views, k=4, merge_views=False))
+    pd.testing.assert_frame_equal(naive_ensemble([a], k=4, merge_views=False), suppress(a))
+    plain = a.drop(columns=["scale", "flip"])
+    pd.testing.assert_frame_equal(naive_ensemble([plain], k=4, merge_views=True), suppress(plain))
+    voted = naive_ensemble([a], k=4, method="none", score_thr=0, merge_views=True)
+    assert len(voted) == len(a) and voted["score"].sum() > a["score"].sum()
+
+
+def test_ensemble_cap_per_class():
+    """A cap above every pool changes nothing; a cap that bites keeps each pool's best boxes (before voting)."""
+    rng = np.random.default_rng(23)
+    a, b = _views(rng, 150, model="a", images=2), _dets(rng, 150, model="b", images=2)
+    for merge_views in (True, False):
+        plain = naive_ensemble([a, b], k=4, merge_views=merge_views)
+        pd.testing.assert_frame_equal(naive_ensemble([a, b], k=4, max_per_class=300, merge_views=merge_views),
+                                      plain)
+    capped = naive_ensemble([a, b], k=4, method="none", score_thr=0, max_per_class=5, merge_views=False)
+    pool = pd.concat([a, b], ignore_index=True)
+    g = group_ids(pool["image_id"], pool["label"])
+    assert len(capped) == np.minimum(np.bincount(np.unique(g, return_inverse=True)[1]), 5).sum()
+    # the voters are the top 5 of each pool: the same as ensembling only those rows
+    top = pool.assign(g=g).sort_values(["g", "score"], ascending=[True, False], kind="stable").groupby("g").head(5)
+    a_top, b_top = top[top.model == "a"].drop(columns="g"), top[top.model == "b"].drop(columns="g")
+    want = naive_ensemble([a_top, b_top], k=4, method="none", score_thr=0, merge_views=False)
+    pd.testing.assert_frame_equal(capped.drop(columns=["scale", "flip"]),
+                                  want.drop(columns=["scale", "flip"]), check_categorical=False)

@@ -5,7 +5,16 @@ import torch
 
 from stages.ops._array import to_numpy
 from stages.ops.boxes import box_ioa, box_iou, paired_ioa, paired_iou
-from stages.ops.nms import adj_nms, group_ids, nms, soft_nms, suppress, top_per_image
+from stages.ops.nms import (
+    adj_nms,
+    cap_per_group,
+    group_ids,
+    nms,
+    soft_nms,
+    suppress,
+    suppress_arrays,
+    top_per_image,
+)
 from tests import ops_reference as ref
 
 
@@ -180,3 +189,73 @@ def test_top_per_image():
     full = _frame(b, s, g)
     for img, grp in out.groupby("image_id"):
         assert sorted(grp["score"]) == sorted(full[full.image_id == img]["score"].nlargest(4))
+
+
+def _ref_cap(s, g, cap) -> list[int]:
+    """Slow reference: per group, the ``cap`` first boxes by (score desc, index asc)."""
+    keep = []
+    for grp in np.unique(g):
+        idx = sorted(np.flatnonzero(g == grp), key=lambda i: (-s[i], i))
+        keep += idx[:cap]
+    return sorted(keep)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("cap", [1, 3, 10])
+def test_cap_per_group_keeps_the_top_k_of_each_group(cap, ties, kind):
+    rng = np.random.default_rng(cap)
+    n = 300
+    g = np.concatenate([rng.integers(0, 6, n - 20), 1000 + np.arange(20)])   # big groups + singletons
+    g = 37 * g + 5                                                            # sparse ids
+    s = rng.integers(1, 5, n) / 4.0 if ties else rng.random(n)
+    _, ts, tg = _t(kind, np.zeros((n, 4)), s, g)
+    got = cap_per_group(tg, ts, max_per_class=cap)
+    assert type(got) is type(ts)
+    assert N(got).tolist() == _ref_cap(s, g, cap)
+    kept = np.bincount(np.unique(g, return_inverse=True)[1][N(got)])
+    full = np.bincount(np.unique(g, return_inverse=True)[1])
+    assert (kept == np.minimum(full, cap)).all()            # exactly min(size, cap) per group
+
+
+def test_cap_per_group_leaves_groups_under_the_cap_untouched(kind):
+    b, s, g = _case(11, n=200, n_groups=9)
+    _, ts, tg = _t(kind, b, s, g)
+    biggest = int(np.bincount(g).max())
+    assert N(cap_per_group(tg, ts, max_per_class=biggest)).tolist() == list(range(200))
+    # a cap that bites only the groups above it: the others keep every box
+    cap = biggest - 3
+    got = set(N(cap_per_group(tg, ts, max_per_class=cap)).tolist())
+    for grp in np.unique(g):
+        idx = np.flatnonzero(g == grp)
+        if len(idx) <= cap:
+            assert set(idx.tolist()) <= got
+        else:
+            assert len(set(idx.tolist()) & got) == cap
+    assert N(cap_per_group(tg[:0], ts[:0], max_per_class=5)).tolist() == []
+    with pytest.raises(ValueError, match="max_per_class"):
+        cap_per_group(tg, ts, max_per_class=0)
+
+
+@pytest.mark.parametrize("method", ["nms", "soft_nms", "adj_nms", "none"])
+def test_suppress_with_a_cap(method, kind):
+    """A cap above every group changes nothing; a cap that bites = suppressing the capped boxes only
+    (``none`` has no pairwise step: no cap)."""
+    b, s, g = _case(12, n=240, n_groups=5)
+    df = _frame(b, s, g)
+    plain = suppress(df, method=method, score_thr=0.01)
+    pd.testing.assert_frame_equal(suppress(df, method=method, score_thr=0.01, max_per_class=240), plain)
+    capped = suppress(df, method=method, score_thr=0.01, max_per_class=10)
+    if method == "none":
+        pd.testing.assert_frame_equal(capped, plain)
+        return
+    gid = group_ids(df["image_id"], df["label"])
+    top = np.asarray(_ref_cap(s, gid, 10))
+    pd.testing.assert_frame_equal(capped, suppress(df.iloc[top].reset_index(drop=True), method=method,
+                                                   score_thr=0.01))
+    assert capped.groupby(["image_id", "label"]).size().max() <= 10
+    # the array op maps the kept boxes back to the input rows
+    tb, ts, tg = _t(kind, b, s, gid)
+    keep, new = suppress_arrays(tb, ts, tg, method=method, score_thr=0.01, max_per_class=10)
+    assert set(N(keep).tolist()) <= set(top.tolist())
+    if method == "nms":
+        assert np.array_equal(N(new), s[N(keep)])

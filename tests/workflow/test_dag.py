@@ -197,7 +197,7 @@ def test_autoensemble_leaves_of_models_experts_and_naive_groups(tmp_path):
     apply = command(lines, "autoensemble", "results/autoensemble/default/search_val_a/test/shard0.parquet")
     assert "all.naive=results/ensemble/default/all/test/shard0.parquet" in apply
     assert "tiny_x=results/postprocess/default/tiny_x/test/shard0.parquet" in apply
-    assert "view" not in " ".join(lines) and counts["autoensemble_search"] == 1
+    assert "/view" not in " ".join(lines) and counts["autoensemble_search"] == 1   # no view variants
 
 
 def test_the_default_run_has_an_expert_mined_trained_scored_and_merged(tmp_path):

@@ -39,6 +39,7 @@ rule autoensemble_search:
         choice=AUTO["choice"],
         guard=AUTO["guard"],
         max_per_image=AUTO["max_per_image"],
+        max_per_class=config["postprocess"]["max_per_class"],
     threads: RES["autoensemble_search"]["threads"]
     resources:
         mem_mb=rule_mem("autoensemble_search"),
@@ -53,6 +54,7 @@ rule autoensemble_search:
         " --max-candidates {params.max_candidates} --max-minutes {params.max_minutes} --seed {params.seed}"
         " --shape-share {params.shape_share} --node-trials {params.node_trials} --confirm-top {params.confirm_top}"
         " --choice {params.choice} --guard {params.guard} --max-per-image {params.max_per_image}"
+        " --max-per-class {params.max_per_class}"
         " --stale-log restart --out-tree {output.tree:q} --log {output.log:q} --scores {output.scores:q}"
         " > {log:q} 2>&1"
 
@@ -70,6 +72,7 @@ rule autoensemble_apply:
         "benchmarks/autoensemble_apply/{search}/{split}/shard{shard}.tsv"
     params:
         leaves=lambda wc: named(auto_leaves(wc.split, wc.shard)),
+        max_per_class=config["postprocess"]["max_per_class"],
     threads: RES["autoensemble_apply"]["threads"]
     resources:
         mem_mb=rule_mem("autoensemble_apply"),
@@ -78,4 +81,5 @@ rule autoensemble_apply:
         ENV
     shell:
         "python -m stages.autoensemble apply --tree {input.tree:q} --leaves {params.leaves}"
-        " --classes {input.classes:q} --split {wildcards.split} --out {output.dets:q} > {log:q} 2>&1"
+        " --classes {input.classes:q} --split {wildcards.split} --max-per-class {params.max_per_class}"
+        " --out {output.dets:q} > {log:q} 2>&1"

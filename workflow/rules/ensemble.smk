@@ -1,5 +1,6 @@
 # The naive ensemble (paper §4.1) per variant, group, split and image shard: PFDet per-class AP re-weighting +
-# top-k voting + adj-NMS over each group's models' raw (hierarchy-expanded, not yet suppressed) detections, as
+# each model's test-time views merged per model (merge_views) + top-k voting + adj-NMS over each group's models'
+# raw (hierarchy-expanded, not yet suppressed) detections, capped per image and class (max_per_class), as
 # configured (variant `default`) or as an ablation variant changes it. The AP weights of a split come from the
 # *other* validation split (val_a <- val_b, val_b <- val_a, test <- val_a), so neither validation score is tuned
 # on itself.
@@ -18,6 +19,7 @@ rule ensemble:
         variant=one_of(ENSEMBLE),
     params:
         reweight=variant_key(ENSEMBLE, "reweight"),
+        merge_views=variant_key(ENSEMBLE, "merge_views"),
         vote=variant_key(ENSEMBLE, "vote"),
         k=variant_key(ENSEMBLE, "k"),
         score_weight=variant_key(ENSEMBLE, "score_weight"),
@@ -30,6 +32,7 @@ rule ensemble:
         sigma=config["postprocess"]["sigma"],
         score_thr=config["postprocess"]["score_thr"],
         max_per_image=config["postprocess"]["max_per_image"],
+        max_per_class=config["postprocess"]["max_per_class"],
     threads: RES["ensemble"]["threads"]
     resources:
         mem_mb=rule_mem("ensemble"),
@@ -40,6 +43,8 @@ rule ensemble:
         "python -m stages.ensemble --detections {input.dets:q} --expand-hierarchy {input.hierarchy:q}"
         " --reweight {params.reweight} --ap-metrics {input.aps:q} --vote {params.vote} --k {params.k}"
         " --score-weight {params.score_weight} --box-weight {params.box_weight} --min-iou {params.min_iou}"
+        " --merge-views {params.merge_views}"
         " {params.class_filters} --method {params.method} --iou-thr {params.iou_thr} --sigma {params.sigma}"
-        " --score-thr {params.score_thr} --max-per-image {params.max_per_image} --out {output.dets:q}"
+        " --score-thr {params.score_thr} --max-per-image {params.max_per_image}"
+        " --max-per-class {params.max_per_class} --out {output.dets:q}"
         " > {log:q} 2>&1"

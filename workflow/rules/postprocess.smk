@@ -47,6 +47,7 @@ rule postprocess:
         sigma=variant_key(POSTPROCESS, "sigma"),
         score_thr=variant_key(POSTPROCESS, "score_thr"),
         max_per_image=variant_key(POSTPROCESS, "max_per_image"),
+        max_per_class=variant_key(POSTPROCESS, "max_per_class"),
         conf_thr=variant_key(POSTPROCESS, "conf_thr"),
         cooc_weight=variant_key(POSTPROCESS, "cooc_weight"),
         surround_thr=variant_key(POSTPROCESS, "surround_thr"),
@@ -65,7 +66,7 @@ rule postprocess:
         "python -m stages.postprocess --detections {input.dets:q} --expand-hierarchy {input.hierarchy:q}"
         " --method {params.method} --iou-thr {params.iou_thr} --sigma {params.sigma}"
         " --score-thr {params.score_thr} --max-per-image {params.max_per_image}"
-        " --relations {input.relations:q} --conf-thr {params.conf_thr} --cooc-weight {params.cooc_weight}"
+        " --max-per-class {params.max_per_class} --relations {input.relations:q} --conf-thr {params.conf_thr} --cooc-weight {params.cooc_weight}"
         " --surround-thr {params.surround_thr} --min-support {params.min_support} --boost {params.boost}"
         " --penalty {params.penalty} --scale {params.scale} --flip {params.flip} --out {output.dets:q} > {log:q} 2>&1"
 
