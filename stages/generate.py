@@ -61,7 +61,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -539,6 +539,22 @@ def mark_occluded(objects: list[PlannedObject], unit_of: list[int]) -> list[Plan
             for o, hit in zip(objects, covered)]
 
 
+def lay_out(rng: np.random.Generator, units: Iterable[Sequence[PlannedObject]], *, size: tuple[int, int],
+            k: Difficulty) -> list[PlannedObject]:
+    """Place each unit (drawn lazily, so its random draws interleave with the placement's) where it fits in an
+    image of ``size``, then mark occlusions (level > 0)."""
+    placed: list[tuple[int, int, int, int]] = []
+    objects: list[PlannedObject] = []
+    unit_of: list[int] = []
+    for unit in units:
+        at = place(rng, unit, size=size, objects=objects, placed=placed, k=k)
+        if at is not None:
+            placed.append(at)
+            unit_of += [len(placed)] * len(unit)
+            objects += [o.moved(at[0], at[1]) for o in unit]
+    return mark_occluded(objects, unit_of) if k.hard else objects
+
+
 def verified_absent(rng: np.random.Generator, present: set[str]) -> tuple[str, ...]:
     """1-3 verified-absent leaf labels of a labelled image, preferring the confusable partner of a present
     class."""
@@ -561,18 +577,7 @@ def plan_image(rng: np.random.Generator, image_id: str, split: str, size: tuple[
     verified-absent labels (labelled images) and the seed of its rendering."""
     lo, hi = size
     w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-    placed: list[tuple[int, int, int, int]] = []
-    objects: list[PlannedObject] = []
-    unit_of: list[int] = []
-    for lab in primaries:
-        unit = units(lab)
-        at = place(rng, unit, size=(w, h), objects=objects, placed=placed, k=k)
-        if at is not None:
-            placed.append(at)
-            unit_of += [len(placed)] * len(unit)
-            objects += [o.moved(at[0], at[1]) for o in unit]
-    if k.hard:
-        objects = mark_occluded(objects, unit_of)
+    objects = lay_out(rng, (units(lab) for lab in primaries), size=(w, h), k=k)
     objects = [o.moved(0, 0, box_id=f"{int(rng.integers(0, 2**32)):08x}") if o.boxed else o for o in objects]
     negatives = verified_absent(rng, {o.label for o in objects if o.boxed}) if split == "train" else ()
     return PlannedImage(image_id, split, w, h, int(rng.integers(0, 2**63)), tuple(objects), negatives, k.level)
@@ -674,19 +679,9 @@ def plan_external(*, n_images: int, image_size: tuple[int, int] = (256, 320), se
     out = []
     for image_id in _external_ids(seed, n_images):
         w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-        placed: list[tuple[int, int, int, int]] = []
-        objs: list[PlannedObject] = []
-        unit_of: list[int] = []
-        for _ in range(int(rng.integers(2, 6))):
-            cat = tx.EXTERNAL_CATEGORIES[int(rng.integers(len(tx.EXTERNAL_CATEGORIES)))]
-            unit = _external_unit(rng, cat, objects, units, group_of_rate)
-            at = place(rng, unit, size=(w, h), objects=objs, placed=placed, k=k)
-            if at is not None:
-                placed.append(at)
-                unit_of += [len(placed)] * len(unit)
-                objs += [o.moved(at[0], at[1]) for o in unit]
-        if k.hard:
-            objs = mark_occluded(objs, unit_of)
+        drawn = (_external_unit(rng, tx.EXTERNAL_CATEGORIES[int(rng.integers(len(tx.EXTERNAL_CATEGORIES)))],
+                                objects, units, group_of_rate) for _ in range(int(rng.integers(2, 6))))
+        objs = lay_out(rng, drawn, size=(w, h), k=k)
         out.append(PlannedImage(image_id, "train", w, h, int(rng.integers(0, 2**63)), tuple(objs), (), k.level))
     return tuple(out)
 
