@@ -110,12 +110,18 @@ def test_duplicate_image_ids_are_rejected():
         DetectionDataset(images, boxes, {"x": 1})
 
 
-def _data(tables, cfg, *, iters=2, rank=0, world=1, weights="pairs"):
+def _train_tables(tables):
+    """The train split's images and all boxes of the tiny dataset."""
     out, splits = tables
     images = read_table(out / "images.parquet", "images")
     boxes = read_table(out / "boxes.parquet", "boxes")
     sp = read_table(splits, "splits")
     images = images[images["image_id"].isin(sp.loc[sp["split"] == "train", "image_id"])]
+    return images, boxes
+
+
+def _data(tables, cfg, *, iters=2, rank=0, world=1, weights="pairs"):
+    images, boxes = _train_tables(tables)
     pairs = boxes[boxes["image_id"].isin(images["image_id"])][["image_id", "label"]].drop_duplicates()
     w = pairs.assign(weight=1.0) if weights == "pairs" else None
     labels = sorted(pairs["label"].unique())
@@ -180,11 +186,7 @@ def test_batches_do_not_depend_on_the_worker_count(tables, augment):
 
 
 def test_training_with_two_workers_is_reproducible_and_matches_no_workers(tables, tmp_path):
-    out, splits = tables
-    images = read_table(out / "images.parquet", "images")
-    boxes = read_table(out / "boxes.parquet", "boxes")
-    sp = read_table(splits, "splits")
-    images = images[images["image_id"].isin(sp.loc[sp["split"] == "train", "image_id"])]
+    images, boxes = _train_tables(tables)
     cfg = {**TINY, "augment": "elaborate", "full_class_batch": True}
     runs = []
     for name, workers in (("w2a", 2), ("w2b", 2), ("w0", 0)):
@@ -226,11 +228,7 @@ def test_prune_keeps_the_latest_complete_and_the_window_as_weights(tmp_path):
 
 
 def test_retention_and_resume_after_pruning(tables, tmp_path):
-    out, splits = tables
-    images = read_table(out / "images.parquet", "images")
-    boxes = read_table(out / "boxes.parquet", "boxes")
-    sp = read_table(splits, "splits")
-    images = images[images["image_id"].isin(sp.loc[sp["split"] == "train", "image_id"])]
+    images, boxes = _train_tables(tables)
     cfg = {**TINY, "epochs": 4, "lr_steps": [3], "iters_per_epoch": 1, "average_epochs": [3, 4]}
     kw = {"cfg": cfg, "images": images, "boxes": boxes, "weights": None, "device": torch.device("cpu")}
     full = train.train(ckpt_dir=tmp_path / "full", **kw)
