@@ -18,7 +18,7 @@ The search (:class:`Search`) is scored in process with the challenge metric on t
 1. tree shape, every node with the default operators (equal child weights): each leaf alone, then the leaves
    inserted best-first, each at the edge of the current tree where the mAP is highest, then passes that take
    out one leaf at a time (worst first) and put it back where it scores best, while that improves the mAP;
-2. operators on the fixed shape: node by node, children before parents, an optuna TPE study (seeded) over the
+2. operators on the fixed shape: node by node, parents before children, an optuna TPE study (seeded) over the
    node's operators with the others fixed, starting from the current ones; passes until the budget is spent or
    a pass brings no gain;
 3. the ``--confirm-top`` best trees of the search split are scored on the check split and one is chosen by
@@ -412,7 +412,9 @@ class Search:
             pass
 
     def search_operators(self, tree: Tree) -> Tree:
-        inner = [v for v in tree.walk() if not tree.is_leaf(v)]
+        # parents before children: the nodes nearest the root act on every box and hold the leaves that stage 1
+        # placed last (the weakest alone, or those it had no budget left to place)
+        inner = [v for v in tree.walk() if not tree.is_leaf(v)][::-1]
         visit = 0
         while inner and self._left():
             before = self.best.score

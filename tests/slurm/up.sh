@@ -103,7 +103,7 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
-# GPUs as generic resources backed by stand-in devices (gres.conf): `--gpus=N` is accepted and scheduled, and
+# GPUs as generic resources backed by stand-in devices (gres.conf): "--gpus=N" is accepted and scheduled, and
 # sacct's AllocTRES shows gres/gpu.
 GresTypes=gpu
 AccountingStorageTRES=gres/gpu

@@ -102,6 +102,20 @@ def test_ensemble_reweights_and_votes():
     assert (voted["score"].sum() > plain["score"].sum())
 
 
+def test_a_model_with_ap_0_on_a_class_leaves_it_untouched():
+    rng = np.random.default_rng(9)
+    a, b = _dets(rng, 80, model="a"), _dets(rng, 80, model="b")
+    aps = [{"/m/cat": 0.4, "/m/dog": 0.3}, {"/m/cat": 0.0, "/m/dog": 0.3}]
+    both = naive_ensemble([a, b], ap_per_model=aps, k=4, method="adj_nms", score_thr=0)
+    cats = both[both.label == "/m/cat"]
+    assert set(cats["model"]) == {"a"}     # b has no say on cats: no box, and no vote on a's boxes
+    cols = ["image_id", "label", "x_min", "y_min", "x_max", "y_max", "score"]
+    alone = naive_ensemble([a[a.label == "/m/cat"]], ap_per_model=None, k=4, method="adj_nms", score_thr=0)
+    pd.testing.assert_frame_equal(cats[cols].reset_index(drop=True), alone[cols].reset_index(drop=True))
+    dogs = both[both.label == "/m/dog"]
+    assert set(dogs["model"]) == {"a", "b"}
+
+
 def _views(rng, n, *, model, views=((288, False), (288, True)), images=3):
     """A model's detections at several test-time views: the same objects, jittered per view."""
     base = _dets(rng, n, images=images, model=model)
