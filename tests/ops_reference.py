@@ -1,4 +1,5 @@
-"""Slow, obvious reference loops for the box ops (one box at a time, Python floats)."""
+"""Slow, obvious reference loops for the box ops (one box at a time, Python floats) and the mask ops (one
+box at a time, on a full-image array)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,34 @@ def random_boxes(rng, n, *, grid=None):
         a = rng.random((n, 2, 2))
     lo, hi = a.min(1), a.max(1)
     return np.concatenate([lo, hi], 1)
+
+
+# ---------------------------------------------------------------- masks: full-image paste, one box at a time
+def paste_prob(prob, box, height: int, width: int) -> np.ndarray:
+    """The plain paste: the map resized to the box's pixels (centres inside ``[x_min * W, x_max * W)``, rows
+    alike) and placed into a zeros image -> [height, width] float64."""
+    from stages.ops.masks import resize_bilinear
+
+    c0, c1 = math.ceil(box[0] * width - 0.5), math.ceil(box[2] * width - 0.5)
+    r0, r1 = math.ceil(box[1] * height - 0.5), math.ceil(box[3] * height - 0.5)
+    full = np.zeros((height, width), dtype=np.float64)
+    if c1 > c0 and r1 > r0:
+        full[r0:r1, c0:c1] = resize_bilinear(prob, r1 - r0, c1 - c0)
+    return full
+
+
+def paste_mask(prob, box, height: int, width: int, thr: float = 0.5) -> np.ndarray:
+    """The pasted map thresholded (``> thr``) -> [height, width] bool."""
+    return paste_prob(prob, box, height, width) > thr
+
+
+def vote_mask(probs, box, height: int, width: int, *, vote: str, thr: float = 0.5) -> np.ndarray:
+    """The vote of ``probs`` [M, h, w] at one box, on the full image -> [height, width] bool. ``mean``: the
+    models' mean map (float64, summed in model order) pasted, > thr; ``majority``: more than half of the
+    pasted masks."""
+    probs = np.asarray(probs)
+    if vote == "mean":
+        mean = probs[0] if len(probs) == 1 else sum(p.astype(np.float64) for p in probs) / len(probs)
+        return paste_mask(mean, box, height, width, thr)
+    n = sum(paste_mask(p, box, height, width, thr).astype(np.int64) for p in probs)
+    return 2 * n > len(probs)

@@ -19,10 +19,15 @@ from stages.formats.openimages import SEG_SUBMISSION_COLUMNS, _read_csv
 from stages.formats.tables import check_labels, conform
 
 
+def encode_counts(counts: bytes) -> str:
+    """COCO RLE ``counts`` bytes (pycocotools' compressed string, e.g. from
+    :func:`stages.ops.masks.vote_masks`) -> EncodedMask text: base64(zlib(counts))."""
+    return base64.b64encode(zlib.compress(counts, zlib.Z_BEST_COMPRESSION)).decode()
+
+
 def encode_mask(mask: np.ndarray) -> str:
     """Binary [h, w] mask -> EncodedMask text."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return base64.b64encode(zlib.compress(rle["counts"], zlib.Z_BEST_COMPRESSION)).decode()
+    return encode_counts(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"])
 
 
 def decode_counts(encoded: str) -> bytes:
