@@ -7,8 +7,8 @@ Re-weighting (PFDet): a detection of class ``c`` by model ``m`` gets
 where ``AP[m, c]`` is model ``m``'s validation AP for ``c``. The best model for a class keeps its scores, the
 others are scaled down in proportion. Where the factor is undefined it is 1: the class is missing from a
 model's AP file or its AP is NaN (no evidence about that model: no change), or every model has AP 0.
-A box whose factor is 0 (AP 0 where another model's is above 0) leaves the pool before the vote: with no score
-it would only pull the other models' boxes towards its own.
+A box whose factor is 0 (AP 0 where another model's is above 0) leaves the pool (:func:`reweight`): with no
+score it would only pull the other models' boxes towards its own in the vote.
 
 Top-k voting: each box ``P`` of the pooled set (same image and class) looks at the ``k`` boxes ``P_i`` *of the
 other models* with the highest IoU to it (IoU > ``min_iou``; which of several boxes tied
@@ -98,9 +98,12 @@ def _ap(v: object) -> float | None:
 
 
 def reweight(dets: pd.DataFrame, factors: Mapping[str, float]) -> pd.DataFrame:
-    """``score * factors[label]`` (1 for labels without a factor)."""
+    """``score * factors[label]`` (1 for labels without a factor); rows left with no score (a factor of 0) are
+    dropped: they would only pull the other models' boxes towards their own in the vote."""
     f = dets["label"].map(dict(factors)).astype(np.float64).fillna(1.0).to_numpy()
-    return dets.assign(score=dets["score"].to_numpy(np.float64) * f)
+    score = dets["score"].to_numpy(np.float64) * f
+    out = dets.assign(score=score)
+    return out if (score > 0).all() else out[score > 0]
 
 
 def topk_vote(boxes: Array, scores: Array, groups: Array, sources: Array, *, k: int = 4,
@@ -212,10 +215,7 @@ def naive_ensemble(dets_per_model: Sequence[pd.DataFrame], *,
         raise ValueError(f"{len(dets_per_model)} detection tables but {len(ap_per_model)} AP tables")
     frames = list(dets_per_model)
     if ap_per_model is not None:
-        # a box whose factor is 0 (its model has AP 0 on the class while another model does better) has no
-        # score left to give: it leaves the pool rather than move the other models' boxes in the vote
-        frames = [d[d["score"].to_numpy() > 0] if (d["score"].to_numpy() <= 0).any() else d
-                  for d in (reweight(d, f) for d, f in zip(frames, ap_factors(ap_per_model)))]
+        frames = [reweight(d, f) for d, f in zip(frames, ap_factors(ap_per_model))]
     ops = dict(k=k, score_weight=score_weight, box_weight=box_weight, min_iou=min_iou, method=method,
                iou_thr=iou_thr, sigma=sigma, score_thr=score_thr, max_per_class=max_per_class, device=device)
     merged = False
