@@ -93,8 +93,8 @@ def retain_freed_memory(trim_mb: int = 256, mmap_mb: int = 32) -> bool:
     and free many temporaries of 0.1-10 MB per chunk; with glibc's defaults they come back as fresh pages,
     and on this VM the page faults (60-75 a box) cost as much as the work: 380 vs 200 us a box (``mean``),
     430 vs 310 (``majority``), ``benchmarks/masks.py``'s boxes. Once per process, process-wide (the process
-    keeps up to ``trim_mb`` of freed memory); a no-op where malloc is not glibc's. :func:`vote_masks` calls
-    it. Returns whether the settings are in force."""
+    keeps up to ``trim_mb`` of freed memory); a no-op where malloc is not glibc's. A process setting, so the
+    entry point calls it (``benchmarks/masks.py`` does; a mask stage's ``main`` should), not the ops. Returns whether the settings are in force."""
     if not _RETAINED:
         ok = False
         try:
@@ -126,7 +126,6 @@ def vote_masks(probs: np.ndarray, boxes_xyxy_norm: np.ndarray, *, height, width,
     ``width`` per box); they are processed ``chunk_boxes`` at a time, so the working memory does not grow
     with N (the output, ~1 kB a mask, does)."""
     p, boxes, hh, ww = _check(probs, boxes_xyxy_norm, height, width, vote, thr)
-    retain_freed_memory()
     n = boxes.shape[0]
     out: list[dict] = []
     for a in range(0, n, chunk_boxes):
