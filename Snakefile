@@ -22,6 +22,7 @@ include: "workflow/rules/ensemble.smk"
 include: "workflow/rules/autoensemble.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/submit.smk"
+include: "workflow/rules/segment.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -33,3 +34,8 @@ rule all:
         rules.report.output.html,
         expand(rules.ablation_table.output.md, kind=ABLATIONS),
         rules.experts_table.output.md if EXPERTS and config["ablation"]["experts_baseline"] else [],
+        # the segmentation track: segmentation.csv, its metrics on val_a / val_b and its ablation table
+        [rules.submit_seg.output.csv, rules.seg_ablation.output.md]
+        + expand(rules.evaluate_seg.output.json, split=VAL_SPLITS)
+        if SEG_ON
+        else [],

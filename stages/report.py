@@ -445,9 +445,10 @@ def read_sample_detections(path: Path, images: pd.DataFrame, *, n: int, score_th
     names = pq.read_schema(path).names
     if "score" not in names or "image_id" not in names:
         raise InputError(f"a table with columns {names} has no scores: not detections", file=path)
-    ids = sample_ids(read_table(path, "detections", columns=["image_id", "score"]), images, n=n,
+    table = "masks" if "rle" in names else "detections"   # masks are drawn filled
+    ids = sample_ids(read_table(path, table, columns=["image_id", "score"]), images, n=n,
                      score_thr=score_thr)
-    return read_table(path, "detections", image_ids=ids), prov, ids
+    return read_table(path, table, image_ids=ids), prov, ids
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,14 @@ def schema_default(*path: str) -> Any:
 MODEL_PARTS = ("train", "infer", "experts", "resources")
 
 
-def model_part(cfg: Mapping[str, Any], part: str) -> dict[str, Any]:
+def model_part(cfg: Mapping[str, Any], part: str, *, defs: str = "model") -> dict[str, Any]:
     """The keys of model section ``cfg`` that ``part`` reads (their ``x-reads`` in the schema), e.g.
-    ``model_part(cfg, "train")``: what the train rule passes on and the checkpoint hashes."""
+    ``model_part(cfg, "train")``: what the train rule passes on and the checkpoint hashes. ``defs`` names the
+    section's schema: a ``$defs`` entry (``model``, ``mask_model``) or a top-level section (``refiner``)."""
     if part not in MODEL_PARTS:
         raise ValueError(f"part must be one of {MODEL_PARTS}, got {part!r}")
-    props = _schema_cached()["$defs"]["model"]["properties"]
+    schema = _schema_cached()
+    props = (schema["$defs"][defs] if defs in schema["$defs"] else schema["properties"][defs])["properties"]
     return {k: v for k, v in cfg.items() if props[k]["x-reads"] == part}
 
 
@@ -171,6 +173,20 @@ def validate_config(config: dict[str, Any], *, source: object = "config", cross_
             if unknown:
                 raise InputError(f"unknown key(s) {unknown}; a variant changes keys of the {kind} section "
                                  f"{sorted(keys)}", file=source, field=f"ablation/{kind}/{variant}")
+    seg = config.get("segmentation", {})
+    mask_models = sorted(seg.get("models") or {})
+    unknown = sorted(set(seg.get("ensemble") or []) - set(mask_models))
+    if unknown:
+        raise InputError(f"unknown mask model(s) {unknown}; segmentation.models are {mask_models}", file=source,
+                         field="segmentation/ensemble")
+    if seg.get("enabled") and mask_models and seg.get("refine") and cross_refs:
+        det = config.get("refiner", {}).get("detector")
+        if det not in models:
+            raise InputError(f"the refiner's detector {det!r} is not a model of this config {models}", file=source,
+                             field="refiner/detector")
+        if config["models"][det]["expert"]:
+            raise InputError(f"the refiner's detector {det!r} is an expert model: it sees a few classes only",
+                             file=source, field="refiner/detector")
     fr = config.get("split", {}).get("fractions")
     if fr is not None and abs(sum(fr) - 1.0) > 1e-6:
         raise InputError(f"fractions {fr} must sum to 1", file=source, field="split/fractions")

@@ -65,6 +65,21 @@ ABLATION_RUN = {"postprocess": config["ablation"]["model"], "ensemble": config["
 SHARDED_STAGES = ["postprocess", "ensemble", "autoensemble"]
 
 
+# The segmentation track (segment.smk): HRNet mask models, the models voted, the boxes that get masks (the
+# refined ones, or the ensemble's own), and the refiner
+SEG = config["segmentation"]
+MASK_MODELS = sorted(SEG["models"])
+SEG_ENSEMBLE = sorted(SEG["ensemble"] or MASK_MODELS)
+SEG_SOURCE = "refined" if SEG["refine"] else "raw"
+# the track is in the default target (and the report) when enabled and given mask models
+SEG_ON = bool(SEG["enabled"] and MASK_MODELS)
+# the mask mAP of the track on a validation split: a row "segment/masks" of results/metrics.md
+SEG_METRICS = "results/evaluate/segment/default/masks/{split}.json"
+# the boxes masks are predicted on: the refined final detections, the final detections, the ground truth (oracle)
+MASK_SOURCES = ["refined", "raw", "gt"]
+REFINER = config["refiner"]
+
+
 RES = config["resources"]
 
 
@@ -97,6 +112,8 @@ wildcard_constraints:
     stage=one_of(SHARDED_STAGES),
     variant=one_of(POSTPROCESS | ENSEMBLE),
     search=one_of(SEARCHES),
+    mask_model=one_of(MASK_MODELS) if MASK_MODELS else "$^",
+    source=one_of(MASK_SOURCES),
 
 
 def raw(key):
@@ -293,3 +310,61 @@ def final_dets(splits):
         rules.gather.output.dets, stage="ensemble", variant="default", name=config["submit"]["ensemble"], split=splits
     )
 
+
+
+def mask_cfg(name):
+    return SEG["models"][name]
+
+
+def mask_train_json(wildcards):
+    """What training reads of a mask model's section (its `x-reads: train` keys) as JSON."""
+    return json.dumps(model_part(mask_cfg(wildcards.mask_model), "train", defs="mask_model"), sort_keys=True)
+
+
+def refiner_json(wildcards):
+    """What training reads of the refiner section (its `x-reads: train` keys) as JSON."""
+    return json.dumps(model_part(REFINER, "train", defs="refiner"), sort_keys=True)
+
+
+def mask_boxes(wildcards):
+    """The boxes a mask model segments on `split`: a shard of the refined final detections, the gathered final
+    detections (the shard is cut by infer_masks), or the ground-truth masks' boxes (val splits only)."""
+    if wildcards.source == "refined":
+        return expand(rules.refine.output.dets, split=wildcards.split, shard=wildcards.shard)[0]
+    if wildcards.source == "raw":
+        return final_dets(wildcards.split)[0]
+    if wildcards.split == "test":
+        raise ValueError("the test split has no ground-truth masks")
+    return rules.ingest_masks.output.masks
+
+
+def seg_ablation_probs():
+    """{"split:source:model": probs file} of every mask model on every box source of the validation splits
+    (a key repeats once per image shard: the ablation joins them)."""
+    sources = ["refined", "raw", "gt"] if SEG["refine"] else ["raw", "gt"]
+    out = []
+    for split in VAL_SPLITS:
+        for source in sources:
+            for m in MASK_MODELS:
+                for shard in range(SHARDS):
+                    out.append((f"{split}:{source}:{m}:{shard}",
+                                expand(rules.infer_masks.output.probs, mask_model=m, source=source, split=split,
+                                       shard=shard)[0]))
+    return dict(out)
+
+
+EXPERT_BASES = {config["models"][m]["expert_of"] for m in MINED}
+
+
+def expert_first(wildcards):
+    """Scheduling priority: the jobs on the way to an expert model's training (its base model's training, its
+    base's default-post-processed val_a detections and metrics, the mining) and that training itself come first,
+    so the expert trains beside the other models instead of after all of them (priority is not inherited by a
+    job's inputs, hence one function for every rule of the chain)."""
+    name = wildcards.get("model") or wildcards.get("name")
+    if name in MINED:
+        return 10
+    if name not in EXPERT_BASES:
+        return 0
+    chain = wildcards.get("split", "val_a") == "val_a" and wildcards.get("variant", "default") == "default"
+    return 10 if chain and wildcards.get("stage", "postprocess") == "postprocess" else 0

@@ -23,6 +23,7 @@ rule evaluate:
         split=one_of(VAL_SPLITS),
     params:
         only=lambda wc, input: option("--only-classes", input.only),
+    priority: expert_first
     threads: RES["evaluate"]["threads"]
     resources:
         mem_mb=rule_mem("evaluate"),
@@ -42,6 +43,7 @@ rule metrics_table:
             rules.evaluate.output.json, stage="ensemble", variant="default", name=ENSEMBLE_GROUPS, split=VAL_SPLITS
         ),
         auto=auto_metrics(),
+        masks=expand(SEG_METRICS, split=VAL_SPLITS) if SEG_ON else [],
     output:
         json="results/metrics.json",
         md="results/metrics.md",
@@ -50,7 +52,7 @@ rule metrics_table:
     conda:
         ENV
     shell:
-        "python -m stages.report --metrics {input.models:q} {input.ensembles:q} {input.auto:q} --out-json {output.json:q}"
+        "python -m stages.report --metrics {input.models:q} {input.ensembles:q} {input.auto:q} {input.masks:q} --out-json {output.json:q}"
         " --out-md {output.md:q} > {log:q} 2>&1"
 
 

@@ -27,6 +27,7 @@ rule infer:
         max_det=config["infer"]["max_per_image"],
         batch=config["infer"]["batch_size"],
         device=config["device"],
+    priority: expert_first
     threads: 1
     resources:
         gpu=lambda wc: min(1, model_cfg(wc.model)["gpus"]),

@@ -56,6 +56,7 @@ rule postprocess:
         penalty=variant_key(POSTPROCESS, "penalty"),
         scale=variant_key(POSTPROCESS, "scale"),
         flip=variant_key(POSTPROCESS, "flip"),
+    priority: expert_first
     threads: RES["postprocess"]["threads"]
     resources:
         mem_mb=rule_mem("postprocess"),
@@ -89,6 +90,7 @@ rule gather:
         "benchmarks/gather/{stage}/{variant}/{name}/{split}.tsv"
     wildcard_constraints:
         name=r"[^/]+",
+    priority: expert_first
     threads: RES["gather"]["threads"]
     resources:
         mem_mb=rule_mem("gather"),

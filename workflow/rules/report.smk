@@ -7,9 +7,12 @@ rule report:
     input:
         metrics=rules.metrics_table.input,
         dets=final_dets(["val_a", "test"]),
+        # the segmentation track's masks (val_a, test) drawn filled, and its ablation table
+        masks=expand(rules.segment.output.masks, split=["val_a", "test"], shard=range(SHARDS)) if SEG_ON else [],
         trees=expand(rules.autoensemble_search.output.scores, search=SEARCHES),
         ablation=expand(rules.ablation_table.output.json, kind=ABLATIONS)
-        + ([rules.experts_table.output.json] if EXPERTS and config["ablation"]["experts_baseline"] else []),
+        + ([rules.experts_table.output.json] if EXPERTS and config["ablation"]["experts_baseline"] else [])
+        + ([rules.seg_ablation.output.json] if SEG_ON else []),
         images=rules.ingest.output.images,
         test_images=rules.ingest.output.test_images,
         boxes=rules.ingest.output.boxes,
@@ -35,6 +38,6 @@ rule report:
     conda:
         ENV
     shell:
-        "python -m stages.report --metrics {input.metrics:q} --ablation {input.ablation:q} --detections {input.dets:q}"
+        "python -m stages.report --metrics {input.metrics:q} --ablation {input.ablation:q} --detections {input.dets:q} {input.masks:q}"
         " --images {input.images:q} {input.test_images:q} --boxes {input.boxes:q} --classes {input.classes:q}"
         " --autoensemble {input.trees:q} {params.experts} --out-html {output.html:q} > {log:q} 2>&1"

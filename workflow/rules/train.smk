@@ -54,6 +54,7 @@ rule experts:
             if input.confusion
             else ""
         ),
+    priority: expert_first
     conda:
         ENV
     shell:
@@ -91,6 +92,7 @@ rule train:
         classes=lambda wc, input: option("--classes", input.classes),
         splits=lambda wc, input: option("--splits", input.get("splits", [])),
         sampling=lambda wc, input: option("--sampling", input.get("sampling", [])),
+    priority: expert_first
     threads: lambda wc: model_cfg(wc.model)["threads"]
     retries: 1
     resources:
