@@ -7,9 +7,13 @@ Raw OpenImages files or canonical tables, chosen by file extension::
         --predictions submission.csv|detections.parquet --out metrics.json \\
         [--split-ids splits.parquet --split val_a] [--expanded] [--iou-thr 0.5]
 
-Segmentation: ``--masks segmentation.csv --mask-dir <png dir>`` and a segmentation submission (CSV) or a
+Segmentation: ``--masks segmentation.csv --mask-dir <png dir>``, or ``--gt-masks gt_masks.parquet`` (the table
+:mod:`stages.ingest_masks` writes: the masks as RLE, no PNG read again), and a segmentation submission (CSV) or a
 ``masks`` parquet as ``--predictions``; ``--boxes`` is then optional (its boxes without a mask are ignored
-regions). Prints a one-line summary; writes JSON ``{"mAP", "per_class": {MID: {name, ap, n_gt, n_det, n_tp}},
+regions). ``--classes``/``--hierarchy`` may be the segmentable ones (``seg_classes.parquet``,
+``seg_hierarchy.parquet`` or the challenge's files): in segmentation mode, image labels, boxes and predictions of
+other classes are left out (counted in the log); the ground-truth masks must all be of the given classes.
+Prints a one-line summary; writes JSON ``{"mAP", "per_class": {MID: {name, ap, n_gt, n_det, n_tp}},
 "counts"}``.
 """
 
@@ -28,8 +32,9 @@ from stages.core.errors import InputError
 from stages.formats import openimages as oi
 from stages.formats.experts import read_experts
 from stages.formats.hierarchy import Hierarchy
-from stages.formats.io import write_json
+from stages.formats.io import read_table, write_json
 from stages.formats.readers import read_boxes, read_classes, read_image_labels, read_predictions, split_image_ids
+from stages.formats.tables import check_boxes, check_labels
 from stages.metrics.detection import IOU_THR, MetricResult, evaluate_detections, prepare_ground_truth
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,50 @@ def _read_gt_masks(masks_csv: str, mask_dir: str, known: set[str], sizes: dict[s
     return mb, rles
 
 
+def _resize_rle(counts: str | bytes, height: int, width: int, to: tuple[int, int]) -> dict:
+    """A mask RLE resized to ``to`` = (height, width), nearest neighbour (as a PNG mask is in
+    :func:`_read_gt_masks`)."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from stages.metrics.segmentation import rle_from_row
+
+    m = mask_utils.decode(rle_from_row(counts, height, width))
+    m = np.asarray(Image.fromarray(m * 255).resize((to[1], to[0]), Image.NEAREST)) > 0
+    return mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+
+
+def _read_gt_mask_table(path: str, known: set[str], sizes: dict[str, tuple[int, int]],
+                        image_ids: np.ndarray | None = None) -> tuple[pd.DataFrame, list[dict]]:
+    """The ``gt_masks`` parquet (:mod:`stages.ingest_masks`) -> boxes with masks and their RLE at the predicted
+    image size (a mask of another size is resized, as :func:`_read_gt_masks` resizes a PNG)."""
+    from stages.metrics.segmentation import rle_from_row
+
+    gm = read_table(path, "gt_masks", image_ids=image_ids)
+    check_labels(gm["label"], known, source=path)
+    check_boxes(gm, source=path)
+    rles = []
+    for img, c, h, w in zip(gm["image_id"], gm["rle"], gm["mask_height"], gm["mask_width"]):
+        want = sizes.get(img)
+        rles.append(rle_from_row(c, h, w) if want is None or want == (h, w) else _resize_rle(c, h, w, want))
+    gm["is_group_of"] = False
+    return gm, rles
+
+
+def _only_classes(df: pd.DataFrame, known: set[str], what: str, source: object) -> pd.DataFrame:
+    """``df``'s rows of the ``known`` classes (segmentation scores a subset of the detection classes)."""
+    keep = df["label"].isin(known).to_numpy()
+    if keep.all():
+        return df
+    log.info("%s: %d %s of %d classes outside --classes left out", source, int((~keep).sum()), what,
+             df["label"][~keep].nunique())
+    out = df[keep].reset_index(drop=True)
+    for col in ("image_id", "label"):
+        if isinstance(out[col].dtype, pd.CategoricalDtype):
+            out[col] = out[col].cat.remove_unused_categories()
+    return out
+
+
 def _merge_mask_boxes(mask_boxes: pd.DataFrame, rles: list[dict], boxes: pd.DataFrame | None
                       ) -> tuple[pd.DataFrame, list[dict | None]]:
     """Instances = mask rows, plus the boxes with no mask row at the same (image, label, coordinates)."""
@@ -75,19 +124,26 @@ def evaluate_files(args: argparse.Namespace) -> MetricResult:
     known = set(classes["label"])
     hierarchy = Hierarchy.read(args.hierarchy, labels=classes["label"])
     image_ids = split_image_ids(args.split_ids, args.split) if args.split_ids else None
-    labels = read_image_labels(args.image_labels, known, image_ids)
-    if args.masks:
+    if args.masks or args.gt_masks:
         from stages.metrics.segmentation import evaluate_masks, prepare_mask_ground_truth
 
-        preds = read_predictions(args.predictions, known, table="masks")
+        labels = _only_classes(read_image_labels(args.image_labels, None, image_ids), known, "image labels",
+                               args.image_labels)
+        preds = _only_classes(read_predictions(args.predictions, None, table="masks"), known, "predictions",
+                              args.predictions)
         sizes = {img: (int(h), int(w)) for img, h, w in
                  zip(preds["image_id"], preds["mask_height"], preds["mask_width"])}
-        mb, rles = _read_gt_masks(args.masks, args.mask_dir, known, sizes)
-        boxes = read_boxes(args.boxes, known, image_ids) if args.boxes else None
+        if args.gt_masks:
+            mb, rles = _read_gt_mask_table(args.gt_masks, known, sizes, image_ids)
+        else:
+            mb, rles = _read_gt_masks(args.masks, args.mask_dir, known, sizes)
+        boxes = _only_classes(read_boxes(args.boxes, None, image_ids), known, "boxes", args.boxes) \
+            if args.boxes else None
         inst, inst_masks = _merge_mask_boxes(mb, rles, boxes)
         gt = prepare_mask_ground_truth(boxes=inst, image_labels=labels, hierarchy=hierarchy, classes=classes,
                                        masks=inst_masks, image_ids=image_ids, expanded=args.expanded)
         return evaluate_masks(gt=gt, masks=preds, iou_thr=args.iou_thr)
+    labels = read_image_labels(args.image_labels, known, image_ids)
     boxes = read_boxes(args.boxes, known, image_ids)
     preds = read_predictions(args.predictions, known)
     gt = prepare_ground_truth(boxes=boxes, image_labels=labels, hierarchy=hierarchy, classes=classes,
@@ -111,7 +167,8 @@ def restrict_classes(result: MetricResult, labels: Sequence[str], *, source: obj
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--boxes", help="boxes: challenge bbox CSV or boxes parquet (required unless --masks)")
+    p.add_argument("--boxes", help="boxes: challenge bbox CSV or boxes parquet (required unless --masks or "
+                   "--gt-masks)")
     p.add_argument("--image-labels", required=True, help="human-imagelabels CSV or image_labels parquet")
     p.add_argument("--hierarchy", required=True, help="hierarchy JSON or hierarchy parquet (child, parent)")
     p.add_argument("--classes", required=True, help="class descriptions CSV (MID,name) or classes parquet")
@@ -122,6 +179,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--split", help="split name within --split-ids, e.g. val_a")
     p.add_argument("--masks", help="segmentation: challenge segmentation CSV (MaskPath, ImageID, LabelName, ...)")
     p.add_argument("--mask-dir", help="segmentation: directory holding the MaskPath PNGs")
+    p.add_argument("--gt-masks", help="segmentation: gt_masks parquet (stages.ingest_masks) instead of "
+                   "--masks/--mask-dir")
     p.add_argument("--expanded", action="store_true",
                    help="ground truth is already hierarchy-expanded (do not expand again)")
     p.add_argument("--iou-thr", type=float, default=IOU_THR)
@@ -133,8 +192,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--split-ids and --split go together")
     if bool(a.masks) != bool(a.mask_dir):
         p.error("--masks and --mask-dir go together")
-    if not a.masks and not a.boxes:
-        p.error("--boxes is required (unless --masks)")
+    if a.masks and a.gt_masks:
+        p.error("--gt-masks replaces --masks/--mask-dir: give one of them")
+    if not a.masks and not a.gt_masks and not a.boxes:
+        p.error("--boxes is required (unless --masks or --gt-masks)")
     return a
 
 

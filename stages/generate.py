@@ -37,7 +37,11 @@ Files written (OpenImages Challenge 2019 names and columns)::
     challenge-2019-train-detection-human-imagelabels.csv
     challenge-2019-classes-description-500.csv           MID,name (no header), parents included
     challenge-2019-label500-hierarchy.json
-    challenge-2019-train-segmentation.csv + masks/<ImageID>_<MID without '/'>_<BoxID>.png (0/255, image size)
+    challenge-2019-train-segmentation.csv + masks/<ImageID>_<MID without '/'>_<BoxID>.png (0/255, image size),
+                                                         one per drawn non-group-of box of a segmentable class
+    challenge-2019-classes-description-segmentable.csv   MID,name (no header): the segmentable classes (every
+                                                         class but "Frame"), parents included
+    challenge-2019-label-segmentable-hierarchy.json      the hierarchy pruned to the segmentable classes
     summary.json                                         class counts and the phenomena, measured
 
 With ``--external N`` (``n_external_images``; off by default) it also writes a small *external* dataset in COCO
@@ -77,11 +81,15 @@ from stages.ops.boxes import box_ioa, paired_ioa
 
 log = logging.getLogger(__name__)
 
+_SEGMENTABLE = frozenset(tx.SEGMENTABLE)
+
 BBOX_CSV = "challenge-2019-train-detection-bbox.csv"
 LABELS_CSV = "challenge-2019-train-detection-human-imagelabels.csv"
 CLASSES_CSV = "challenge-2019-classes-description-500.csv"
 HIERARCHY_JSON = "challenge-2019-label500-hierarchy.json"
 SEGMENTATION_CSV = "challenge-2019-train-segmentation.csv"
+SEG_CLASSES_CSV = "challenge-2019-classes-description-segmentable.csv"
+SEG_HIERARCHY_JSON = "challenge-2019-label-segmentable-hierarchy.json"
 TEST_CSV = "test-images.csv"
 SUMMARY_JSON = "summary.json"
 IMAGES_DIR, TEST_DIR, MASKS_DIR = "images", "test", "masks"
@@ -118,8 +126,13 @@ class PlannedObject:
 
     @property
     def masked(self) -> bool:
-        """Has an instance mask (a boxed, drawn, non-group-of object)."""
+        """Has an instance mask drawn (a boxed, drawn, non-group-of object)."""
         return self.boxed and not self.is_group_of
+
+    @property
+    def segmented(self) -> bool:
+        """Its mask is written: a masked object of a segmentable class (``taxonomy.SEGMENTABLE``)."""
+        return self.masked and self.label in _SEGMENTABLE
 
 
 @dataclass(frozen=True)
@@ -175,7 +188,7 @@ class DatasetPlan:
         rows = []
         for im in sorted(self.train, key=lambda i: i.image_id):
             for o in im.boxes:
-                if o.masked:
+                if o.segmented:
                     rows.append((mask_path(im.image_id, o), im.image_id, o.label, o.box_id,
                                  f"{o.x0 / im.width:.6f}", f"{o.x1 / im.width:.6f}", f"{o.y0 / im.height:.6f}",
                                  f"{o.y1 / im.height:.6f}", "1.00", ""))
@@ -801,7 +814,9 @@ def summarize(plan: DatasetPlan, *, image_size: tuple[int, int]) -> dict:
         "n_boxes": int(boxes.sum()),
         "boxes_per_image": {"min": min(n_boxes, default=0), "mean": float(np.mean(n_boxes)) if n_boxes else 0.0,
                             "max": max(n_boxes, default=0)},
-        "n_masks": int(sum(o.masked for im in train for o in im.boxes)),
+        "n_masks": int(sum(o.segmented for im in train for o in im.boxes)),
+        "segmentable_classes": len(tx.SEGMENTABLE),
+        "not_segmentable": sorted(tx.NOT_SEGMENTABLE),
         "classes": counts.to_dict(orient="records"),
         "phenomena": {
             "hierarchy_depth": h.depth(),
@@ -858,6 +873,8 @@ def generate(*, out_dir: Path, n_train_images: int, n_test_images: int, image_si
         classes = pd.DataFrame([(c.label, c.name) for c in tx.CLASSES])
         classes.to_csv(tmp / CLASSES_CSV, index=False, header=False)
         (tmp / HIERARCHY_JSON).write_text(json.dumps(tx.hierarchy_json(), indent=1) + "\n")
+        classes[classes[0].isin(_SEGMENTABLE)].to_csv(tmp / SEG_CLASSES_CSV, index=False, header=False)
+        (tmp / SEG_HIERARCHY_JSON).write_text(json.dumps(tx.hierarchy_json(tx.SEGMENTABLE), indent=1) + "\n")
         plan.bbox_frame().to_csv(tmp / BBOX_CSV, index=False)
         plan.image_labels_frame().to_csv(tmp / LABELS_CSV, index=False)
         plan.segmentation_frame().to_csv(tmp / SEGMENTATION_CSV, index=False)
@@ -870,7 +887,8 @@ def generate(*, out_dir: Path, n_train_images: int, n_test_images: int, image_si
             Image.fromarray(img).save(tmp / sub / f"{im.image_id}.jpg", quality=jpeg_quality_of(im, jpeg_quality))
             if im.split == "train":
                 for i, m in masks.items():
-                    _save_png(tmp / MASKS_DIR / mask_path(im.image_id, im.objects[i]), m)
+                    if im.objects[i].segmented:
+                        _save_png(tmp / MASKS_DIR / mask_path(im.image_id, im.objects[i]), m)
             if k % log_every == 0 or k == n:
                 el = time.perf_counter() - t_render
                 log.info("rendered %d/%d images (%.1f images/s, ETA %.0f s)", k, n, k / el,

@@ -19,6 +19,11 @@ Hierarchy (only the leaves are annotated with boxes; parents come from expansion
 
 Confusable pairs share a colour: 3/8 and 1/7.
 
+Segmentation: like OpenImages (300 of the 500 challenge classes have instance masks), not every class is
+segmentable: :data:`NOT_SEGMENTABLE` ("Frame", a hollow outline drawn around other objects) has boxes but no
+masks. :data:`SEGMENTABLE` are the other leaves and every parent above one of them (here: all parents);
+``hierarchy_json(SEGMENTABLE)`` is the hierarchy pruned to them.
+
 The generator's small **external** dataset (COCO format, :data:`EXTERNAL_CATEGORIES`) names its categories its
 own way ("digit-six", "ball"); six of them show orchard-mini leaf classes (the rarer ones, where extra data is
 meant to help: paper 7.3), two show shapes orchard-mini does not have ("square", "plus-sign").
@@ -26,6 +31,7 @@ meant to help: paper 7.3), two show shapes orchard-mini does not have ("square",
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 ROOT = "/m/0bl9f"
@@ -104,11 +110,36 @@ INSIDE_FRAME: str = digit_label(9)
 
 assert sorted(FREQUENCY_RANK) == sorted(LEAVES)
 
+#: leaf classes with boxes but no instance masks ("Frame" is a hollow outline around other objects)
+NOT_SEGMENTABLE: frozenset[str] = frozenset([FRAME])
 
-def hierarchy_json() -> dict:
-    """The hierarchy in the challenge's JSON form (LabelName / Subcategory), root ``/m/0bl9f``."""
+
+def _with_ancestors(labels: Collection[str]) -> frozenset[str]:
+    out: set[str] = set()
+    todo = list(labels)
+    while todo:
+        lab = todo.pop()
+        if lab not in out:
+            out.add(lab)
+            todo += BY_LABEL[lab].parents
+    return frozenset(out)
+
+
+#: the segmentable classes, in ``CLASSES`` order: the leaves with masks and every ancestor of one of them
+SEGMENTABLE: tuple[str, ...] = tuple(
+    c.label for c in CLASSES if c.label in _with_ancestors([lab for lab in LEAVES if lab not in NOT_SEGMENTABLE]))
+
+
+def hierarchy_json(labels: Collection[str] | None = None) -> dict:
+    """The hierarchy in the challenge's JSON form (LabelName / Subcategory), root ``/m/0bl9f``. ``labels``: only
+    these classes (e.g. :data:`SEGMENTABLE`; every ancestor of a kept class must be kept), in the same order."""
+    keep = None if labels is None else frozenset(labels)
+    if keep is not None and _with_ancestors(keep) != keep:
+        raise ValueError(f"labels must include their ancestors: missing {sorted(_with_ancestors(keep) - keep)}")
     children: dict[str, list[str]] = {}
     for c in CLASSES:
+        if keep is not None and c.label not in keep:
+            continue
         for p in c.parents or (ROOT,):
             children.setdefault(p, []).append(c.label)
 

@@ -166,7 +166,7 @@ def read_provenance(path: str | os.PathLike) -> dict:
 
 
 #: tables tried, in this order, when a file's metadata does not name its table (most specific first)
-_GUESS_ORDER = ("masks", "detections", "boxes", "image_labels", "images", "sampling", "splits", "hierarchy",
+_GUESS_ORDER = ("gt_masks", "masks", "detections", "boxes", "image_labels", "images", "sampling", "splits", "hierarchy",
                 "classes")
 
 

@@ -81,3 +81,15 @@ def read_segmentation_submission(path: str | os.PathLike, *, known_labels: set[s
         for c in ["x_min", "y_min", "x_max", "y_max"]:
             out[c] = np.zeros(0)
     return conform(out, "masks", source=path)
+
+
+_AREA_CHUNK = 255   # pycocotools 2.0.11 + numpy 2: mask.area() of more than 255 RLEs overflows a uint8 count
+
+
+def rle_areas(rles: list[dict]) -> np.ndarray:
+    """Foreground pixels of each COCO RLE (``{"size": [h, w], "counts": bytes}``), int64 ``[n]``, without
+    decoding: ``pycocotools.mask.area`` taken 255 at a time."""
+    out = np.zeros(len(rles), dtype=np.int64)
+    for i in range(0, len(rles), _AREA_CHUNK):
+        out[i:i + _AREA_CHUNK] = np.asarray(mask_utils.area(rles[i:i + _AREA_CHUNK])).reshape(-1)
+    return out

@@ -46,6 +46,15 @@ SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
          "mask_height": "int32", "mask_width": "int32"},
         {"model": "object"},
     ),
+    # ground-truth instance masks (stages.ingest_masks): the segmentation CSV's box (BoxXMin.., normalized),
+    # the full-image mask as COCO RLE (pycocotools' compressed "counts" string) at mask_height x mask_width
+    # (the image's size), and the PNG it was read from (relative to the mask folder)
+    "gt_masks": (
+        {"image_id": "object", "label": "object", "x_min": "float64", "y_min": "float64", "x_max": "float64",
+         "y_max": "float64", "rle": "object", "mask_height": "int32", "mask_width": "int32",
+         "mask_path": "object"},
+        {},
+    ),
 }
 
 
