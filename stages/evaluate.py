@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -119,6 +120,31 @@ def _merge_mask_boxes(mask_boxes: pd.DataFrame, rles: list[dict], boxes: pd.Data
     return merged, list(rles) + [None] * len(extra)
 
 
+def mask_ground_truth(*, gt_masks: str | os.PathLike, boxes: pd.DataFrame | None, image_labels: pd.DataFrame,
+                      hierarchy: Hierarchy, classes: pd.DataFrame, image_ids: np.ndarray | None = None,
+                      sizes: dict[str, tuple[int, int]] | None = None, expanded: bool = False):
+    """The segmentation ground truth of ``classes`` (the segmentable ones): the ``gt_masks`` parquet's masks
+    (resized to ``sizes[image_id]`` where given and different), plus the boxes with no mask (ignored regions);
+    image labels and boxes of other classes are left out."""
+    from stages.metrics.segmentation import prepare_mask_ground_truth
+
+    known = set(classes["label"])
+    labels = _only_classes(image_labels, known, "image labels", gt_masks)
+    mb, rles = _read_gt_mask_table(str(gt_masks), known, sizes or {}, image_ids)
+    boxes = _only_classes(boxes, known, "boxes", gt_masks) if boxes is not None else None
+    inst, inst_masks = _merge_mask_boxes(mb, rles, boxes)
+    return prepare_mask_ground_truth(boxes=inst, image_labels=labels, hierarchy=hierarchy, classes=classes,
+                                     masks=inst_masks, image_ids=image_ids, expanded=expanded)
+
+
+def read_all_predictions(paths: Sequence[str], table: str, known: set[str] | None) -> pd.DataFrame:
+    """The predictions of one or more files (image shards) as one table."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    parts = [read_predictions(p, known, table=table) for p in paths]
+    return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+
+
 def evaluate_files(args: argparse.Namespace) -> MetricResult:
     classes = read_classes(args.classes)
     known = set(classes["label"])
@@ -129,23 +155,24 @@ def evaluate_files(args: argparse.Namespace) -> MetricResult:
 
         labels = _only_classes(read_image_labels(args.image_labels, None, image_ids), known, "image labels",
                                args.image_labels)
-        preds = _only_classes(read_predictions(args.predictions, None, table="masks"), known, "predictions",
+        preds = _only_classes(read_all_predictions(args.predictions, "masks", None), known, "predictions",
                               args.predictions)
         sizes = {img: (int(h), int(w)) for img, h, w in
                  zip(preds["image_id"], preds["mask_height"], preds["mask_width"])}
+        boxes = read_boxes(args.boxes, None, image_ids) if args.boxes else None
         if args.gt_masks:
-            mb, rles = _read_gt_mask_table(args.gt_masks, known, sizes, image_ids)
-        else:
-            mb, rles = _read_gt_masks(args.masks, args.mask_dir, known, sizes)
-        boxes = _only_classes(read_boxes(args.boxes, None, image_ids), known, "boxes", args.boxes) \
-            if args.boxes else None
+            gt = mask_ground_truth(gt_masks=args.gt_masks, boxes=boxes, image_labels=labels, hierarchy=hierarchy,
+                                   classes=classes, image_ids=image_ids, sizes=sizes, expanded=args.expanded)
+            return evaluate_masks(gt=gt, masks=preds, iou_thr=args.iou_thr)
+        mb, rles = _read_gt_masks(args.masks, args.mask_dir, known, sizes)
+        boxes = _only_classes(boxes, known, "boxes", args.boxes) if boxes is not None else None
         inst, inst_masks = _merge_mask_boxes(mb, rles, boxes)
         gt = prepare_mask_ground_truth(boxes=inst, image_labels=labels, hierarchy=hierarchy, classes=classes,
                                        masks=inst_masks, image_ids=image_ids, expanded=args.expanded)
         return evaluate_masks(gt=gt, masks=preds, iou_thr=args.iou_thr)
     labels = read_image_labels(args.image_labels, known, image_ids)
     boxes = read_boxes(args.boxes, known, image_ids)
-    preds = read_predictions(args.predictions, known)
+    preds = read_all_predictions(args.predictions, "detections", known)
     gt = prepare_ground_truth(boxes=boxes, image_labels=labels, hierarchy=hierarchy, classes=classes,
                               image_ids=image_ids, expanded=args.expanded)
     return evaluate_detections(gt=gt, detections=preds, iou_thr=args.iou_thr)
@@ -172,7 +199,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--image-labels", required=True, help="human-imagelabels CSV or image_labels parquet")
     p.add_argument("--hierarchy", required=True, help="hierarchy JSON or hierarchy parquet (child, parent)")
     p.add_argument("--classes", required=True, help="class descriptions CSV (MID,name) or classes parquet")
-    p.add_argument("--predictions", required=True,
+    p.add_argument("--predictions", required=True, nargs="+",
                    help="submission CSV or detections parquet (segmentation: submission CSV or masks parquet)")
     p.add_argument("--out", required=True, help="metrics JSON to write")
     p.add_argument("--split-ids", help="splits parquet (image_id, split): score only --split's images")

@@ -215,13 +215,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     classes = read_classes(args.classes)
     hier = Hierarchy.read(args.hierarchy, labels=classes["label"])
     known = set(classes["label"])
-    gt_masks = read_table(args.gt_masks, "gt_masks")
     seg_gts, box_gts, boxes_by_split = {}, {}, {}
     for split in splits:
         ids = split_image_ids(args.split_ids, split)
         boxes = read_boxes(args.boxes, known, ids)
         labels = read_image_labels(args.image_labels, known, ids)
-        seg_gts[split] = mask_ground_truth(gt_masks=gt_masks, boxes=boxes, image_labels=labels,
+        seg_gts[split] = mask_ground_truth(gt_masks=args.gt_masks, boxes=boxes, image_labels=labels,
                                            hierarchy=seg_h, classes=seg_classes, image_ids=ids)
         box_gts[split] = prepare_ground_truth(boxes=boxes, image_labels=labels, hierarchy=hier, classes=classes,
                                               image_ids=ids)

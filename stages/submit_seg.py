@@ -176,8 +176,8 @@ def write_segmentation_submission(path: Path, sub: SegSubmission) -> None:
 @stage_main
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m stages.submit_seg", description=__doc__.split("\n\n")[0])
-    p.add_argument("--masks", type=Path, required=True, help="masks parquet (detections columns + rle, "
-                   "mask_height, mask_width) of the test images")
+    p.add_argument("--masks", type=Path, required=True, nargs="+", help="masks parquet(s) (detections columns + "
+                   "rle, mask_height, mask_width) of the test images: one file or its image shards")
     p.add_argument("--images", type=Path, required=True, help="the test images table (image_id, width, height)")
     p.add_argument("--seg-classes", type=Path, required=True,
                    help="the segmentable classes (seg_classes parquet or class-description CSV)")
@@ -187,11 +187,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.max_per_image is not None and a.max_per_image < 1:
         p.error("need --max-per-image >= 1")
-    masks = read_table(a.masks, "masks")
+    masks = pd.concat([read_table(m, "masks") for m in a.masks], ignore_index=True)
     images = read_table(a.images, "images")
     seg = read_classes(a.seg_classes)
     sub = segmentation_submission(masks=masks, images=images, seg_labels=seg["label"],
-                                  max_per_image=a.max_per_image, source=a.masks)
+                                  max_per_image=a.max_per_image,
+                                  source=", ".join(map(str, a.masks)))
     write_segmentation_submission(a.out, sub)
     s = sub.stats
     print(f"submit_seg: {s['images']} images ({s['images_with_masks']} with masks), {s['masks']} masks; left out: "

@@ -10,6 +10,9 @@ if config["dataset"]["generate"]:
             classes=raw("classes_csv"),
             hierarchy=raw("hierarchy_json"),
             masks=raw("masks_csv"),
+            # the segmentable classes and their hierarchy (every class but Frame)
+            seg_classes=raw("seg_classes_csv"),
+            seg_hierarchy=raw("seg_hierarchy_json"),
             test_list=raw("test_list_csv") if config["dataset"]["test_list_csv"] else f"{DATA}/test-images.csv",
             # the external COCO-format dataset (stages.ingest coco reads it), when dataset.external_images > 0
             external=f"{DATA}/external/instances.json" if config["dataset"]["external_images"] else [],

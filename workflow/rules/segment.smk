@@ -21,6 +21,7 @@ rule ingest_masks:
         "benchmarks/ingest_masks/ingest_masks.tsv"
     params:
         mask_dir=f"{DATA}/{config['dataset']['masks_dir']}",
+        resize="--resize-masks" if config["dataset"]["resize_masks"] else "",
     threads: RES["ingest_masks"]["threads"]
     resources:
         mem_mb=rule_mem("ingest_masks"),
@@ -30,7 +31,7 @@ rule ingest_masks:
     shell:
         "python -m stages.ingest_masks --masks-csv {input.masks:q} --mask-dir {params.mask_dir:q}"
         " --images {input.images:q} --classes {input.classes:q} --seg-classes {input.seg_classes:q}"
-        " --seg-hierarchy {input.seg_hierarchy:q} --threads {threads} --out-masks {output.masks:q}"
+        " --seg-hierarchy {input.seg_hierarchy:q} {params.resize} --threads {threads} --out-masks {output.masks:q}"
         " --out-classes {output.classes:q} --out-hierarchy {output.hierarchy:q} > {log:q} 2>&1"
 
 
