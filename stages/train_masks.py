@@ -292,7 +292,8 @@ def _masks_at(inst: Instances, idx: np.ndarray, h: int, w: int) -> np.ndarray:
         at = np.flatnonzero((hw[:, 0] == mh) & (hw[:, 1] == mw))
         m = decode_masks(list(inst.rles[idx[at]]), mh, mw)
         if (mh, mw) != (h, w):
-            m = F.interpolate(torch.from_numpy(m)[:, None].float(), size=(h, w), mode="nearest")[:, 0].byte().numpy()
+            m = F.interpolate(torch.from_numpy(m)[:, None].float(), size=(h, w), mode="nearest")
+            m = m[:, 0].byte().numpy()
         out[at] = m
     return out
 
@@ -328,8 +329,8 @@ class _Progress:
         dt = max(time.time() - self.t0, 1e-9)
         cps = self.crops / dt
         eta = (self.total_iters - it - 1) * dt / max(self.iters, 1)
-        log.info("epoch %d/%d iter %d/%d loss %.4f lr %.4g | %.1f crops/s ETA %.0fs", epoch + 1, self.epochs, k + 1,
-                 iters, loss, lr, cps, eta)
+        log.info("epoch %d/%d iter %d/%d loss %.4f lr %.4g | %.1f crops/s ETA %.0fs", epoch + 1, self.epochs,
+                 k + 1, iters, loss, lr, cps, eta)
         if self.metrics:
             self.metrics.write(json.dumps({"epoch": epoch + 1, "iter": it + 1, "lr": lr, "loss": loss,
                                            "crops_per_s": cps}) + "\n")
@@ -390,8 +391,8 @@ def train_masks(*, cfg: Mapping[str, Any], masks: pd.DataFrame, images: pd.DataF
 
     sampler = EpochSampler(plans, rank=rank, world=world)
     data = CropSet(inst, seed=cfg["seed"], jitter=cfg["jitter"], rotate_sigma=cfg["rotate_sigma"])
-    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate_crops, num_workers=workers,
-                                         pin_memory=cuda, persistent_workers=workers > 0,
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate_crops,
+                                         num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
                                          prefetch_factor=2 if workers else None)
     meta = {"config_hash": chash, "n_instances": len(inst), "n_images": inst.n_images, "world": world}
     progress = _Progress(metrics_path if rank == 0 else None, total_iters=total, epochs=cfg["epochs"])
@@ -418,7 +419,7 @@ def train_masks(*, cfg: Mapping[str, Any], masks: pd.DataFrame, images: pd.DataF
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
-                progress.crops += len(x) * world
+                progress.crops += len(x) * world  # other ranks taken as this one's batch size (a log figure)
                 progress.iters += 1
                 crops_epoch += len(x) * world
                 loss_sum += loss.item()

@@ -81,7 +81,8 @@ def read_mask_probs(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray, 
         if arrs[a].dtype.kind not in "fiu":
             raise InputError(f"expected numbers, got dtype {arrs[a].dtype}", file=path, field=a)
     if views.dtype.kind != "U" or views.ndim != 1:
-        raise InputError(f"expected a 1-d array of names, got {views.dtype} {views.shape}", file=path, field="views")
+        raise InputError(f"expected a 1-d array of names, got {views.dtype} {views.shape}", file=path,
+                         field="views")
     if probs.dtype != np.float16 or probs.ndim != 4 or probs.shape[:2] != (len(views), n) \
             or probs.shape[2] != probs.shape[3]:
         raise InputError(f"expected float16 [V={len(views)}, N={n}, M, M], got {probs.dtype} {probs.shape}",

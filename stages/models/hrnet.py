@@ -1,4 +1,4 @@
-"""The HRNet mask network of the segmentation track (paper §8.2): a box crop in, one foreground logit per pixel out.
+"""The HRNet mask network of the segmentation track (paper §8.2): a box crop in, a foreground logit per pixel out.
 
 **Backbone**: timm's HRNet (``timm.models.hrnet``), built with ``pretrained=False`` and ``features_only=True``,
 ``feature_location=""`` (the four branch outputs of the last stage at strides 4, 8, 16, 32, not the
@@ -171,10 +171,10 @@ def crop_boxes(image: Tensor, boxes_px: Tensor, size: int, *, masks: Tensor | No
     Without ``angles``: ``torchvision.ops.roi_align(aligned=True, sampling_ratio=-1)`` (each output bin averages
     ceil(box side / size) samples per axis, so a box larger than the crop is antialiased). With ``angles`` ([N]
     degrees, counter-clockwise on screen, torchvision's ``rotate`` convention): the image rotated by that angle
-    about the box centre, then the box cropped (the crop's content turns counter-clockwise), by
-    bilinear ``grid_sample`` at roi_align's sample points (``ceil(box side / size)`` samples per bin along each axis,
-    averaged, taken for the batch's largest box side per axis), masks turned identically; zeros beyond the image
-    (roi_align clamps samples within one pixel of the border to it instead).
+    about the box centre, then the box cropped (the crop's content turns counter-clockwise), by bilinear
+    ``grid_sample`` at roi_align's sample points (``ceil(box side / size)`` samples per bin along each axis,
+    averaged, taken for the batch's largest box side per axis), masks turned identically; zeros beyond the
+    image (roi_align clamps samples within one pixel of the border to it instead).
     """
     if image.dim() != 3:
         raise ValueError(f"image must be [C, H, W], got {tuple(image.shape)}")

@@ -68,7 +68,8 @@ def _dataset(root: Path, n: int = 6) -> dict[str, Path]:
     write_table(root / "splits.parquet", pd.DataFrame({"image_id": [f"im{i}" for i in range(n)],
                                                        "split": ["train"] * (n - 2) + ["val_a"] * 2}), "splits")
     _gt_masks(rows).to_parquet(root / "gt_masks.parquet", index=False)
-    return {"images": root / "images.parquet", "splits": root / "splits.parquet", "masks": root / "gt_masks.parquet"}
+    return {"images": root / "images.parquet", "splits": root / "splits.parquet",
+            "masks": root / "gt_masks.parquet"}
 
 
 @pytest.fixture
@@ -79,8 +80,8 @@ def data(tmp_path: Path) -> dict[str, Path]:
 def _train(data, out: Path, cfg=TINY, *extra) -> int:
     return train_masks.main(["--config", json.dumps(cfg), "--masks", str(data["masks"]), "--images",
                              str(data["images"]), "--splits", str(data["splits"]), "--device", "cpu",
-                             "--ckpt-dir", str(out / "ckpt"), "--metrics", str(out / "m.jsonl"), "--log-every", "1",
-                             "--out", str(out / "model.pt"), *extra])
+                             "--ckpt-dir", str(out / "ckpt"), "--metrics", str(out / "m.jsonl"),
+                             "--log-every", "1", "--out", str(out / "model.pt"), *extra])
 
 
 # ------------------------------------------------------------------------------------------------ config, plan
@@ -129,7 +130,8 @@ def test_crops_depend_on_the_item_alone_and_targets_follow_the_masks(data):
     item = train_masks.CropItem(0, 2, (4, 5), 32)
     x1, y1 = ds[item]
     x2, y2 = ds[item]
-    assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (2, 3, 32, 32) and y1.shape == (2, 1, 32, 32)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.shape == (2, 3, 32, 32) and y1.shape == (2, 1, 32, 32)
     # no jitter: the box is the mask's extent, the disc fills most of it and its crop is bright where the mask is
     assert 0.6 < y1[0].mean() < 0.9 and y1[1].mean() > 0.9
     assert x1[0].mean(0)[y1[0, 0] > 0].mean() > x1[0].mean(0)[y1[0, 0] == 0].mean()
@@ -163,6 +165,15 @@ def test_train_masks_end_to_end_resume_and_changed_config(data, tmp_path, capsys
     # a changed inference key is not part of the hash
     assert _train(data, tmp_path / "resumed", {**TINY, "jitter": 0.2, "test_flip": True}) == 0
     assert "resuming from" in capsys.readouterr().err
+
+
+def test_loader_workers_do_not_change_the_result(data, tmp_path):
+    cfg = {**TINY, "train_scales": [32, 40], "epochs": 1}
+    assert _train(data, tmp_path / "w0", cfg) == 0
+    assert _train(data, tmp_path / "w2", cfg, "--workers", "2") == 0
+    a = torch.load(tmp_path / "w0" / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "w2" / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_train_masks_bad_input(data, tmp_path, capsys):
@@ -231,7 +242,8 @@ def test_infer_masks_oracle_shapes_order_and_flip_view(model, data, tmp_path):
 
 def test_infer_masks_detections_top_n_by_score(model, data, tmp_path):
     dets = pd.DataFrame({"image_id": ["im5", "im4", "im5", "im5", "im4"], "label": ["a", "b", "c", "d", "e"],
-                         "score": [0.2, 0.5, 0.9, 0.4, 0.7], "x_min": 0.1, "y_min": 0.2, "x_max": 0.5, "y_max": 0.9})
+                         "score": [0.2, 0.5, 0.9, 0.4, 0.7], "x_min": 0.1, "y_min": 0.2, "x_max": 0.5,
+                         "y_max": 0.9})
     write_table(tmp_path / "dets.parquet", dets, "detections")
     out = tmp_path / "p.npz"
     assert _infer(model, data, out, "--dets", str(tmp_path / "dets.parquet"), "--top-n", "2") == 0
