@@ -1,0 +1,96 @@
+"""Mask probability maps of boxes (stages.infer_masks -> the vote stage): one ``.npz`` file, written atomically.
+
+Arrays (N boxes, V views, maps M x M; ``np.load(path, allow_pickle=False)`` opens it):
+
+- ``image_id``, ``label``: unicode [N]; ``score``, ``x_min``, ``y_min``, ``x_max``, ``y_max``: float64 [N]
+  (the boxes, normalized xyxy, in output order: the detections columns);
+- ``width``, ``height``: int32 [N], the size of each box's image;
+- ``probs``: float16 [V, N, M, M], the foreground probability over the box (row 0 = the box's top, column 0 its
+  left; a flipped view is flipped back, so every view is in the image's orientation);
+- ``views``: unicode [V], e.g. ``["s64", "s64_flip"]`` (unflipped first).
+
+:func:`read_mask_probs` checks names, dtypes and shapes and raises :class:`InputError` naming the file and array.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.core.errors import InputError
+from stages.formats.io import atomic_path
+
+BOX_FIELDS = ("score", "x_min", "y_min", "x_max", "y_max")
+ARRAYS = ("image_id", "label", *BOX_FIELDS, "width", "height", "probs", "views")
+
+
+def write_mask_probs(path: str | os.PathLike, dets: pd.DataFrame, probs: np.ndarray,
+                     views: Sequence[str]) -> None:
+    """Write ``dets`` (image_id, label, score, x_min, y_min, x_max, y_max, width, height; N rows in output
+    order) and ``probs`` [V, N, M, M] (cast to float16) with view names ``views`` (V) atomically to ``path``
+    (uncompressed npz: the maps are noise-like in their low bits, and compression would cost the writer and
+    every reader CPU)."""
+    probs = np.asarray(probs)
+    n = len(dets)
+    if probs.ndim != 4 or probs.shape[1] != n or probs.shape[2] != probs.shape[3] or probs.shape[0] != len(views):
+        raise ValueError(f"probs must be [V={len(views)}, N={n}, M, M], got {probs.shape}")
+    arrays = {
+        "image_id": np.asarray(dets["image_id"].astype(str).to_numpy(), dtype=str).reshape(n),
+        "label": np.asarray(dets["label"].astype(str).to_numpy(), dtype=str).reshape(n),
+        **{c: dets[c].to_numpy(np.float64) for c in BOX_FIELDS},
+        "width": dets["width"].to_numpy(np.int32), "height": dets["height"].to_numpy(np.int32),
+        "probs": probs.astype(np.float16, copy=False), "views": np.asarray(list(views), dtype=str).reshape(-1),
+    }
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, **arrays)
+
+
+def read_mask_probs(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """(detections frame: image_id, label, score, x_min, y_min, x_max, y_max, width, height; probs float16
+    [V, N, M, M]; view names) of a file written by :func:`write_mask_probs`. A missing file, a file that is not
+    such an npz, or arrays of the wrong kind or shape raise :class:`InputError` naming the file and array."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", file=path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [a for a in ARRAYS if a not in z.files]
+            if missing:
+                raise InputError(f"not a mask probabilities file: missing array(s) {missing}", file=path,
+                                 field=missing[0])
+            arrs = {a: z[a] for a in ARRAYS}
+    except InputError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"not a readable npz file: {exc}", file=path) from exc
+    probs, views = arrs["probs"], arrs["views"]
+    n = len(arrs["image_id"])
+    for a in ARRAYS[:-2]:
+        if arrs[a].ndim != 1 or len(arrs[a]) != n:
+            raise InputError(f"array has shape {arrs[a].shape}, expected ({n},) like image_id", file=path, field=a)
+    for a in ("image_id", "label"):
+        if arrs[a].dtype.kind != "U":
+            raise InputError(f"expected unicode strings, got dtype {arrs[a].dtype}", file=path, field=a)
+    for a in (*BOX_FIELDS, "width", "height"):
+        if arrs[a].dtype.kind not in "fiu":
+            raise InputError(f"expected numbers, got dtype {arrs[a].dtype}", file=path, field=a)
+    if views.dtype.kind != "U" or views.ndim != 1:
+        raise InputError(f"expected a 1-d array of names, got {views.dtype} {views.shape}", file=path,
+                         field="views")
+    if probs.dtype != np.float16 or probs.ndim != 4 or probs.shape[:2] != (len(views), n) \
+            or probs.shape[2] != probs.shape[3]:
+        raise InputError(f"expected float16 [V={len(views)}, N={n}, M, M], got {probs.dtype} {probs.shape}",
+                         file=path, field="probs")
+    dets = pd.DataFrame({"image_id": arrs["image_id"].astype(object), "label": arrs["label"].astype(object),
+                         **{c: arrs[c].astype(np.float64) for c in BOX_FIELDS},
+                         "width": arrs["width"].astype(np.int32), "height": arrs["height"].astype(np.int32)})
+    return dets, probs, [str(v) for v in views]
+
+
+__all__ = ["ARRAYS", "read_mask_probs", "write_mask_probs"]
