@@ -24,13 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from stages.core.cli import parse_bool, stage_main
+from stages.core.config import schema_default
 from stages.core.errors import InputError
 from stages.formats.io import read_table
+from stages.formats.readers import read_classes
 from stages.formats.mask_probs import write_mask_probs
 from stages.models.data import load_image
 from stages.models.detector import select_device
 from stages.models.hrnet import SIZE_MULTIPLE, crop_boxes, load_mask_model, normalize
-from stages.train_masks import check_boxes, mask_default, read_gt_masks
+from stages.infer import shard
+from stages.train_masks import check_boxes, read_gt_masks
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +128,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--images", type=Path, required=True, help="images table (parquet): val or test images")
     p.add_argument("--splits", type=Path, help="splits table; with --split selects images")
     p.add_argument("--split", default=None)
-    p.add_argument("--top-n", type=int, default=mask_default("top_n"), help="boxes kept per image, highest "
-                   "scores (--dets only) (default: %(default)s)")
+    p.add_argument("--shard", type=int, default=0, help="image shard index (with --shards)")
+    p.add_argument("--shards", type=int, default=1, help="image shards (sorted ids, round robin; as stages.infer)")
+    p.add_argument("--classes", type=Path, help="keep only boxes of these classes (the segmentable ones: a "
+                   "classes parquet or class-description CSV), before --top-n")
+    p.add_argument("--top-n", type=int, default=schema_default("segmentation", "top_n"), help="boxes kept per "
+                   "image, highest scores (--dets only) (default: %(default)s)")
     p.add_argument("--scale", type=int, default=None, help="crop side (default: the model's test_scale)")
     p.add_argument("--flip", type=parse_bool, default=None, metavar="{true,false}",
                    help="also predict the flipped crop (default: the model's test_flip)")
-    p.add_argument("--map-size", type=int, default=mask_default("map_size"),
+    p.add_argument("--map-size", type=int, default=schema_default("segmentation", "map_size"),
                    help="side M of the stored M x M maps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="crops per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda[:N]")
@@ -166,6 +173,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.split is not None:
         boxes = boxes[boxes["image_id"].isin(chosen)]
         images = images[images["image_id"].isin(chosen)]
+    if not 0 <= a.shard < a.shards:
+        raise InputError(f"--shard {a.shard} is not in [0, --shards {a.shards})", field="--shard")
+    if a.shards > 1:
+        images = shard(images, a.shard, a.shards)
+        boxes = boxes[boxes["image_id"].isin(images["image_id"])]
+    if a.classes is not None:
+        keep = boxes["label"].isin(set(read_classes(a.classes)["label"]))
+        log.info("infer_masks: %d of %d boxes of classes outside %s left out", int((~keep).sum()), len(boxes),
+                 a.classes)
+        boxes = boxes[keep]
     sel = select_boxes(boxes, images, top_n=top_n, source=source, images_source=a.images)
     paths = images.drop_duplicates("image_id").set_index("image_id")["path"]
     n_images = sel["image_id"].nunique()

@@ -30,7 +30,7 @@ def schema_property(*path: str) -> dict:
     """The schema of one key, e.g. ``schema_property("postprocess", "iou_thr")`` or ``schema_property("model",
     "box_nms_thresh")`` (a model entry's key): type, default, bounds, description."""
     schema = _schema_cached()
-    node = schema["$defs"]["model"] if path[0] == "model" else schema["properties"][path[0]]
+    node = schema["properties"][path[0]] if path[0] in schema["properties"] else schema["$defs"][path[0]]
     for key in path[1:]:
         node = node["properties"][key]
     return copy.deepcopy(node)

@@ -88,7 +88,7 @@ def _train(data, out: Path, cfg=TINY, *extra) -> int:
 def test_mask_config_fills_defaults_and_rejects_bad_keys():
     cfg = train_masks.mask_config({})
     assert cfg["backbone"] == "hrnet_tiny" and cfg["lr"] == 0.08 and cfg["poly_power"] == 0.9
-    assert set(train_masks.mask_part(cfg, "infer")) == {"test_scale", "test_flip", "top_n", "map_size"}
+    assert set(train_masks.mask_part(cfg, "infer")) == {"test_scale", "test_flip"}
     for bad, field in (({"nope": 1}, "(top level)"), ({"train_scales": [50, 64]}, "train_scales/0"),
                        ({"train_scales": [64, 48]}, "train_scales"), ({"backbone": "resnet50"}, "backbone")):
         with pytest.raises(InputError) as e:

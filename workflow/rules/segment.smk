@@ -142,12 +142,12 @@ rule infer_masks:
         "benchmarks/infer_masks/{mask_model}/{source}/{split}/shard{shard}.tsv"
     params:
         # ground-truth boxes (the oracle) come from the masks table; the others are detections
-        boxes=lambda wc, input: f"--masks {input.boxes}" if wc.source == "gt" else f"--detections {input.boxes}",
+        boxes=lambda wc, input: f"--masks {input.boxes}" if wc.source == "gt" else f"--dets {input.boxes}",
         select=lambda wc: "" if wc.split == "test" else f"--split {wc.split}",
         # a refined shard holds its images only; the gathered raw detections are cut to the shard's images
         shard=lambda wc: "" if wc.source == "refined" else f"--shard {wc.shard} --shards {SHARDS}",
         scale=lambda wc: mask_cfg(wc.mask_model)["test_scale"],
-        flip=lambda wc: "--flip" if mask_cfg(wc.mask_model)["test_flip"] else "",
+        flip=lambda wc: mask_cfg(wc.mask_model)["test_flip"],
         top_n=SEG["top_n"],
         map_size=SEG["map_size"],
         device=config["device"],
@@ -161,7 +161,7 @@ rule infer_masks:
     shell:
         "python -m stages.infer_masks --model {input.model:q} {params.boxes} --images {input.images:q}"
         " --splits {input.splits:q} {params.select} {params.shard} --classes {input.seg_classes:q}"
-        " --top-n {params.top_n} --scale {params.scale} {params.flip} --map-size {params.map_size}"
+        " --top-n {params.top_n} --scale {params.scale} --flip {params.flip} --map-size {params.map_size}"
         " --device {params.device} --threads {threads} --out {output.probs:q} > {log:q} 2>&1"
 
 
