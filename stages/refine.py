@@ -70,7 +70,12 @@ def refine_detections(*, refiner: BoxRefiner, detections: pd.DataFrame, images: 
         chunk = range(s, min(s + batch_size, len(img_list)))
         imgs, sel, boxes = [], [], []
         for j in chunk:
-            im = load_image(paths[img_list[j]]).to(device)
+            try:
+                im = load_image(paths[img_list[j]]).to(device)
+            except InputError as exc:
+                first = int(np.flatnonzero(pos == img_list[j])[0])
+                raise InputError(f"image {ids[first]!r}: {exc}", file=source, row=f"row {first}",
+                                 field="image_id") from exc
             h, w = im.shape[-2:]
             rows = order[bounds[j]:bounds[j + 1]]
             imgs.append(im)
@@ -152,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m stages.refine", description=__doc__.split("\n\n")[0])
     p.add_argument("--refiner", type=Path, required=True, help="refiner.pt (stages.train_refiner)")
     p.add_argument("--detections", type=Path, required=True, help="detections parquet to refine")
-    p.add_argument("--images", type=Path, required=True, help="images table (images.parquet or test_images.parquet)")
+    p.add_argument("--images", type=Path, required=True,
+                   help="images table (images.parquet, or test_images.parquet for the test detections)")
     p.add_argument("--splits", type=Path, help="splits table; with --split only that split's images are looked up")
     p.add_argument("--split", default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")

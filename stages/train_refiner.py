@@ -61,7 +61,8 @@ def refiner_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise InputError(f"stage_weights {full['stage_weights']} needs one weight per iou_thrs entry "
                          f"{full['iou_thrs']}", field="refiner/stage_weights")
     if any(s > full["epochs"] for s in full["lr_steps"]) and full["lr_schedule"] == "step":
-        raise InputError(f"lr_steps {full['lr_steps']} must be <= epochs {full['epochs']}", field="refiner/lr_steps")
+        raise InputError(f"lr_steps {full['lr_steps']} must be <= epochs {full['epochs']}",
+                         field="refiner/lr_steps")
     return full
 
 
@@ -76,7 +77,7 @@ def refiner_part(cfg: Mapping[str, Any], part: str) -> dict[str, Any]:
 
 def lr_at(it: int, epoch: int, total_iters: int, cfg: Mapping[str, Any]) -> float:
     """Linear warm-up from ``warmup_factor`` x lr over ``warmup_iters`` iterations; then ``step``: x ``lr_gamma``
-    at each epoch of ``lr_steps`` (1-based epochs: step s applies from the s-th epoch's end, as stages.train),
+    after each epoch of ``lr_steps`` (1-based, as stages.train: epoch index ``epoch`` >= s),
     or ``cosine``: lr x (1 + cos(pi it / total_iters)) / 2."""
     if cfg["lr_schedule"] == "cosine":
         lr = cfg["lr"] * 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / max(total_iters, 1)))
@@ -174,7 +175,8 @@ def detection_pass(*, detector: torch.nn.Module, refiner: BoxRefiner, labels: Se
                     "x_min": b[:, 0], "y_min": b[:, 1], "x_max": b[:, 2], "y_max": b[:, 3]}))
         done += len(imgs)
         if done % 50 < len(imgs) or done == len(paths):
-            log.info("detection pass: %d/%d images (%.1f img/s)", done, len(paths), done / max(time.time() - t0, 1e-9))
+            log.info("detection pass: %d/%d images (%.1f img/s)", done, len(paths),
+                     done / max(time.time() - t0, 1e-9))
     det_df = (pd.concat(dets, ignore_index=True) if dets else
               pd.DataFrame({c: [] for c in ("image_id", "label", "score", "x_min", "y_min", "x_max", "y_max")})
               ) if want_dets else None
@@ -205,7 +207,8 @@ def prepare(*, cfg: Mapping[str, Any], detector: torch.nn.Module, refiner: BoxRe
                  time.time() - t0, "computed" if not cached else "cached", "on" if want_feats else "off")
         if not cached:
             det_df = got
-            write_table(cache_path, det_df, "detections", provenance={"stage": "train_refiner", "cache": "detections"})
+            write_table(cache_path, det_df, "detections",
+                        provenance={"stage": "train_refiner", "cache": "detections"})
     else:
         feats = sizes = None
     det, det_cls = _by_image(det_df, ids, label_index)
@@ -215,7 +218,8 @@ def prepare(*, cfg: Mapping[str, Any], detector: torch.nn.Module, refiner: BoxRe
 
 
 def proposals_of(data: RefinerData, i: int, size: tuple[int, int], *, cfg: Mapping[str, Any], epoch: int,
-                 position: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 position: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image ``i``'s (proposals, their classes, ground truth, its classes) in absolute xyxy of its resized
     ``size`` (h, w): its detections plus the jittered copies of its ground truth drawn from
     ``np.random.default_rng([seed, epoch, position])``."""
@@ -281,7 +285,8 @@ def train_refiner(*, cfg: Mapping[str, Any], detector_path: Path, images: pd.Dat
     trainer = Trainer(core, core, params, opt, scaler, device, use_amp, amp_dtype)
     start_epoch = resume(trainer, ckpt_dir, chash)
     if world > 1:
-        trainer.model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if cuda else None)
+        trainer.model = torch.nn.parallel.DistributedDataParallel(
+            core, device_ids=[device.index] if cuda else None)
     meta = {"labels": labels, "config": cfg, "config_hash": chash, "detector_hash": det_hash,
             "backbone": backbone_config(det_cfg)}
     iters = max(1, math.ceil(len(images) / (cfg["batch_size"] * world)))

@@ -101,8 +101,8 @@ def _fit_one_image(r: BoxRefiner, img: torch.Tensor, gt: torch.Tensor, steps: in
     r.train()
     out = []
     for k in range(steps):
-        props = torch.as_tensor(jitter_boxes(gt.numpy(), copies=16, scale=0.1, rng=np.random.default_rng(0 if fixed else k)),
-                                dtype=torch.float32)
+        rng = np.random.default_rng(0 if fixed else k)
+        props = torch.as_tensor(jitter_boxes(gt.numpy(), copies=16, scale=0.1, rng=rng), dtype=torch.float32)
         losses = r(feats, sizes, [props], [torch.zeros(16, dtype=torch.long)], [gt],
                    [torch.zeros(1, dtype=torch.long)])
         loss = sum(losses.values())
@@ -175,7 +175,8 @@ def test_refine_cli_round_trip_and_bad_input(tables, tmp_path, capsys):
     dets = _dets()
     write_table(tmp_path / "d.parquet", dets, "detections")
     args = ["--refiner", str(ckpt), "--images", str(out / "images.parquet"), "--device", "cpu"]
-    assert refine.main([*args, "--detections", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "o.parquet")]) == 0
+    rc = refine.main([*args, "--detections", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "o.parquet")])
+    assert rc == 0
     assert "images/s" in capsys.readouterr().out
     o = read_table(tmp_path / "o.parquet", "detections")
     assert len(o) == len(dets) and (o["score"] == dets["score"]).all() and (o["model"] == "m").all()
@@ -202,9 +203,18 @@ def test_refine_cli_round_trip_and_bad_input(tables, tmp_path, capsys):
     missing.loc[missing["image_id"] == "img1", "path"] = str(tmp_path / "gone.jpg")
     write_table(tmp_path / "images_missing.parquet", missing, "images")
     p = tmp_path / "d.parquet"
-    rc = refine.main(["--refiner", str(ckpt), "--images", str(tmp_path / "images_missing.parquet"), "--device", "cpu",
-                      "--detections", str(p), "--out", str(tmp_path / "bad_out.parquet")])
-    assert rc == 2 and "gone.jpg" in capsys.readouterr().err and not (tmp_path / "bad_out.parquet").exists()
+    rc = refine.main(["--refiner", str(ckpt), "--images", str(tmp_path / "images_missing.parquet"),
+                      "--device", "cpu", "--detections", str(p), "--out", str(tmp_path / "bad_out.parquet")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "gone.jpg" in err and "'img1'" in err and not (tmp_path / "bad_out.parquet").exists()
+    (tmp_path / "corrupt.jpg").write_bytes(b"not a jpeg")
+    missing.loc[missing["image_id"] == "img1", "path"] = str(tmp_path / "corrupt.jpg")
+    write_table(tmp_path / "images_missing.parquet", missing, "images")
+    rc = refine.main(["--refiner", str(ckpt), "--images", str(tmp_path / "images_missing.parquet"),
+                      "--device", "cpu", "--detections", str(p), "--out", str(tmp_path / "bad_out.parquet")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "corrupt.jpg" in err and "field 'image_id'" in err
+    assert not (tmp_path / "bad_out.parquet").exists()
 
 
 def r_cfg():
@@ -225,7 +235,8 @@ def _train(out, splits, tmp_path, name, *extra, cfg=None):
     return train_refiner.main([
         "--detector", str(tmp_path / "det.pt"), "--config", json.dumps(cfg or TINY_REF),
         "--images", str(out / "images.parquet"), "--boxes", str(out / "boxes.parquet"), "--splits", str(splits),
-        "--device", "cpu", "--ckpt-dir", str(tmp_path / name / "ckpt"), "--metrics", str(tmp_path / name / "m.jsonl"),
+        "--device", "cpu", "--ckpt-dir", str(tmp_path / name / "ckpt"),
+        "--metrics", str(tmp_path / name / "m.jsonl"),
         "--log-every", "1", "--out", str(tmp_path / name / "refiner.pt"), *extra])
 
 
