@@ -127,8 +127,9 @@ class BoxRefiner(nn.Module):
         per_image = [{k: feats[k][i:i + 1] for k in FEATMAPS} for i in range(len(images))]
         return per_image, [tuple(int(v) for v in s) for s in il.image_sizes]
 
-    def stage_deltas(self, k: int, features: Sequence[Mapping[str, Tensor]], image_sizes: Sequence[tuple[int, int]],
-                     boxes: Sequence[Tensor], chunk: int | None = None) -> Tensor:
+    def stage_deltas(self, k: int, features: Sequence[Mapping[str, Tensor]],
+                     image_sizes: Sequence[tuple[int, int]], boxes: Sequence[Tensor], chunk: int | None = None
+                     ) -> Tensor:
         """Stage ``k``'s deltas (sum N, 4) of the boxes of every image (absolute xyxy of the resized image),
         pooled image by image (``chunk`` RoIs at a time when given)."""
         out = []
@@ -195,7 +196,8 @@ class BoxRefiner(nn.Module):
         try:
             feats, sizes = self.features(images)
             orig = [tuple(im.shape[-2:]) for im in images]
-            ratio = [torch.tensor([s[1] / o[1], s[0] / o[0]] * 2, device=b.device) for s, o, b in zip(sizes, orig, boxes)]
+            ratio = [torch.tensor([s[1] / o[1], s[0] / o[0]] * 2, device=b.device)
+                     for s, o, b in zip(sizes, orig, boxes)]
             out = self.refine_features(feats, sizes, [b.float() * r for b, r in zip(boxes, ratio)])
             return [clip_boxes(b / r, o) for b, r, o in zip(out, ratio, orig)]
         finally:
