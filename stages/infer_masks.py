@@ -188,10 +188,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     n_images = sel["image_id"].nunique()
     log.info("infer_masks: %d boxes on %d images, scale %d, flip %s, maps %dx%d, device %s", len(sel), n_images,
              scale, flip, a.map_size, a.map_size, device)
+    # a box under several labels (hierarchy expansion: the leaf and its parents) is predicted once
+    group = sel.groupby(["image_id", *BOX], sort=False).ngroup().to_numpy()
+    first = np.unique(group, return_index=True)[1]
     t0 = time.time()
-    probs, views = infer_masks(model=model, boxes=sel, paths=paths, scale=scale, flip=flip, map_size=a.map_size,
-                               device=device, batch_size=a.batch_size)
+    probs, views = infer_masks(model=model, boxes=sel.iloc[first].reset_index(drop=True), paths=paths, scale=scale,
+                               flip=flip, map_size=a.map_size, device=device, batch_size=a.batch_size)
+    probs = probs[:, group]
     dt = time.time() - t0
+    log.info("infer_masks: %d distinct boxes of %d rows", len(first), len(sel))
     write_mask_probs(a.out, sel, probs, views)
     print(f"infer_masks: {len(sel)} boxes on {n_images} images, views {views}, {dt:.1f}s, "
           f"{n_images / max(dt, 1e-9):.1f} img/s, {len(sel) / max(dt, 1e-9):.1f} boxes/s -> {a.out}")

@@ -31,6 +31,7 @@ from stages.core.errors import InputError
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import read_table, write_table
 from stages.formats.tables import BOX_COLUMNS, check_boxes
+from stages.infer import shard
 from stages.models.data import load_image
 from stages.models.detector import select_device
 from stages.models.refiner import BoxRefiner, load_refiner
@@ -161,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="images table (images.parquet, or test_images.parquet for the test detections)")
     p.add_argument("--splits", type=Path, help="splits table; with --split only that split's images are looked up")
     p.add_argument("--split", default=None)
+    p.add_argument("--shard", type=int, default=0, help="image shard index (with --shards)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="image shards (sorted ids, round robin; as stages.infer): refine the shard's images only")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--threads", type=int, default=schema_default("refiner", "threads"))
     p.add_argument("--batch-size", type=int, default=schema_default("infer", "batch_size"),
@@ -177,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         splits = read_table(a.splits, "splits")
         images = images[images["image_id"].isin(set(splits.loc[splits["split"] == a.split, "image_id"]))]
     dets = read_table(a.detections, "detections")
+    if not 0 <= a.shard < a.shards:
+        raise InputError(f"--shard {a.shard} is not in [0, --shards {a.shards})", field="--shard")
+    if a.shards > 1:
+        mine = set(shard(images, a.shard, a.shards)["image_id"]) | (set(dets["image_id"]) - set(images["image_id"]))
+        dets = dets[dets["image_id"].isin(mine)].reset_index(drop=True)   # unknown ids stay: they are an error
     t0 = time.time()
     out = refine_detections(refiner=refiner, detections=dets, images=images, device=device,
                             batch_size=a.batch_size, source=a.detections)

@@ -118,7 +118,7 @@ def ablate(*, probs: Mapping[tuple[str, str, str], list[str]], models: Sequence[
 
 
 def box_effect(*, raw: Mapping[str, list[str]], refined: Mapping[str, list[str]], gts: Mapping[str, object],
-               boxes: Mapping[str, pd.DataFrame]) -> list[dict]:
+               boxes: Mapping[str, pd.DataFrame], hierarchy: Hierarchy) -> list[dict]:
     """AP@0.5, AP@0.75 and the mean matched IoU of the ensemble's boxes before and after refinement."""
     out = []
     for name, files in (("unrefined", raw), ("refined", refined)):
@@ -128,7 +128,7 @@ def box_effect(*, raw: Mapping[str, list[str]], refined: Mapping[str, list[str]]
             gt = gts[split]
             row[split] = {"ap50": float(evaluate_detections(gt=gt, detections=dets, iou_thr=0.5).map),
                           "ap75": float(evaluate_detections(gt=gt, detections=dets, iou_thr=0.75).map),
-                          "mean_iou": float(matched_iou(dets, boxes[split]))}
+                          "mean_iou": matched_iou(dets, boxes[split], hierarchy=hierarchy).mean_iou}
         out.append(row)
     return out
 
@@ -227,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         boxes_by_split[split] = boxes
     rows = ablate(probs=probs, models=args.models, splits=splits, gts=seg_gts, seg_hierarchy=seg_h,
                   vote=args.vote, thr=args.thr)
-    effect = box_effect(raw=raw, refined=refined, gts=box_gts, boxes=boxes_by_split) if raw and refined else []
+    effect = box_effect(raw=raw, refined=refined, gts=box_gts, boxes=boxes_by_split,
+                        hierarchy=hier) if raw and refined else []
     write_json(args.out_json, records(rows, effect, splits))
     md = markdown(rows, effect, splits, vote=args.vote)
     write_text(args.out_md, md)
