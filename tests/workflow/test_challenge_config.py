@@ -15,7 +15,8 @@ from tests.workflow.test_dag import ROOT, TINY, job_counts, snakemake
 
 STUB_FILES = ["challenge-2019-train-detection-bbox.csv", "challenge-2019-train-detection-human-imagelabels.csv",
               "challenge-2019-classes-description-500.csv", "challenge-2019-label500-hierarchy.json",
-              "sample_submission.csv"]
+              "sample_submission.csv", "challenge-2019-classes-description-segmentable.csv",
+              "challenge-2019-label300-segmentable-hierarchy.json", "challenge-2019-train-segmentation-masks.csv"]
 
 
 EXTERNAL_STUBS = ["coco/annotations/instances_train2017.json", "objects365/annotations/objects365_train.json"]
@@ -56,6 +57,15 @@ def test_oid2019_dag_builds_from_stub_files(tmp_path: Path) -> None:
     assert counts["autoensemble_search"] == 2 and counts["autoensemble_apply"] == (2 * 2 + 1) * shards
     assert counts["evaluate"] == (n_models + 4 + 8 + 4) * 2 + 2 * 2
     assert counts["gather"] == counts["evaluate"] + 1    # + the auto ensemble's test detections
+    # the segmentation track: 4 HRNet-W48 mask models, each on the refined boxes of val_a / val_b / test and,
+    # for the ablation, the unrefined and the ground-truth boxes of val_a / val_b; per image shard
+    seg = cfg["segmentation"]
+    assert len(seg["models"]) == 4 and {m["backbone"] for m in seg["models"].values()} == {"hrnet_w48"}
+    assert cfg["refiner"]["detector"] in cfg["models"]
+    assert (counts["ingest_masks"], counts["train_masks"], counts["train_refiner"]) == (1, 4, 1)
+    assert counts["refine"] == counts["segment"] == 3 * shards
+    assert counts["infer_masks"] == 4 * (3 + 2 + 2) * shards
+    assert counts["evaluate_seg"] == 2 and counts["submit_seg"] == counts["seg_ablation"] == 1
     assert seconds < 150, "this bound only catches blow-ups (34-58 s alone, 104 s beside a make run)"
 
 
