@@ -43,6 +43,13 @@ def tiny_with_experts() -> dict:
     cfg["ensemble"] = {"groups": {"global": ["tiny_a", "tiny_b"], "all": ["tiny_a", "tiny_b", "tiny_x", "tiny_e"]}}
     cfg["autoensemble"]["leaves"] = {"models": ["tiny_a", "tiny_b"]}
     cfg["ablation"] = {"models": ["tiny_a", "tiny_b"], "experts_baseline": "global"}
+    # the segmentation track: two tiny HRNets (one with a flipped view) on the refined boxes of tiny_a's refiner
+    mask = {"train_scales": [32, 32], "test_scale": 32, "epochs": 1, "batch_size": 4, "warmup_iters": 1,
+            "head_channels": 8}
+    cfg["segmentation"] = {"enabled": True, "top_n": 5, "map_size": 8,
+                           "models": {"m_a": {**mask, "test_flip": True}, "m_b": {**mask, "seed": 1}}}
+    cfg["refiner"] = {"detector": "tiny_a", "epochs": 1, "batch_size": 2, "warmup_iters": 1,
+                      "representation_size": 32, "det_rpn_top_n": 20}
     return cfg
 
 
@@ -323,7 +330,7 @@ def test_tiny_end_to_end(tmp_path, tiny_config):
     names = {(m["stage"], m["variant"], m["name"]) for m in metrics}
     assert names == {("postprocess", "default", m) for m in ("tiny_a", "tiny_b", "tiny_x", "tiny_e")} | {
         ("ensemble", "default", "all"), ("ensemble", "default", "global"), ("autoensemble", "default", "search_val_a"),
-        ("autoensemble", "default", "search_val_b")}
+        ("autoensemble", "default", "search_val_b"), ("segment", "default", "masks")}
     # the experts: each scored on its own classes only, contributing its targets only to `all`
     mined = json.loads((tmp_path / "results/experts/tiny_x.json").read_text())["targets"]
     ext = json.loads((tmp_path / "results/ingest_external/ext/targets.json").read_text())["targets"]
@@ -382,6 +389,34 @@ def test_tiny_end_to_end(tmp_path, tiny_config):
         assert list((tmp_path / "benchmarks" / rule).rglob("*.tsv")), rule
     page = (tmp_path / "results/report.html").read_text()
     assert "<img" in page and 'alt="search_val_a tree"' in page and 'alt="search_val_b tree"' in page
+    # the segmentation track: every test image in segmentation.csv, its masks decodable at the image size and
+    # of segmentable classes; mask mAP on both validation splits; the ablation's rows; refined boxes per shard
+    from stages.formats.seg_submission import read_segmentation_submission
+
+    seg_sub = pd.read_csv(tmp_path / "segmentation.csv", keep_default_na=False)
+    assert list(seg_sub.columns) == ["ImageID", "ImageWidth", "ImageHeight", "PredictionString"]
+    assert sorted(seg_sub["ImageID"]) == sorted(test_ids)
+    seg_masks = read_segmentation_submission(tmp_path / "segmentation.csv")
+    seg_classes = read_table(tmp_path / "results/ingest/seg_classes.parquet", "classes")
+    assert len(seg_masks) > 0 and set(seg_masks["label"]) <= set(seg_classes["label"])
+    test_images = read_table(tmp_path / "results/ingest/test_images.parquet", "images").set_index("image_id")
+    sizes = test_images.loc[seg_masks["image_id"], ["height", "width"]].to_numpy()
+    assert (seg_masks[["mask_height", "mask_width"]].to_numpy() == sizes).all()
+    rows = json.loads((tmp_path / "results/ablation/segmentation.json").read_text())
+    masks_rows = {(r["variant"], r["boxes"]) for r in rows if r["measure"] == "mask mAP"}
+    assert {("m_a (s32)", "refined"), ("m_a + s32_flip", "refined"), ("m_b (s32)", "refined")} <= masks_rows
+    assert {b for v, b in masks_rows if v.startswith("vote")} == {"refined", "raw", "gt"}
+    assert {r["boxes"] for r in rows if r["measure"] == "box AP@0.75"} == {"unrefined", "refined"}
+    vote = next(r for r in rows if r["measure"] == "mask mAP" and r["variant"].startswith("vote")
+                and r["boxes"] == "refined")
+    for split in ("val_a", "val_b"):   # the ablation's vote is the pipeline's own masks, scored the same way
+        m = json.loads((tmp_path / f"results/evaluate/segment/default/masks/{split}.json").read_text())
+        assert m["mAP"] == pytest.approx(vote[split], abs=1e-12)
+    for split in ("val_a", "test"):
+        refined = pd.concat([read_table(tmp_path / f"results/refine/{split}/shard{i}.parquet", "detections")
+                             for i in range(2)])
+        final = read_table(tmp_path / f"results/autoensemble/default/search_val_a/{split}.parquet", "detections")
+        assert len(refined) == len(final)
     # shards were written and gathered
     assert (tmp_path / "results/infer/tiny_a/test/shard1.parquet").exists()
     assert (tmp_path / "results/postprocess/default/tiny_a/val_a/shard1.parquet").exists()
