@@ -21,7 +21,6 @@ import argparse
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,7 +30,7 @@ from stages.core.errors import InputError
 from stages.evaluate import mask_ground_truth
 from stages.formats.hierarchy import Hierarchy
 from stages.formats.io import read_table, write_json, write_text
-from stages.formats.mask_probs import read_mask_probs
+from stages.formats.mask_probs import read_image_sizes, read_mask_probs
 from stages.formats.readers import read_boxes, read_classes, read_image_labels, split_image_ids
 from stages.metrics.detection import evaluate_detections, prepare_ground_truth
 from stages.metrics.segmentation import evaluate_masks
@@ -95,7 +94,8 @@ def ablate(*, probs: Mapping[tuple[str, str, str], list[str]], models: Sequence[
             loaded = {m: load_maps(probs[(split, source, m)]) for m in have}
             first = loaded[have[0]][0]
             for m in have[1:]:
-                same_boxes(first, loaded[m][0], source=probs[(split, source, m)][0])
+                same_boxes(first, loaded[m][0], source=", ".join(probs[(split, source, m)]),
+                           reference=", ".join(probs[(split, source, have[0])]))
             expand = seg_hierarchy if source == "gt" else None
             if source == own:  # each model alone, on the boxes the pipeline segments
                 for m in have:
@@ -220,8 +220,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         ids = split_image_ids(args.split_ids, split)
         boxes = read_boxes(args.boxes, known, ids)
         labels = read_image_labels(args.image_labels, known, ids)
+        # ground-truth masks stored at another size are resized to the images' (as stages.evaluate resizes them
+        # to the predictions' size; the boxes' image sizes are in the probability files)
+        sizes = {}
+        for (sp, _, _), paths in probs.items():
+            if sp == split:
+                for p in paths:
+                    sizes.update(read_image_sizes(p))
         seg_gts[split] = mask_ground_truth(gt_masks=args.gt_masks, boxes=boxes, image_labels=labels,
-                                           hierarchy=seg_h, classes=seg_classes, image_ids=ids)
+                                           hierarchy=seg_h, classes=seg_classes, image_ids=ids, sizes=sizes)
         box_gts[split] = prepare_ground_truth(boxes=boxes, image_labels=labels, hierarchy=hier, classes=classes,
                                               image_ids=ids)
         boxes_by_split[split] = boxes

@@ -40,11 +40,17 @@ def select_views(probs: np.ndarray, views: Sequence[str], which: str) -> np.ndar
     return probs if which == "all" else probs[:1]
 
 
-def same_boxes(a: pd.DataFrame, b: pd.DataFrame, *, source: object) -> None:
-    """Raise :class:`InputError` unless ``b`` holds the rows of ``a`` in the same order (the vote pairs maps by
-    row)."""
+def _plain(v: object) -> object:
+    """A numpy scalar as the Python value (its repr without ``np.float64(...)``)."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def same_boxes(a: pd.DataFrame, b: pd.DataFrame, *, source: object, reference: object = None) -> None:
+    """Raise :class:`InputError` unless ``b`` (read from ``source``) holds the rows of ``a`` (read from
+    ``reference``, named in the message) in the same order (the vote pairs maps by row)."""
+    ref = "the first file" if reference is None else str(reference)
     if len(a) != len(b):
-        raise InputError(f"{len(b)} boxes where the first file has {len(a)}: the vote needs the same boxes",
+        raise InputError(f"{len(b)} boxes where {ref} has {len(a)}: the vote needs the same boxes",
                          file=source, field="image_id")
     for c in KEY_COLUMNS:
         x, y = a[c].to_numpy(), b[c].to_numpy()
@@ -52,8 +58,9 @@ def same_boxes(a: pd.DataFrame, b: pd.DataFrame, *, source: object) -> None:
                                                                rtol=0, atol=1e-9)
         if differ.any():
             i = int(np.flatnonzero(differ)[0])
-            raise InputError(f"row {i} differs from the first file's ({x[i]!r} vs {y[i]!r}): the vote needs the "
-                             "same boxes in the same order", file=source, row=f"row {i}", field=c)
+            raise InputError(f"row {i} differs from {ref}'s ({_plain(y[i])!r} vs {_plain(x[i])!r} there): "
+                             "the vote needs the same boxes in the same order", file=source, row=f"row {i}",
+                             field=c)
 
 
 def vote_rows(dets: pd.DataFrame, probs: np.ndarray, *, vote: str, thr: float) -> pd.DataFrame:
@@ -83,7 +90,7 @@ def segment(paths: Sequence[str], *, views: str = "all", vote: str, thr: float) 
         if first is None:
             first = dets
         else:
-            same_boxes(first, dets, source=p)
+            same_boxes(first, dets, source=p, reference=paths[0])
         chosen = select_views(probs, names, views)
         log.info("%s: %d boxes, views %s", p, len(dets), list(names[: len(chosen)]))
         maps.append(chosen)

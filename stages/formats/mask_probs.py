@@ -93,4 +93,30 @@ def read_mask_probs(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray, 
     return dets, probs, [str(v) for v in views]
 
 
-__all__ = ["ARRAYS", "read_mask_probs", "write_mask_probs"]
+def read_image_sizes(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """Image id -> (height, width) of the images of the boxes in a file written by :func:`write_mask_probs`,
+    read without the maps. Errors as :func:`read_mask_probs`."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", file=path)
+    names = ("image_id", "width", "height")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [a for a in names if a not in z.files]
+            if missing:
+                raise InputError(f"not a mask probabilities file: missing array(s) {missing}", file=path,
+                                 field=missing[0])
+            ids, w, h = (z[a] for a in names)
+    except InputError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"not a readable npz file: {exc}", file=path) from exc
+    if ids.dtype.kind != "U" or not ids.shape == w.shape == h.shape or ids.ndim != 1 or w.dtype.kind not in "iu" \
+            or h.dtype.kind not in "iu":
+        raise InputError(f"image_id, width, height must be [N] strings and integers, got {ids.dtype} {ids.shape}, "
+                         f"{w.dtype} {w.shape}, {h.dtype} {h.shape}", file=path, field="width")
+    uniq, first = np.unique(ids, return_index=True)
+    return {str(i): (int(h[k]), int(w[k])) for i, k in zip(uniq, first)}
+
+
+__all__ = ["ARRAYS", "read_image_sizes", "read_mask_probs", "write_mask_probs"]

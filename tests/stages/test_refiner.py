@@ -221,6 +221,63 @@ def r_cfg():
     return train_refiner.refiner_config(TINY_REF)
 
 
+def test_refine_shards_together_equal_the_unsharded_output(tables, tmp_path, capsys):
+    from stages.infer import shard
+
+    out, splits = tables
+    r = _refiner()
+    torch.nn.init.normal_(r.stages[0].bbox_pred.weight, std=0.05)   # boxes do move
+    det, cfg = _detector()
+    ckpt = tmp_path / "refiner.pt"
+    torch.save(refiner_checkpoint(r, backbone_cfg=backbone_config(cfg), cfg=r_cfg(), config_hash="x"), ckpt)
+    dets = _dets(n=24, seed=1)
+    assert set(dets["image_id"]) == {"img0", "img1", "img3"}
+    write_table(tmp_path / "d.parquet", dets, "detections")
+    args = ["--refiner", str(ckpt), "--images", str(out / "images.parquet"), "--device", "cpu",
+            "--detections", str(tmp_path / "d.parquet")]
+    assert refine.main([*args, "--out", str(tmp_path / "all.parquet")]) == 0
+    whole = read_table(tmp_path / "all.parquet", "detections")
+    assert not np.allclose(whole[["x_min", "x_max"]].to_numpy(), dets[["x_min", "x_max"]].to_numpy())
+    images = read_table(out / "images.parquet", "images")
+    parts = []
+    for k in range(3):
+        assert refine.main([*args, "--shard", str(k), "--shards", "3",
+                            "--out", str(tmp_path / f"s{k}.parquet")]) == 0
+        part = read_table(tmp_path / f"s{k}.parquet", "detections")
+        mine = set(shard(images, k, 3)["image_id"])
+        assert set(part["image_id"]) <= mine
+        # a shard keeps its images' rows in their input order
+        pd.testing.assert_frame_equal(part.drop(columns=["x_min", "y_min", "x_max", "y_max"]),
+                                      dets[dets["image_id"].isin(mine)].drop(columns=["x_min", "y_min", "x_max",
+                                                                                      "y_max"])
+                                      .reset_index(drop=True), check_dtype=False)
+        parts.append(part)
+    key = ["image_id", "label", "score"]
+    union = pd.concat(parts, ignore_index=True).sort_values(key, kind="stable").reset_index(drop=True)
+    pd.testing.assert_frame_equal(union, whole.sort_values(key, kind="stable").reset_index(drop=True))
+    # with a split, the split's images are sharded: val_a is img3 alone, in shard 0 of 2; shard 1 is empty
+    val = dets[dets["image_id"] == "img3"]
+    write_table(tmp_path / "v.parquet", val, "detections")
+    vargs = [*args[:-1], str(tmp_path / "v.parquet"), "--splits", str(splits), "--split", "val_a", "--shards", "2"]
+    assert refine.main([*vargs, "--shard", "0", "--out", str(tmp_path / "v0.parquet")]) == 0
+    assert refine.main([*vargs, "--shard", "1", "--out", str(tmp_path / "v1.parquet")]) == 0
+    pd.testing.assert_frame_equal(read_table(tmp_path / "v0.parquet", "detections"),
+                                  whole[whole["image_id"] == "img3"].reset_index(drop=True))
+    assert len(read_table(tmp_path / "v1.parquet", "detections")) == 0
+    # an image unknown to the images table is still an error in a shard; a shard out of range too
+    bad = dets.copy()
+    bad.loc[5, "image_id"] = "nope"
+    write_table(tmp_path / "bad.parquet", bad, "detections")
+    capsys.readouterr()
+    for k in range(2):
+        assert refine.main([*args[:-1], str(tmp_path / "bad.parquet"), "--shard", str(k), "--shards", "2",
+                            "--out", str(tmp_path / "b.parquet")]) == 2
+        err = capsys.readouterr().err
+        assert "'nope'" in err and "field 'image_id'" in err and not (tmp_path / "b.parquet").exists()
+    assert refine.main([*args, "--shard", "2", "--shards", "2", "--out", str(tmp_path / "b.parquet")]) == 2
+    assert "--shard 2 is not in [0, --shards 2)" in capsys.readouterr().err
+
+
 def test_outside_coordinate_error_names_row_and_field(tables, tmp_path):
     out, _ = tables
     dets = _dets()

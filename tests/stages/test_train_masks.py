@@ -14,6 +14,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from stages import infer_masks, train_masks
+from stages.core.config import schema_default
 from stages.core.errors import InputError
 from stages.formats.io import write_table
 from stages.formats.mask_probs import read_mask_probs, write_mask_probs
@@ -40,7 +41,7 @@ def _gt_masks(rows: list[tuple[str, str, np.ndarray]]) -> pd.DataFrame:
         rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
         out.append({"image_id": image_id, "label": label, "x_min": xs.min() / w, "y_min": ys.min() / h,
                     "x_max": (xs.max() + 1) / w, "y_max": (ys.max() + 1) / h, "rle": rle["counts"].decode(),
-                    "mask_height": h, "mask_width": w})
+                    "mask_height": h, "mask_width": w, "mask_path": f"{image_id}_{len(out)}.png"})
     df = pd.DataFrame(out)
     return df.astype({"mask_height": "int32", "mask_width": "int32"})
 
@@ -249,7 +250,8 @@ def test_infer_masks_detections_top_n_by_score(model, data, tmp_path):
     assert _infer(model, data, out, "--dets", str(tmp_path / "dets.parquet"), "--top-n", "2") == 0
     got, probs, views = read_mask_probs(out)
     assert list(got["label"]) == ["e", "b", "c", "d"] and list(got["score"]) == [0.7, 0.5, 0.9, 0.4]
-    assert views == ["s32"] and probs.shape == (1, 4, 32, 32)  # the model's test_scale, the default map size
+    m = schema_default("segmentation", "map_size")
+    assert views == ["s32"] and probs.shape == (1, 4, m, m)  # the model's test_scale, the schema's map size
     # identical boxes of one image give identical maps
     assert np.array_equal(probs[0, 0], probs[0, 1])
 
@@ -293,3 +295,113 @@ def test_mask_probs_round_trip_and_bad_files(tmp_path):
     (tmp_path / "junk.npz").write_text("junk")
     with pytest.raises(InputError, match="junk.npz"):
         read_mask_probs(tmp_path / "junk.npz")
+
+
+# ------------------------------------------------------------------------------------------------ infer options
+def _dets_on_every_image(n: int = 6) -> pd.DataFrame:
+    """Three boxes on each image: two of /m/disc (one of them also under the parent label /m/shape, the same
+    box), one of /m/rect scored highest."""
+    rows = []
+    for i in range(n):
+        rows += [(f"im{i}", "/m/rect", 0.95, 0.55, 0.1, 0.9, 0.7), (f"im{i}", "/m/disc", 0.8, 0.1, 0.2, 0.5, 0.8),
+                 (f"im{i}", "/m/shape", 0.8, 0.1, 0.2, 0.5, 0.8), (f"im{i}", "/m/disc", 0.3, 0.0, 0.0, 0.4, 0.5)]
+    return pd.DataFrame(rows, columns=["image_id", "label", "score", "x_min", "y_min", "x_max", "y_max"])
+
+
+def test_infer_masks_classes_filter_before_top_n(model, data, tmp_path):
+    write_table(tmp_path / "dets.parquet", _dets_on_every_image(), "detections")
+    (tmp_path / "seg.csv").write_text("/m/disc,Disc\n/m/shape,Shape\n")
+    out = tmp_path / "p.npz"
+    assert _infer(model, data, out, "--dets", str(tmp_path / "dets.parquet"), "--classes",
+                  str(tmp_path / "seg.csv"), "--top-n", "2", "--map-size", "8") == 0
+    got, probs, _ = read_mask_probs(out)
+    # the rect (the best score, not segmentable) is dropped first, so each image keeps two of its other boxes
+    assert (got["label"] != "/m/rect").all() and len(got) == 12
+    assert got.groupby("image_id").size().tolist() == [2] * 6
+    assert got["score"].tolist() == [0.8] * 12 and set(got["label"]) == {"/m/disc", "/m/shape"}
+    # without the filter the rect takes one of the two places
+    assert _infer(model, data, tmp_path / "q.npz", "--dets", str(tmp_path / "dets.parquet"), "--top-n", "2",
+                  "--map-size", "8") == 0
+    assert (read_mask_probs(tmp_path / "q.npz")[0]["label"] == "/m/rect").sum() == 6
+    # a classes parquet works alike
+    write_table(tmp_path / "classes.parquet", pd.DataFrame({"label": ["/m/rect"], "name": ["Rect"]}), "classes")
+    assert _infer(model, data, tmp_path / "r.npz", "--dets", str(tmp_path / "dets.parquet"), "--classes",
+                  str(tmp_path / "classes.parquet"), "--map-size", "8") == 0
+    assert read_mask_probs(tmp_path / "r.npz")[0]["label"].tolist() == ["/m/rect"] * 6
+
+
+def test_infer_masks_shards_partition_the_images(model, data, tmp_path, capsys):
+    from stages.infer import shard
+
+    write_table(tmp_path / "dets.parquet", _dets_on_every_image(), "detections")
+    common = ["--dets", str(tmp_path / "dets.parquet"), "--map-size", "8", "--flip", "true"]
+    assert _infer(model, data, tmp_path / "all.npz", *common) == 0
+    whole, whole_p, views = read_mask_probs(tmp_path / "all.npz")
+    images = pd.read_parquet(data["images"])
+    parts, maps = [], []
+    for k in range(3):
+        assert _infer(model, data, tmp_path / f"s{k}.npz", *common, "--shard", str(k), "--shards", "3") == 0
+        d, p, v = read_mask_probs(tmp_path / f"s{k}.npz")
+        assert v == views
+        assert sorted(d["image_id"].unique()) == sorted(shard(images, k, 3)["image_id"])
+        parts.append(d)
+        maps.append(p)
+    union = pd.concat(parts, ignore_index=True)
+    key = ["image_id", "score", "label", "x_min"]
+    order_u = union.sort_values(key, kind="stable").index.to_numpy()
+    order_w = whole.sort_values(key, kind="stable").index.to_numpy()
+    pd.testing.assert_frame_equal(union.loc[order_u].reset_index(drop=True),
+                                  whole.loc[order_w].reset_index(drop=True))
+    both = np.concatenate(maps, axis=1)
+    np.testing.assert_allclose(both[:, order_u].astype(np.float32), whole_p[:, order_w].astype(np.float32),
+                               atol=2e-3)
+    # with a split: the split's images are sharded (val_a is im4, im5)
+    assert _infer(model, data, tmp_path / "v1.npz", *common, "--splits", str(data["splits"]), "--split", "val_a",
+                  "--shard", "1", "--shards", "2") == 0
+    assert read_mask_probs(tmp_path / "v1.npz")[0]["image_id"].unique().tolist() == ["im5"]
+    # a shard without boxes writes a file of no boxes (the vote stage makes an empty masks table of it)
+    write_table(tmp_path / "im0.parquet", _dets_on_every_image(1), "detections")
+    assert _infer(model, data, tmp_path / "e.npz", "--dets", str(tmp_path / "im0.parquet"), "--shard", "1",
+                  "--shards", "3") == 0
+    d, p, v = read_mask_probs(tmp_path / "e.npz")
+    assert len(d) == 0 and p.shape[:2] == (1, 0)
+    capsys.readouterr()
+    assert _infer(model, data, tmp_path / "bad.npz", *common, "--shard", "3", "--shards", "3") == 2
+    assert "--shard 3 is not in [0, --shards 3)" in capsys.readouterr().err
+    assert not (tmp_path / "bad.npz").exists()
+
+
+def test_infer_masks_predicts_a_repeated_box_once(model, data, tmp_path, monkeypatch):
+    calls = []
+    real = infer_masks.infer_masks
+
+    def counting(**kw):
+        calls.append(len(kw["boxes"]))
+        return real(**kw)
+
+    monkeypatch.setattr(infer_masks, "infer_masks", counting)
+    dets = _dets_on_every_image(2)
+    # im0: the disc box also under a third label, scored between the others: its rows are not adjacent
+    dets = pd.concat([dets, pd.DataFrame([("im0", "/m/thing", 0.5, 0.1, 0.2, 0.5, 0.8)], columns=dets.columns)],
+                     ignore_index=True)
+    write_table(tmp_path / "dets.parquet", dets, "detections")
+    assert _infer(model, data, tmp_path / "p.npz", "--dets", str(tmp_path / "dets.parquet"), "--map-size", "8",
+                  "--flip", "true") == 0
+    got, probs, _ = read_mask_probs(tmp_path / "p.npz")
+    assert len(got) == 9 and calls == [6]   # 9 rows, 3 distinct boxes on each of 2 images
+    assert got.loc[got["image_id"] == "im0", "label"].tolist() == ["/m/rect", "/m/disc", "/m/shape", "/m/thing",
+                                                                   "/m/disc"]
+    same = got.groupby(["image_id", "x_min", "y_min", "x_max", "y_max"]).indices
+    for rows in same.values():
+        for r in rows[1:]:
+            assert np.array_equal(probs[:, r], probs[:, rows[0]])   # every view
+    assert sorted(len(r) for r in same.values()) == [1, 1, 1, 1, 2, 3]
+    # the maps are those of the box predicted alone
+    alone = dets.drop_duplicates(["image_id", "x_min", "y_min", "x_max", "y_max"])
+    write_table(tmp_path / "alone.parquet", alone, "detections")
+    assert _infer(model, data, tmp_path / "a.npz", "--dets", str(tmp_path / "alone.parquet"), "--map-size", "8",
+                  "--flip", "true") == 0
+    a, pa_, _ = read_mask_probs(tmp_path / "a.npz")
+    for i, r in a.iterrows():
+        rows = same[(r["image_id"], r["x_min"], r["y_min"], r["x_max"], r["y_max"])]
+        np.testing.assert_allclose(probs[:, rows[0]].astype(np.float32), pa_[:, i].astype(np.float32), atol=2e-3)
