@@ -356,15 +356,27 @@ def seg_ablation_probs():
 EXPERT_BASES = {config["models"][m]["expert_of"] for m in MINED}
 
 
+def train_cost(model):
+    """A rough relative cost of training a model (epochs x a head factor): the longest trainings start first."""
+    cfg = model_cfg(model)
+    return cfg["epochs"] * (2 if cfg["cascade"] or cfg["head"] == "tsd" else 1) * (0.5 if cfg["train_data"] else 1)
+
+
 def expert_first(wildcards):
-    """Scheduling priority: the jobs on the way to an expert model's training (its base model's training, its
-    base's default-post-processed val_a detections and metrics, the mining) and that training itself come first,
-    so the expert trains beside the other models instead of after all of them (priority is not inherited by a
-    job's inputs, hence one function for every rule of the chain)."""
+    """Scheduling priority. First (10): the jobs on the way to an expert model's training (its base model's
+    training, its base's default-post-processed val_a detections and metrics, the mining), that training itself,
+    and the training of the refiner's detector (the segmentation track waits for it), so these run beside the
+    other models instead of after all of them (priority is not inherited by a job's inputs, hence one function
+    for every rule of the chain). Then the other trainings, longest first (1-9)."""
     name = wildcards.get("model") or wildcards.get("name")
-    if name in MINED:
+    training = "model" in wildcards.keys() and "split" not in wildcards.keys()
+    if name in MINED or (training and SEG_ON and SEG["refine"] and name == REFINER["detector"]):
         return 10
-    if name not in EXPERT_BASES:
-        return 0
-    chain = wildcards.get("split", "val_a") == "val_a" and wildcards.get("variant", "default") == "default"
-    return 10 if chain and wildcards.get("stage", "postprocess") == "postprocess" else 0
+    if name in EXPERT_BASES:
+        chain = wildcards.get("split", "val_a") == "val_a" and wildcards.get("variant", "default") == "default"
+        if chain and wildcards.get("stage", "postprocess") == "postprocess":
+            return 10
+    if training and name in MODELS:
+        top = max(train_cost(m) for m in MODELS)
+        return max(1, round(9 * train_cost(name) / top))
+    return 0
