@@ -144,6 +144,8 @@ rule sample:
         "logs/sample/{method}.log",
     wildcard_constraints:
         method="class_aware|uniform",
+    # every detector's training waits for its sampling draw: before anything else that is ready
+    priority: 20
     threads: RES["sample"]["threads"]
     resources:
         mem_mb=rule_mem("sample"),
