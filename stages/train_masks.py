@@ -108,14 +108,7 @@ def read_gt_masks(path: str | Path) -> pd.DataFrame:
     file, row and field on a missing column, an empty value or a box outside [0, 1]."""
     path = Path(path)
     try:
-        from stages.formats.tables import SCHEMAS
-
-        if "gt_masks" in SCHEMAS:
-            df = read_table(path, "gt_masks")
-        else:
-            if not path.exists():
-                raise InputError("file not found", file=path)
-            df = pd.read_parquet(path)
+        df = read_table(path, "gt_masks")
     except (OSError, ValueError) as exc:
         raise InputError(f"not a readable parquet file: {exc}", file=path) from exc
     missing = [c for c in GT_MASK_COLUMNS if c not in df.columns]

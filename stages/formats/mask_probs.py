@@ -51,24 +51,30 @@ def write_mask_probs(path: str | os.PathLike, dets: pd.DataFrame, probs: np.ndar
             np.savez(f, **arrays)
 
 
+def _load_arrays(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Arrays ``names`` of the npz at ``path`` (only those are read); :class:`InputError` naming the file (and
+    the first missing array) when it is missing, unreadable or lacks one."""
+    if not path.exists():
+        raise InputError("file not found", file=path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [a for a in names if a not in z.files]
+            if missing:
+                raise InputError(f"not a mask probabilities file: missing array(s) {missing}", file=path,
+                                 field=missing[0])
+            return {a: z[a] for a in names}
+    except InputError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"not a readable npz file: {exc}", file=path) from exc
+
+
 def read_mask_probs(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     """(detections frame: image_id, label, score, x_min, y_min, x_max, y_max, width, height; probs float16
     [V, N, M, M]; view names) of a file written by :func:`write_mask_probs`. A missing file, a file that is not
     such an npz, or arrays of the wrong kind or shape raise :class:`InputError` naming the file and array."""
     path = Path(path)
-    if not path.exists():
-        raise InputError("file not found", file=path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [a for a in ARRAYS if a not in z.files]
-            if missing:
-                raise InputError(f"not a mask probabilities file: missing array(s) {missing}", file=path,
-                                 field=missing[0])
-            arrs = {a: z[a] for a in ARRAYS}
-    except InputError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise InputError(f"not a readable npz file: {exc}", file=path) from exc
+    arrs = _load_arrays(path, ARRAYS)
     probs, views = arrs["probs"], arrs["views"]
     n = len(arrs["image_id"])
     for a in ARRAYS[:-2]:
@@ -97,20 +103,8 @@ def read_image_sizes(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
     """Image id -> (height, width) of the images of the boxes in a file written by :func:`write_mask_probs`,
     read without the maps. Errors as :func:`read_mask_probs`."""
     path = Path(path)
-    if not path.exists():
-        raise InputError("file not found", file=path)
-    names = ("image_id", "width", "height")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [a for a in names if a not in z.files]
-            if missing:
-                raise InputError(f"not a mask probabilities file: missing array(s) {missing}", file=path,
-                                 field=missing[0])
-            ids, w, h = (z[a] for a in names)
-    except InputError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise InputError(f"not a readable npz file: {exc}", file=path) from exc
+    arrs = _load_arrays(path, ("image_id", "width", "height"))
+    ids, w, h = arrs["image_id"], arrs["width"], arrs["height"]
     if ids.dtype.kind != "U" or not ids.shape == w.shape == h.shape or ids.ndim != 1 or w.dtype.kind not in "iu" \
             or h.dtype.kind not in "iu":
         raise InputError(f"image_id, width, height must be [N] strings and integers, got {ids.dtype} {ids.shape}, "
