@@ -16,6 +16,10 @@ HTML, each mined expert set (targets, negatives, how confusion was defined) and 
 cosine similarity of its classifier FC weights as a heatmap, the targets and negatives of every set marked (the
 base model's checkpoint: the one given for each experts file, else the file's ``base_model``).
 
+``--cards results/train/<model>/card.json ...`` adds a table of the model cards (stages.card: backbone, head,
+parameters, GFLOPs, training images/s, epochs, averaging, mAP on val_a / val_b; sorted by mean validation mAP) to
+the Markdown and the HTML, and in the HTML a chart of each model's mAP against its GFLOPs.
+
 ``--autoensemble`` adds how each auto-ensemble search went (Markdown and HTML) and, in the HTML, its chosen tree
 drawn with every node's mAP; both check the paper's observation that leaves with lower mAP sit deeper (the rank
 correlation of leaf mAP and depth).
@@ -40,6 +44,7 @@ from PIL import Image
 
 from stages.core.cli import stage_main
 from stages.core.errors import InputError
+from stages.formats.cards import read_card
 from stages.formats.io import read_json, read_provenance, read_table, write_json, write_text
 from stages.formats.readers import read_class_names, read_metrics
 from stages.ops.ensemble_tree import Tree, parse_tree
@@ -224,6 +229,81 @@ AUTO_NOTE = ("shape = the tree of stage 1 (every node with the default operators
              "search and the confirmation; leaf_mAP_depth_spearman = rank correlation of each leaf's mAP on the "
              "searched split with its depth in the chosen tree (negative: leaves with lower mAP sit deeper, the "
              "paper's observation; NaN: all leaves at one depth)")
+
+
+# ----- model cards ------------------------------------------------------------------------------------------
+CARD_COLUMNS = ["model", "backbone", "head", "kind", "params_M", "GFLOPs", "train_img_s", "epochs", "averaging",
+                "val_a", "val_b", "mean_mAP"]
+
+
+def _card_map(card: Mapping, split: str) -> float:
+    ev = card["evaluation"].get(split)
+    return _float(ev.get("mAP") if isinstance(ev, Mapping) else None)
+
+
+def cards_frame(cards: Sequence[Mapping]) -> pd.DataFrame:
+    """One row per model card (:mod:`stages.card`): model, backbone (+dcn, decoupled), head (+cascade), kind
+    (global, expert of a base model, or the external dataset it trained on), parameters in millions, GFLOPs of one
+    forward at its training size, training images/s, epochs, the averaged epochs, mAP on val_a and val_b and their
+    mean; sorted by the mean (models without any mAP last)."""
+    rows = []
+    for c in cards:
+        arch, ex = c["architecture"], c.get("expert") or {}
+        backbone = arch["backbone"]["name"] + ("+dcn" if arch["dcn"] else "") + \
+            (" (decoupled)" if arch["decoupled_backbone"] else "")
+        if ex.get("expert_of"):
+            kind = f"expert of {ex['expert_of']}"
+        elif ex.get("external"):
+            kind = f"external: {(c.get('data') or {}).get('train_data')}"
+        else:
+            kind = "expert mode" if ex.get("expert_mode") else "global"
+        avg = c["training"].get("averaged_epochs") or c["training"]["average_epochs"]
+        val = {s: _card_map(c, s) for s in VAL_SPLITS}
+        done = [v for v in val.values() if np.isfinite(v)]
+        rows.append({"model": c["model"], "backbone": backbone,
+                     "head": arch["head"] + ("+cascade" if arch["cascade"] else ""), "kind": kind,
+                     "params_M": c["parameters"]["total"] / 1e6, "GFLOPs": _float(c["flops"]["gflops"]),
+                     "train_img_s": _float(c["throughput"]["img_per_s"]), "epochs": c["training"]["epochs"],
+                     "averaging": f"{avg[0]}-{avg[1]}" if avg else "none", **val,
+                     "mean_mAP": float(np.mean(done)) if done else float("nan")})
+    df = pd.DataFrame(rows, columns=CARD_COLUMNS)
+    return df.sort_values("mean_mAP", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+CARDS_NOTE = ("params_M: parameters (millions); GFLOPs: one forward in eval mode at the model's training size "
+              "(torch FlopCounterMode, a multiply-add = 2 FLOPs); train_img_s: images/s measured while it trained "
+              "(all epochs; see each card for the device); averaging: the epochs whose weights were averaged; "
+              "mAP after the configured post-processing")
+
+
+def cards_chart(frame: pd.DataFrame) -> bytes:
+    """Scatter of each model's mean validation mAP against its GFLOPs (log scale when they span more than 10x),
+    points labelled, marker area growing with the parameters. PNG bytes."""
+    from matplotlib.figure import Figure
+
+    f = frame[np.isfinite(frame["GFLOPs"]) & np.isfinite(frame["mean_mAP"]) & (frame["GFLOPs"] > 0)]
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot()
+    ax.scatter(f["GFLOPs"], f["mean_mAP"], s=30 + 8 * np.sqrt(f["params_M"].to_numpy(np.float64)), alpha=0.7)
+    for _, r in f.iterrows():
+        ax.annotate(r["model"], (r["GFLOPs"], r["mean_mAP"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    if len(f) and f["GFLOPs"].max() > 10 * f["GFLOPs"].min():   # costs over orders of magnitude
+        ax.set_xscale("log")
+    ax.set_xlabel("GFLOPs (one forward at the training size)")
+    ax.set_ylabel("mAP (mean of val_a and val_b)")
+    ax.set_title("Model cards: mAP against cost (marker area ~ parameters)")
+    ax.grid(True, alpha=0.3)
+    return _png(fig)
+
+
+def _card_summary(card: Mapping) -> dict:
+    """A card as the report shows it in full: everything but the per-epoch records and the class list."""
+    out = {k: v for k, v in card.items()}
+    out["throughput"] = {k: v for k, v in card["throughput"].items() if k != "per_epoch"}
+    if isinstance(card.get("data"), Mapping):
+        out["data"] = {k: v for k, v in card["data"].items() if k != "labels"}
+    return out
 
 
 # ----- expert models ----------------------------------------------------------------------------------------
@@ -501,8 +581,10 @@ def _table(df: pd.DataFrame, cls: str) -> str:
 def build_html(*, metrics: pd.DataFrame, per_class: pd.DataFrame,
                ablations: Mapping[str, pd.DataFrame] | None = None, samples: Sequence[Samples] = (),
                searches: Sequence[AutoSearch] = (), experts: Sequence[ExpertView] = (),
-               names: Mapping[str, str] | None = None, title: str = "Orchard report", max_classes: int = 50) -> str:
-    """The report as one self-contained HTML page (charts and images inline)."""
+               names: Mapping[str, str] | None = None, title: str = "Orchard report", max_classes: int = 50,
+               cards: Sequence[Mapping] = ()) -> str:
+    """The report as one self-contained HTML page (charts and images inline); ``cards``: model cards
+    (:mod:`stages.card`), a section of their own."""
     e = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"]
@@ -512,6 +594,15 @@ def build_html(*, metrics: pd.DataFrame, per_class: pd.DataFrame,
     parts.append(_table(m.drop(columns=RUN), "metrics"))
     if len(m):
         parts.append(img_tag(map_chart(metrics), "mAP per model and stage"))
+
+    if cards:
+        frame = cards_frame(cards)
+        parts.append("<h2 id='cards'>Model cards</h2>" + _table(frame, "cards")
+                     + f"<p class='prov'>{e(CARDS_NOTE)}</p>")
+        parts.append(img_tag(cards_chart(frame), "mAP against GFLOPs"))
+        for c in cards:
+            parts.append(f"<details><summary>card of {e(c['model'])}</summary><pre>"
+                         f"{e(json.dumps(_card_summary(c), indent=1, default=str))}</pre></details>")
 
     if ablations:
         parts.append("<h2 id='ablations'>Ablations</h2>")
@@ -573,6 +664,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out-md", type=Path)
     p.add_argument("--out-html", type=Path)
     p.add_argument("--ablation", type=Path, nargs="*", default=[], help="ablation tables (TSV, CSV or JSON)")
+    p.add_argument("--cards", type=Path, nargs="*", default=[],
+                   help="model cards (stages.card): a table of the models, and in the HTML mAP against GFLOPs")
     p.add_argument("--autoensemble", type=Path, nargs="*", default=[],
                    help="scores JSONs of auto-ensemble searches (stages.autoensemble search --scores)")
     p.add_argument("--experts", type=Path, nargs="*", default=[],
@@ -594,7 +687,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error(f"--expert-models gives {len(a.expert_models)} checkpoints for {len(a.experts)} --experts files")
     df = metrics_frame(a.metrics)
     searches = [read_auto_search(x) for x in a.autoensemble]
+    cards = [read_card(x) for x in a.cards]
     md = to_markdown(df)
+    if cards:
+        md += f"\n## Model cards\n\n{to_markdown(cards_frame(cards))}\n{CARDS_NOTE}.\n"
     if searches:
         md += f"\n## Auto ensemble\n\n{to_markdown(auto_frame(searches))}\n{AUTO_NOTE}.\n"
     if a.out_json:
@@ -619,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         views = expert_views(sets, names=names, max_classes=a.max_classes) if sets else []
         page = build_html(metrics=df, per_class=per_class_frame(a.metrics), ablations=ablations,
                           samples=samples, searches=searches, experts=views, names=names, title=a.title,
-                          max_classes=a.max_classes)
+                          max_classes=a.max_classes, cards=cards)
         write_text(a.out_html, page)
         log.info("wrote %s (%d KiB)", a.out_html, len(page) // 1024)
     print(md)

@@ -4,7 +4,9 @@ Progress (epoch, iteration, loss, images/s, ETA) goes to the log every ``--log-e
 JSON line per logged step to ``metrics.jsonl``. A killed run resumes from its last complete epoch checkpoint
 (checkpoints whose config hash differs are ignored, so a changed config never resumes stale weights). After
 each epoch the older checkpoints are pruned: the latest stays complete (model + optimiser, the resume point),
-those of the ``average_epochs`` window keep their weights only, the others are deleted.
+those of the ``average_epochs`` window keep their weights only, the others are deleted. Every checkpoint, and the
+output, holds the measured throughput of each epoch so far (``epoch_stats``: images, wall seconds of its
+iterations, images/s, device, processes), and the output the size of the training set (``data``).
 
 Each epoch's sample is planned from the seed and the epoch (:class:`PlanSampler`, a batch sampler); with
 ``--workers W`` W DataLoader processes decode and augment it (each sample's randomness comes from the seed, the
@@ -386,7 +388,8 @@ def final_model(ckpt_dir: Path, last: int, *, cfg: Mapping[str, Any], meta: Mapp
     """The output checkpoint after epoch ``last`` (1-based): its weights, or with ``average_epochs: [a, b]`` (and
     every epoch trained) the parameter average of the checkpoints of epochs a..b."""
     final = torch.load(_ckpt_path(ckpt_dir, last - 1), map_location="cpu", weights_only=False)
-    result = {"model": final["model"], **meta, "epochs": final["epoch"] + 1, "averaged_epochs": None}
+    result = {"model": final["model"], **meta, "epochs": final["epoch"] + 1, "averaged_epochs": None,
+              "epoch_stats": final.get("epoch_stats", [])}
     avg = cfg["average_epochs"]
     if avg is not None and last == cfg["epochs"]:
         paths = [_ckpt_path(ckpt_dir, e - 1) for e in range(avg[0], avg[1] + 1)]
@@ -394,6 +397,23 @@ def final_model(ckpt_dir: Path, last: int, *, cfg: Mapping[str, Any], meta: Mapp
         result["averaged_epochs"] = list(avg)
         log.info("model = average of the checkpoints of epochs %d..%d", avg[0], avg[1])
     return result
+
+
+def device_name(device: torch.device) -> str:
+    """What ran a training (the images/s figures are of it): the GPU's name, or ``cpu (N threads)``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'' if n == 1 else 's'})"
+
+
+def epoch_stats(ckpt_dir: Path, start_epoch: int) -> list[dict[str, Any]]:
+    """The throughput records of the epochs before ``start_epoch`` (a resumed run's: its resume checkpoint's
+    ``epoch_stats``; memory-mapped, the weights are not read); [] for a fresh start."""
+    if start_epoch == 0:
+        return []
+    state = torch.load(_ckpt_path(ckpt_dir, start_epoch - 1), map_location="cpu", weights_only=False, mmap=True)
+    return list(state.get("epoch_stats", []))
 
 
 def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, weights: pd.DataFrame | None,
@@ -417,13 +437,16 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
         raise InputError("no training boxes", field="boxes")
     chash = config_hash({"cfg": cfg, "labels": labels, "n_images": len(images), "anchors": anchors,
                          "world": world})
-    meta = {"labels": labels, "config": cfg, "config_hash": chash, "anchors": anchors}
+    n_boxes = int(boxes["image_id"].isin(images["image_id"]).sum())
+    meta = {"labels": labels, "config": cfg, "config_hash": chash, "anchors": anchors,
+            "data": {"images": len(images), "boxes": n_boxes}}
     global_bs = cfg["batch_size"] * world
     iters = cfg["iters_per_epoch"] or max(1, math.ceil(len(images) / global_bs))
     data = training_data(cfg=cfg, images=images, boxes=boxes, weights=weights, labels=labels, iters=iters,
                          rank=rank, world=world)
     trainer = build(cfg, num_classes=len(labels), anchors=anchors, device=device)
     start_epoch = resume(trainer, ckpt_dir, chash)
+    stats = epoch_stats(ckpt_dir, start_epoch)
     loader = data.loader(workers=workers, pin_memory=device.type == "cuda")
     if world > 1:
         trainer.model = torch.nn.parallel.DistributedDataParallel(
@@ -447,9 +470,12 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
                 if rank == 0 and ((k + 1) % log_every == 0 or k + 1 == iters):
                     progress.log(epoch=epoch, k=k, iters=iters, it=it, lr=lr, loss=loss, losses=losses)
             if rank == 0:
-                path = checkpoint(trainer, ckpt_dir, epoch, meta=meta)
-                prune_checkpoints(ckpt_dir, latest=epoch, keep=average_window(cfg))
                 dt = time.time() - t_epoch
+                stats.append({"epoch": epoch + 1, "images": iters * global_bs, "seconds": dt,
+                              "img_per_s": iters * global_bs / dt, "device": device_name(device),
+                              "processes": world})
+                path = checkpoint(trainer, ckpt_dir, epoch, meta={**meta, "epoch_stats": stats})
+                prune_checkpoints(ckpt_dir, latest=epoch, keep=average_window(cfg))
                 log.info("epoch %d done in %.0fs (%.2f img/s) -> %s", epoch + 1, dt, iters * global_bs / dt, path)
             if world > 1:
                 dist.barrier()
@@ -560,8 +586,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                        metrics_path=a.metrics, log_every=a.log_every, anchors=anchors,
                        stop_after_epoch=a.stop_after_epoch, workers=a.workers)
         if rank == 0:
+            # the split trained on (None: every image of --images, an external dataset); sampling table or not
+            data = {**result["data"], "split": a.split if a.splits else None,
+                    "sampling_table": a.sampling is not None}
             with atomic_path(a.out) as tmp:
-                torch.save({**result, "code": code_version()}, tmp)
+                torch.save({**result, "code": code_version(), "data": data}, tmp)
             print(f"train: {result['epochs']} epochs, {len(result['labels'])} classes, {world} process(es)"
                   f" -> {a.out}")
     finally:
