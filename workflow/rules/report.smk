@@ -20,6 +20,7 @@ rule report:
         # expert models (expert_of set): their mined sets and base models (the FC-weight cosine heatmaps)
         experts=expand(rules.experts.output.experts, model=MINED),
         expert_models=[expand(rules.train.output.model, model=expert_base(m))[0] for m in MINED],
+        cards=expand(rules.card.output.card, model=MODELS),
     output:
         html="results/report.html",
     log:
@@ -40,4 +41,4 @@ rule report:
     shell:
         "python -m stages.report --metrics {input.metrics:q} --ablation {input.ablation:q} --detections {input.dets:q} {input.masks:q}"
         " --images {input.images:q} {input.test_images:q} --boxes {input.boxes:q} --classes {input.classes:q}"
-        " --autoensemble {input.trees:q} {params.experts} --out-html {output.html:q} > {log:q} 2>&1"
+        " --autoensemble {input.trees:q} {params.experts} --cards {input.cards:q} --out-html {output.html:q} > {log:q} 2>&1"

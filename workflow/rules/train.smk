@@ -116,3 +116,33 @@ rule train:
         " --device {params.device} --threads {threads} --workers {resources.workers}"
         " --ckpt-dir {params.ckpt:q} --metrics {params.metrics:q}"
         " --out {output.model:q} > {log:q} 2>&1"
+
+
+def card_json(wildcards):
+    """The model's section without its resource keys (the card reads its training and test-time settings)."""
+    cfg = model_cfg(wildcards.model)
+    return json.dumps({k: v for k, v in cfg.items() if k not in model_part(cfg, "resources")}, sort_keys=True)
+
+
+rule card:
+    """The model card (stages.card): backbone, parameters, FLOPs at the training size, the images/s measured
+    while training, epochs, averaging, data, val_a / val_b mAP; the report collects them."""
+    input:
+        model=rules.train.output.model,
+        val=lambda wc: model_metrics(wc.model, VAL_SPLITS),
+    output:
+        card="results/train/{model}/card.json",
+    log:
+        "logs/card/{model}.log",
+    params:
+        cfg=card_json,
+    threads: RES["card"]["threads"]
+    resources:
+        mem_mb=rule_mem("card"),
+        runtime=rule_runtime("card"),
+    conda:
+        ENV
+    shell:
+        "python -m stages.card --model {wildcards.model} --config {params.cfg:q} --ckpt {input.model:q}"
+        " --eval-val-a {input.val[0]:q} --eval-val-b {input.val[1]:q} --threads {threads}"
+        " --out {output.card:q} > {log:q} 2>&1"
