@@ -54,6 +54,19 @@ format, drawn by the same code from its own random streams (the files above do n
 Its categories (:data:`stages.data.taxonomy.EXTERNAL_CATEGORIES`) have their own names ("digit-six", "ball"):
 six show orchard-mini leaf classes (mapped to their MIDs by ``label_map.csv``), two ("square", "plus-sign")
 show shapes orchard-mini does not have (unmapped). ``python -m stages.ingest coco`` reads it back.
+
+Weak labels (issue 15; each off by default, and off the files are byte-identical to a run without the option):
+
+- ``--image-level-images N``: N images with image-level labels only (positives + verified-absent labels appended
+  to the image-labels CSV, JPEGs in ``images/``, no box or mask rows: how OpenImages ships its image-level-only
+  images), laid out like the labelled ones, their primary classes skewed to the tail (:func:`tail_skewed`);
+- ``--plain-images N``: N image-level-only images of one large object on a flat background, listed in
+  ``plain-background-images.csv`` (ImageID; OpenImages has no such file);
+  both from their own random streams (:func:`plan_weak`): the other images and boxes do not change;
+- ``--confusing-pair``: the planted confusing pair :data:`CONFUSING_PAIR` ("Digit seven" drawn from the glyphs
+  of sevens and ones), named in ``summary.json`` (``confusing_pair``);
+- ``--group-of-masks``: :data:`GROUP_OF_HEAVY` ("Triangle") mostly group-of, and instance masks for the members
+  of group-of clusters (what :mod:`stages.mask_boxes` turns into instance boxes), in ``summary.json``.
 """
 
 from __future__ import annotations
@@ -74,6 +87,7 @@ import pandas as pd
 from PIL import Image
 
 from stages.core.cli import stage_main
+from stages.core.config import schema_default
 from stages.data import draw
 from stages.data import taxonomy as tx
 from stages.formats.openimages import BBOX_COLUMNS, LABEL_COLUMNS, MASK_COLUMNS
@@ -91,6 +105,8 @@ SEGMENTATION_CSV = "challenge-2019-train-segmentation.csv"
 SEG_CLASSES_CSV = "challenge-2019-classes-description-segmentable.csv"
 SEG_HIERARCHY_JSON = "challenge-2019-label-segmentable-hierarchy.json"
 TEST_CSV = "test-images.csv"
+#: ImageID of each plain-background image (written only when there are some; OpenImages has no such file)
+PLAIN_CSV = "plain-background-images.csv"
 SUMMARY_JSON = "summary.json"
 IMAGES_DIR, TEST_DIR, MASKS_DIR = "images", "test", "masks"
 EXTERNAL_DIR, EXTERNAL_INSTANCES, EXTERNAL_LABEL_MAP = "external", "instances.json", "label_map.csv"
@@ -119,6 +135,7 @@ class PlannedObject:
     thickness: int = 0
     box_id: str = ""
     opacity: float = 1.0
+    member_mask: bool = False  # a group-of member with its own instance mask (``group_of_masks``)
 
     def moved(self, dx: int, dy: int, box_id: str = "") -> PlannedObject:
         return replace(self, x0=self.x0 + dx, y0=self.y0 + dy, x1=self.x1 + dx, y1=self.y1 + dy,
@@ -126,8 +143,9 @@ class PlannedObject:
 
     @property
     def masked(self) -> bool:
-        """Has an instance mask drawn (a boxed, drawn, non-group-of object)."""
-        return self.boxed and not self.is_group_of
+        """Has an instance mask drawn (a boxed, drawn, non-group-of object, or a group-of member with
+        ``member_mask``)."""
+        return (self.boxed and not self.is_group_of) or self.member_mask
 
     @property
     def segmented(self) -> bool:
@@ -145,6 +163,8 @@ class PlannedImage:
     objects: tuple[PlannedObject, ...]  # in drawing order
     negatives: tuple[str, ...] = ()  # verified-absent leaf classes
     difficulty: float = 0.0  # drives the render-time clutter and degradations (see :class:`Difficulty`)
+    box_annotated: bool = True  # False: image-level labels only (its objects are drawn, no box is written)
+    plain: bool = False  # a single object on a plain background (rendered without the photo and clutter)
 
     @property
     def boxes(self) -> tuple[PlannedObject, ...]:
@@ -155,6 +175,12 @@ class PlannedImage:
 class DatasetPlan:
     images: tuple[PlannedImage, ...]
     seed: int
+    #: image-level-only images (:func:`plan_weak`): labelled, no boxes; not in ``images`` (nor ``train``)
+    weak: tuple[PlannedImage, ...] = ()
+    #: the planted confusing pair (:data:`CONFUSING_PAIR`), when on
+    confusing_pair: bool = False
+    #: :data:`GROUP_OF_HEAVY` mostly group-of, group-of members with masks, when on
+    group_of_masks: bool = False
 
     @property
     def train(self) -> tuple[PlannedImage, ...]:
@@ -177,17 +203,34 @@ class DatasetPlan:
         return df
 
     def image_labels_frame(self) -> pd.DataFrame:
+        """The human-verified image labels of the labelled images (sorted by ImageID), then those of the
+        image-level-only images (sorted by ImageID; appended, so the rows of the box-annotated images are the
+        same with and without them)."""
         rows = []
-        for im in sorted(self.train, key=lambda i: i.image_id):
-            present = sorted({o.label for o in im.boxes})
-            rows += [(im.image_id, "verification", lab, 1) for lab in present]
-            rows += [(im.image_id, "verification", lab, 0) for lab in sorted(im.negatives)]
+        for group in (self.train, self.weak):
+            for im in sorted(group, key=lambda i: i.image_id):
+                present = sorted({o.label for o in im.boxes})
+                rows += [(im.image_id, "verification", lab, 1) for lab in present]
+                rows += [(im.image_id, "verification", lab, 0) for lab in sorted(im.negatives)]
         return pd.DataFrame(rows, columns=LABEL_COLUMNS)
+
+    def weak_class_counts(self) -> pd.DataFrame:
+        """Per leaf class: image-level-only images with the class positive (all / plain-background ones) and
+        verified absent."""
+        rows = {lab: {"label": lab, "name": tx.BY_LABEL[lab].name, "images": 0, "plain": 0, "negatives": 0}
+                for lab in tx.LEAVES}
+        for im in self.weak:
+            for lab in {o.label for o in im.boxes}:
+                rows[lab]["images"] += 1
+                rows[lab]["plain"] += int(im.plain)
+            for lab in im.negatives:
+                rows[lab]["negatives"] += 1
+        return pd.DataFrame(list(rows.values()))
 
     def segmentation_frame(self) -> pd.DataFrame:
         rows = []
         for im in sorted(self.train, key=lambda i: i.image_id):
-            for o in im.boxes:
+            for o in im.objects:
                 if o.segmented:
                     rows.append((mask_path(im.image_id, o), im.image_id, o.label, o.box_id,
                                  f"{o.x0 / im.width:.6f}", f"{o.x1 / im.width:.6f}", f"{o.y0 / im.height:.6f}",
@@ -337,6 +380,18 @@ class Difficulty:
         return round(self._at(0, 50, hi=60))
 
 
+#: the planted confusing pair (``confusing_pair``): "Digit seven" is drawn from the handwritten sevens *and ones*
+#: (its glyph pool holds both, about half each), so a seven often looks exactly like a "Digit one" (same colour
+#: too) -- like OpenImages' "Torch" / "Flashlight": a class whose look overlaps another's.
+CONFUSING_PAIR: tuple[str, str] = (tx.digit_label(7), tx.digit_label(1))
+#: ``group_of_masks`` (paper 5.9, insufficient labels): "Triangle" (a tail class) comes as a group-of cluster in
+#: this share of its placements (instead of ``group_of_rate``), so most of its boxes are group-of, and the members
+#: of every group-of cluster get instance masks (rows in the segmentation CSV with their own BoxID and box, no box
+#: rows)
+GROUP_OF_HEAVY: str = tx.TRIANGLE
+GROUP_OF_HEAVY_RATE: float = 0.95
+
+
 def mask_path(image_id: str, o: PlannedObject) -> str:
     """OpenImages mask file name: ``<ImageID>_<LabelName without '/'>_<BoxID>.png``."""
     return f"{image_id}_{o.label.replace('/', '')}_{o.box_id}.png"
@@ -379,11 +434,14 @@ class Objects:
     """One object of a class at (0, 0): its shape and size by kind (smaller with the difficulty), then its look
     (colour and opacity jitter, none at level 0)."""
 
-    def __init__(self, rng: np.random.Generator, difficulty: Difficulty):
+    def __init__(self, rng: np.random.Generator, difficulty: Difficulty, *, confusing_pair: bool = False):
         self.rng = rng
         self.k = difficulty
         _, targets = draw.digits()
         self.glyphs_of = [np.flatnonzero(targets == d) for d in range(10)]
+        if confusing_pair:   # the pool of the pair's first class takes in the glyphs of the second (same draws)
+            a, b = (tx.BY_LABEL[lab].digit for lab in CONFUSING_PAIR)
+            self.glyphs_of[a] = np.sort(np.concatenate([self.glyphs_of[a], self.glyphs_of[b]]))
         self.aspects = draw.glyph_ink_aspects()
 
     def __call__(self, label: str, size: float | None = None, **kw) -> PlannedObject:
@@ -432,11 +490,13 @@ class Units:
     """The unit of a primary class, coordinates relative to its top-left corner: one object, a disc on its pole
     (co-occurrence), a frame holding 1-2 digits (surround), or a group-of cluster (group-of)."""
 
-    def __init__(self, rng: np.random.Generator, objects: Objects, tail: LongTail, group_of_rate: float):
+    def __init__(self, rng: np.random.Generator, objects: Objects, tail: LongTail, group_of_rate: float, *,
+                 group_of_masks: bool = False):
         self.rng = rng
         self.obj = objects
         self.tail = tail
         self.group_of_rate = group_of_rate
+        self.group_of_masks = group_of_masks
 
     def __call__(self, lab: str) -> list[PlannedObject]:
         rng = self.rng
@@ -446,7 +506,8 @@ class Units:
             return self.frame(lab)
         if lab == tx.DISC and rng.random() < 0.95:
             return self.disc_on_pole()
-        if lab in tx.GROUPABLE and rng.random() < self.group_of_rate:
+        rate = GROUP_OF_HEAVY_RATE if self.group_of_masks and lab == GROUP_OF_HEAVY else self.group_of_rate
+        if lab in tx.GROUPABLE and rng.random() < rate:
             return self.group(lab)
         return [self.obj(lab)]
 
@@ -494,7 +555,7 @@ class Units:
         for i in range(k):
             if i and i % cols == 0:
                 x, y, row_h = 0, y + row_h + int(rng.integers(1, 4)), 0
-            o = self.obj(label, size=size * rng.uniform(0.9, 1.1), boxed=False)
+            o = self.obj(label, size=size * rng.uniform(0.9, 1.1), boxed=False, member_mask=self.group_of_masks)
             dy = int(rng.integers(0, 3))
             members.append(o.moved(x, y + dy))
             x += (o.x1 - o.x0) + int(rng.integers(1, 4))
@@ -591,17 +652,20 @@ def plan_image(rng: np.random.Generator, image_id: str, split: str, size: tuple[
     lo, hi = size
     w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
     objects = lay_out(rng, (units(lab) for lab in primaries), size=(w, h), k=k)
-    objects = [o.moved(0, 0, box_id=f"{int(rng.integers(0, 2**32)):08x}") if o.boxed else o for o in objects]
+    objects = [o.moved(0, 0, box_id=f"{int(rng.integers(0, 2**32)):08x}") if o.boxed or o.member_mask else o
+               for o in objects]
     negatives = verified_absent(rng, {o.label for o in objects if o.boxed}) if split == "train" else ()
     return PlannedImage(image_id, split, w, h, int(rng.integers(0, 2**63)), tuple(objects), negatives, k.level)
 
 
 def plan_split(rng: np.random.Generator, image_ids: Sequence[str], split: str, size: tuple[int, int], *,
-               zipf_exponent: float, group_of_rate: float, k: Difficulty) -> list[PlannedImage]:
+               zipf_exponent: float, group_of_rate: float, k: Difficulty, confusing_pair: bool = False,
+               group_of_masks: bool = False) -> list[PlannedImage]:
     """The images of one split from one Generator: the number of units of every image, their primary classes
     (exact long-tail quotas over the whole split), then each image in turn."""
     tail = LongTail(zipf_exponent)
-    units = Units(rng, Objects(rng, k), tail, group_of_rate)
+    units = Units(rng, Objects(rng, k, confusing_pair=confusing_pair), tail, group_of_rate,
+                  group_of_masks=group_of_masks)
     if k.hard:
         lo, hi = k.units_per_image
         n_units = rng.integers(lo, hi + 1, size=len(image_ids))
@@ -613,12 +677,14 @@ def plan_split(rng: np.random.Generator, image_ids: Sequence[str], split: str, s
             for i, image_id in enumerate(image_ids)]
 
 
-def _distinct_ids(seed: int, stream: int, n: int, *, prefix: str = "", digits: int = 16) -> list[str]:
-    """``n`` distinct ids ``prefix`` + ``digits`` hex digits from the random stream ``(seed, stream)``."""
+def _distinct_ids(seed: int, stream: int, n: int, *, prefix: str = "", digits: int = 16,
+                  exclude: Iterable[str] = ()) -> list[str]:
+    """``n`` distinct ids ``prefix`` + ``digits`` hex digits from the random stream ``(seed, stream)``, none of
+    them in ``exclude``."""
     rng = np.random.default_rng([seed, stream])
     high = 2**63 if digits >= 16 else 16 ** digits
     ids: list[str] = []
-    seen: set[str] = set()
+    seen: set[str] = set(exclude)
     while len(ids) < n:
         i = f"{prefix}{int(rng.integers(0, high)):0{digits}x}"
         if i not in seen:
@@ -634,15 +700,20 @@ def _image_ids(seed: int, n: int) -> list[str]:
 
 def plan_dataset(*, n_train_images: int, n_test_images: int, image_size: tuple[int, int] = (256, 320),
                  seed: int = 0, zipf_exponent: float | None = None, group_of_rate: float = 0.08,
-                 difficulty: float = DEFAULT_DIFFICULTY) -> DatasetPlan:
+                 difficulty: float = DEFAULT_DIFFICULTY, image_level_images: int = 0, plain_images: int = 0,
+                 confusing_pair: bool = False, group_of_masks: bool = False) -> DatasetPlan:
     """Decide every image, box and label of the dataset (no pixels). Deterministic for the arguments.
 
     ``image_size`` is (min, max) pixels of each side, drawn independently per image. The labelled and test
     images use separate random streams, so changing ``n_test_images`` leaves the labelled images unchanged.
     ``difficulty`` is a :class:`Difficulty` level; ``zipf_exponent`` (the long tail) defaults to its one.
+    ``image_level_images`` / ``plain_images``: image-level-only images (:func:`plan_weak`, their own random
+    streams: the other images do not change). ``confusing_pair``: plant :data:`CONFUSING_PAIR` (changes the
+    glyphs drawn for its first class; off, the dataset is the same as without the option). ``group_of_masks``:
+    :data:`GROUP_OF_HEAVY` mostly group-of, and masks for the group-of members (off: the same as without it).
     """
     k = Difficulty(float(difficulty))
-    if n_train_images < 0 or n_test_images < 0:
+    if n_train_images < 0 or n_test_images < 0 or image_level_images < 0 or plain_images < 0:
         raise ValueError("image counts must be >= 0")
     lo, hi = image_size
     if not 128 <= lo <= hi:
@@ -652,8 +723,65 @@ def plan_dataset(*, n_train_images: int, n_test_images: int, image_size: tuple[i
     images = []
     for split, stream, id_slice in (("train", 0, ids[:n_train_images]), ("test", 1, ids[n_train_images:])):
         images += plan_split(np.random.default_rng([seed, stream]), id_slice, split, (lo, hi),
-                             zipf_exponent=exponent, group_of_rate=group_of_rate, k=k)
-    return DatasetPlan(tuple(images), seed)
+                             zipf_exponent=exponent, group_of_rate=group_of_rate, k=k,
+                             confusing_pair=confusing_pair, group_of_masks=group_of_masks)
+    weak = plan_weak(n_image_level=image_level_images, n_plain=plain_images, image_size=(lo, hi), seed=seed,
+                     k=k, zipf_exponent=exponent, group_of_rate=group_of_rate, exclude_ids=ids,
+                     confusing_pair=confusing_pair) if image_level_images or plain_images else ()
+    return DatasetPlan(tuple(images), seed, weak, confusing_pair, group_of_masks)
+
+
+# ----- image-level-only images ---------------------------------------------------------------------------------
+#: the random streams of the image-level-only images: their plan, and their ids
+_WEAK_STREAM, _WEAK_ID_STREAM = 13, 14
+#: the kinds a plain-background image shows (a pole, about 1:8, or a hollow frame cannot fill an image)
+PLAIN_KINDS = ("glyph", "disc", "triangle")
+
+
+def tail_skewed(zipf_exponent: float) -> np.ndarray:
+    """The class distribution of the image-level-only images over ``FREQUENCY_RANK``: the box distribution's Zipf
+    law reversed, at half its exponent (the rarest box class is the most frequent image-level one)."""
+    return _zipf(len(tx.FREQUENCY_RANK), 0.5 * zipf_exponent)[::-1].copy()
+
+
+def plan_weak(*, n_image_level: int, n_plain: int, image_size: tuple[int, int], seed: int, k: Difficulty,
+              zipf_exponent: float, group_of_rate: float = 0.08, exclude_ids: Iterable[str] = (),
+              confusing_pair: bool = False) -> tuple[PlannedImage, ...]:
+    """The image-level-only images (no pixels), from their own random streams: ``n_image_level`` images laid out
+    like the labelled ones (same units, placement, occlusion, verified-absent labels) whose primary classes
+    follow :func:`tail_skewed` (exact quotas), then ``n_plain`` images of one large object (72-85 % of the
+    shorter side, centred) of a class of :data:`PLAIN_KINDS`, drawn from the same skewed law, on a plain
+    background. Both carry image-level labels only (``box_annotated`` False); ids avoid ``exclude_ids``."""
+    rng = np.random.default_rng([seed, _WEAK_STREAM])
+    ids = _distinct_ids(seed, _WEAK_ID_STREAM, n_image_level + n_plain, exclude=exclude_ids)
+    tail = LongTail(zipf_exponent)
+    skew = LongTail(zipf_exponent)
+    skew.p_leaf = tail_skewed(zipf_exponent)
+    objects = Objects(rng, k, confusing_pair=confusing_pair)
+    units = Units(rng, objects, tail, group_of_rate)
+    lo, hi = k.units_per_image if k.hard else (2, 4)
+    n_units = rng.integers(lo, hi + 1, size=n_image_level)
+    prim = skew.primaries(rng, int(n_units.sum()))
+    starts = np.concatenate([[0], np.cumsum(n_units)])
+    out = [replace(plan_image(rng, ids[i], "train", image_size, prim[starts[i]:starts[i + 1]], units=units, k=k),
+                   box_annotated=False) for i in range(n_image_level)]
+    plain_ranks = [i for i, lab in enumerate(tx.FREQUENCY_RANK) if tx.BY_LABEL[lab].kind in PLAIN_KINDS]
+    p = skew.p_leaf[plain_ranks] / skew.p_leaf[plain_ranks].sum()
+    want = p * n_plain
+    q = np.floor(want).astype(int)
+    q[np.argsort(-(want - q), kind="stable")[:n_plain - q.sum()]] += 1
+    plain_labels = [tx.FREQUENCY_RANK[plain_ranks[j]] for j in rng.permutation(np.repeat(np.arange(len(q)), q))]
+    for image_id, lab in zip(ids[n_image_level:], plain_labels):
+        w, h = (int(rng.integers(image_size[0], image_size[1] + 1)) for _ in range(2))
+        side = min(w, h) * rng.uniform(0.72, 0.85)
+        o = objects(lab, size=side)
+        ow, oh = min(o.x1, w - 4), min(o.y1, h - 4)
+        x0 = (w - ow) // 2 + int(rng.integers(-(w - ow) // 4, (w - ow) // 4 + 1))
+        y0 = (h - oh) // 2 + int(rng.integers(-(h - oh) // 4, (h - oh) // 4 + 1))
+        o = replace(o, x0=x0, y0=y0, x1=x0 + ow, y1=y0 + oh, box_id=f"{int(rng.integers(0, 2**32)):08x}")
+        out.append(PlannedImage(image_id, "train", w, h, int(rng.integers(0, 2**63)), (o,),
+                                verified_absent(rng, {lab}), k.level, box_annotated=False, plain=True))
+    return tuple(out)
 
 
 # ----- the external dataset (COCO format) --------------------------------------------------------------------
@@ -745,8 +873,12 @@ def render_image(im: PlannedImage) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     for every object with a mask). Deterministic for the plan."""
     rng = np.random.default_rng(im.render_seed)
     k = Difficulty(im.difficulty)
-    canvas = draw.background(rng, im.width, im.height, contrast=k.background_contrast)
-    if k.hard:
+    if im.plain:   # one flat light colour, no clutter (a product shot)
+        canvas = np.empty((im.height, im.width, 3), np.float32)
+        canvas[:] = rng.uniform(150, 245, 3).astype(np.float32)
+    else:
+        canvas = draw.background(rng, im.width, im.height, contrast=k.background_contrast)
+    if k.hard and not im.plain:
         palette = np.array([c.color for c in tx.CLASSES if c.kind != "parent"], np.float32)
         side = min(im.width, im.height)
         for _ in range(int(rng.poisson(k.distractors))):
@@ -766,7 +898,7 @@ def render_image(im: PlannedImage) -> tuple[np.ndarray, dict[int, np.ndarray]]:
                        shadow_strength=k.shadow_strength)
         region = owner[o.y0:o.y1, o.x0:o.x1]
         region[alpha >= 0.5] = i if o.masked else -2
-    if k.hard:
+    if k.hard and not im.plain:
         if rng.random() < 0.5:
             canvas = draw.blur(canvas, float(rng.uniform(0.3, max(0.3, k.max_blur))))
         canvas += rng.normal(0.0, rng.uniform(*k.noise), size=canvas.shape).astype(np.float32)
@@ -814,7 +946,7 @@ def summarize(plan: DatasetPlan, *, image_size: tuple[int, int]) -> dict:
         "n_boxes": int(boxes.sum()),
         "boxes_per_image": {"min": min(n_boxes, default=0), "mean": float(np.mean(n_boxes)) if n_boxes else 0.0,
                             "max": max(n_boxes, default=0)},
-        "n_masks": int(sum(o.segmented for im in train for o in im.boxes)),
+        "n_masks": int(sum(o.segmented for im in train for o in im.objects)),
         "segmentable_classes": len(tx.SEGMENTABLE),
         "not_segmentable": sorted(tx.NOT_SEGMENTABLE),
         "classes": counts.to_dict(orient="records"),
@@ -835,7 +967,32 @@ def summarize(plan: DatasetPlan, *, image_size: tuple[int, int]) -> dict:
             "extreme_aspect": {"class": tx.POLE,
                                "median_height_over_width": float(np.median(pole_aspects)) if pole_aspects else None},
         },
-    }
+    } | _weak_summary(plan)
+
+
+def _weak_summary(plan: DatasetPlan) -> dict:
+    """The summary's entries of the options (none when they are off, so the summary is then unchanged)."""
+    out: dict = {}
+    if plan.weak:
+        wc = plan.weak_class_counts()
+        out["image_level_only"] = {
+            "n_image_level": sum(not im.plain for im in plan.weak),
+            "n_plain_background": sum(im.plain for im in plan.weak),
+            "plain_list": PLAIN_CSV if any(im.plain for im in plan.weak) else None,
+            "positive_labels": int(wc["images"].sum()), "negative_labels": int(wc["negatives"].sum()),
+            "classes": wc.to_dict(orient="records")}
+    if plan.group_of_masks:
+        cc = plan.class_counts().set_index("label")
+        out["group_of_masks"] = {
+            "class": GROUP_OF_HEAVY, "name": tx.BY_LABEL[GROUP_OF_HEAVY].name,
+            "group_of_share": float(cc.loc[GROUP_OF_HEAVY, "group_of"] / max(cc.loc[GROUP_OF_HEAVY, "boxes"], 1)),
+            "member_masks": int(sum(o.segmented and o.member_mask for im in plan.train for o in im.objects))}
+    if plan.confusing_pair:
+        a, b = CONFUSING_PAIR
+        out["confusing_pair"] = {"classes": [a, b], "names": [tx.BY_LABEL[a].name, tx.BY_LABEL[b].name],
+                                 "how": f"{tx.BY_LABEL[a].name} is drawn from the handwritten glyphs of both "
+                                        f"digits (same colour): many look exactly like a {tx.BY_LABEL[b].name}"}
+    return out
 
 
 def _save_png(path: Path, mask: np.ndarray) -> None:
@@ -853,16 +1010,22 @@ def jpeg_quality_of(im: PlannedImage, base: int) -> int:
 
 def generate(*, out_dir: Path, n_train_images: int, n_test_images: int, image_size: tuple[int, int] = (256, 320),
              seed: int = 0, jpeg_quality: int = 90, difficulty: float = DEFAULT_DIFFICULTY,
-             n_external_images: int = 0, log_every: int = 100) -> dict:
+             n_external_images: int = 0, image_level_images: int = 0, plain_images: int = 0,
+             confusing_pair: bool = False, group_of_masks: bool = False, log_every: int = 100) -> dict:
     """Plan, render and write the dataset into ``out_dir`` atomically: everything is built in
     ``.<name>.tmp`` next to it (a stale one from a killed run is removed first) and renamed into place, so a
     failure leaves no partial ``out_dir``. An existing ``out_dir`` is replaced. Returns the summary.
     ``difficulty``: see :class:`Difficulty` (0 = the original easy look). ``n_external_images`` > 0 also writes
-    the external COCO-format dataset into ``out_dir/external/`` (:func:`plan_external`, :func:`write_external`)."""
+    the external COCO-format dataset into ``out_dir/external/`` (:func:`plan_external`, :func:`write_external`).
+    ``image_level_images`` / ``plain_images`` > 0 add image-level-only images (:func:`plan_weak`): their
+    JPEGs in ``images/``, their labels appended to the image-labels CSV, no box or mask rows; the plain-background
+    ones listed in ``plain-background-images.csv``. ``confusing_pair`` plants :data:`CONFUSING_PAIR`;
+    ``group_of_masks`` makes :data:`GROUP_OF_HEAVY` mostly group-of and writes masks of group-of members."""
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     plan = plan_dataset(n_train_images=n_train_images, n_test_images=n_test_images, image_size=image_size,
-                        seed=seed, difficulty=difficulty)
+                        seed=seed, difficulty=difficulty, image_level_images=image_level_images,
+                        plain_images=plain_images, confusing_pair=confusing_pair, group_of_masks=group_of_masks)
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
     if tmp.exists():
         log.warning("removing stale temporary directory %s", tmp)
@@ -879,13 +1042,16 @@ def generate(*, out_dir: Path, n_train_images: int, n_test_images: int, image_si
         plan.image_labels_frame().to_csv(tmp / LABELS_CSV, index=False)
         plan.segmentation_frame().to_csv(tmp / SEGMENTATION_CSV, index=False)
         pd.DataFrame({"ImageID": sorted(im.image_id for im in plan.test)}).to_csv(tmp / TEST_CSV, index=False)
-        n = len(plan.images)
+        if any(im.plain for im in plan.weak):
+            pd.DataFrame({"ImageID": sorted(im.image_id for im in plan.weak if im.plain)}).to_csv(
+                tmp / PLAIN_CSV, index=False)
+        n = len(plan.images) + len(plan.weak)
         t_render = time.perf_counter()
-        for k, im in enumerate(plan.images, start=1):
+        for k, im in enumerate(plan.images + plan.weak, start=1):
             img, masks = render_image(im)
             sub = IMAGES_DIR if im.split == "train" else TEST_DIR
             Image.fromarray(img).save(tmp / sub / f"{im.image_id}.jpg", quality=jpeg_quality_of(im, jpeg_quality))
-            if im.split == "train":
+            if im.split == "train" and im.box_annotated:
                 for i, m in masks.items():
                     if im.objects[i].segmented:
                         _save_png(tmp / MASKS_DIR / mask_path(im.image_id, im.objects[i]), m)
@@ -913,8 +1079,8 @@ def generate(*, out_dir: Path, n_train_images: int, n_test_images: int, image_si
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - t0
-    log.info("wrote %s: %d labelled + %d test images, %d boxes in %.1f s", out_dir, summary["n_train_images"],
-             summary["n_test_images"], summary["n_boxes"], seconds)
+    log.info("wrote %s: %d labelled + %d image-level-only + %d test images, %d boxes in %.1f s", out_dir,
+             summary["n_train_images"], len(plan.weak), summary["n_test_images"], summary["n_boxes"], seconds)
     return {**summary, "seconds": seconds}
 
 
@@ -937,7 +1103,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--external-images", "--external", dest="external_images", type=int, default=0,
                     help="also write this many images of the external COCO-format dataset into OUT/external/ "
                          "(default 0: none)")
+    ap.add_argument("--image-level-images", type=int, default=schema_default("dataset", "image_level_images"),
+                    help="also write this many image-level-only images (labels, no boxes; classes skewed to the "
+                         "tail)")
+    ap.add_argument("--plain-images", type=int, default=schema_default("dataset", "plain_images"),
+                    help="also write this many image-level-only images of one large object on a plain background "
+                         f"(listed in {PLAIN_CSV})")
+    ap.add_argument("--confusing-pair", action=argparse.BooleanOptionalAction,
+                    default=schema_default("dataset", "confusing_pair"),
+                    help="plant the confusing pair: Digit seven drawn from the glyphs of sevens and ones")
+    ap.add_argument("--group-of-masks", action=argparse.BooleanOptionalAction,
+                    default=schema_default("dataset", "group_of_masks"),
+                    help=f"{tx.BY_LABEL[GROUP_OF_HEAVY].name} mostly group-of, and instance masks for the members "
+                         "of group-of clusters (for stages.mask_boxes)")
     args = ap.parse_args(argv)
+    if args.image_level_images < 0 or args.plain_images < 0:
+        ap.error("need --image-level-images >= 0 and --plain-images >= 0")
     if not 0 <= args.difficulty <= MAX_DIFFICULTY:
         ap.error(f"need 0 <= --difficulty <= {MAX_DIFFICULTY}")
     if not 128 <= args.min_size <= args.max_size:
@@ -948,7 +1129,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.error("need --external-images >= 0")
     s = generate(out_dir=args.out, n_train_images=args.n_train_images, n_test_images=args.n_test_images,
                  image_size=(args.min_size, args.max_size), seed=args.seed, jpeg_quality=args.jpeg_quality,
-                 difficulty=args.difficulty, n_external_images=args.external_images)
+                 difficulty=args.difficulty, n_external_images=args.external_images,
+                 image_level_images=args.image_level_images, plain_images=args.plain_images,
+                 confusing_pair=args.confusing_pair, group_of_masks=args.group_of_masks)
     ph = s["phenomena"]
     tail = "n/a (a class has no box)" if ph["long_tail_ratio"] is None else f"{ph['long_tail_ratio']:.1f}x"
     print(f"orchard-mini: {s['n_train_images']} labelled + {s['n_test_images']} test images, {s['n_boxes']} boxes,"

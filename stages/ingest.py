@@ -3,6 +3,14 @@
 Writes ``boxes``, ``image_labels``, ``images`` (labelled), ``test_images``, ``classes`` and ``hierarchy``.
 Every check names the file, line and field of the first offending value; nothing is written unless all pass.
 
+Image-level-only images (paper 5.7): an image without any box row but with a positive image-level label has
+image-level labels only (its absence of boxes means nothing). With ``--image-level-only keep`` (default) it stays,
+and the ``images`` table gets the column ``box_annotated`` (False for these; written only when there is one, so a
+box-only dataset gives the same tables as before); with ``drop`` it and its labels are left out. A class both
+positive and verified absent in one image is an error. ``--plain-list`` (a CSV with an ImageID column; the
+generator's ``plain-background-images.csv``; OpenImages has no such file, a missing one means none) flags
+``plain_background`` images. ``summary.json`` counts them, per class too.
+
 The CSVs are read typed and columnar (ids and MIDs dictionary-encoded), so 12M boxes take seconds and a few
 GB. Images are found through an index of the images folder and its subfolders (the official download's
 ``train_0`` … ``train_f`` as well as one flat folder); each is checked by reading its header (format and size),
@@ -36,6 +44,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from stages.core.cli import stage_main
+from stages.core.config import schema_default
 from stages.core.errors import InputError
 from stages.formats import coco
 from stages.formats import openimages as oi
@@ -51,6 +60,10 @@ IMAGE_CHECKS = ("header", "decode")
 _CHUNK = 2048   # images per task of the parallel check
 
 
+IMAGE_LEVEL_ONLY = ("keep", "drop")
+BASE_IMAGE_COLUMNS = ("image_id", "path", "width", "height")
+
+
 @dataclass(frozen=True)
 class Tables:
     boxes: pd.DataFrame
@@ -59,6 +72,8 @@ class Tables:
     test_images: pd.DataFrame
     classes: pd.DataFrame
     hierarchy: pd.DataFrame
+    #: image-level-only and plain-background counts for the summary (:func:`weak_summary`)
+    weak: dict | None = None
 
 
 def check_hierarchy(h: Hierarchy, classes: pd.DataFrame, *, source: object) -> None:
@@ -184,26 +199,93 @@ def _test_ids(*, test_list: Path | None, sample_submission: Path | None, test_in
     return test_index().index, _first_reference([])
 
 
+def image_level_only(boxes: pd.DataFrame, labels: pd.DataFrame) -> pd.Index:
+    """The image-level-only images: no box row, at least one positive (confidence 1) image label."""
+    boxed = pd.Index(boxes["image_id"].astype(object).unique(), dtype=object)
+    positive = pd.Index(labels["image_id"][labels["confidence"].to_numpy() == 1].astype(object).unique(),
+                        dtype=object)
+    return positive.difference(boxed)
+
+
+def plain_ids(path: Path | None, labelled: pd.Index) -> pd.Index:
+    """The image ids of a plain-background list (ImageID column); a missing file is an empty list (OpenImages
+    has none), an id that is not a labelled image an error naming its line."""
+    if path is None or not Path(path).exists():
+        if path is not None:
+            log.info("no plain-background list %s: no image is flagged plain_background", path)
+        return pd.Index([], dtype=object)
+    ids = oi.read_image_ids(path, "ImageID")
+    bad = ~ids.isin(labelled).to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(f"plain-background image {ids.iloc[i]!r} has no labels (not a labelled image)",
+                         file=path, row=i + 2, field="ImageID")
+    return pd.Index(ids, dtype=object)
+
+
+def weak_summary(images: pd.DataFrame, labels: pd.DataFrame, *, dropped: int = 0) -> dict:
+    """Counts for the ingest summary: image-level-only images (kept, dropped), plain-background images, and per
+    class the image-level-only images where it is positive / verified absent."""
+    weak = images["image_id"][~images["box_annotated"].to_numpy()] if "box_annotated" in images else \
+        pd.Series([], dtype=object)
+    plain = int(images["plain_background"].sum()) if "plain_background" in images else 0
+    wl = labels[labels["image_id"].astype(object).isin(set(weak)).to_numpy()]
+    per = {}
+    for conf, key in ((1, "positive"), (0, "negative")):
+        vc = wl["label"][wl["confidence"].to_numpy() == conf].astype(object).value_counts()
+        for lab, n in vc.items():
+            per.setdefault(str(lab), {"positive": 0, "negative": 0})[key] = int(n)
+    return {"image_level_only_images": int(len(weak)), "image_level_only_dropped": int(dropped),
+            "plain_background_images": plain,
+            "image_level_only_per_class": dict(sorted(per.items()))}
+
+
+def check_contradictions(labels: pd.DataFrame, *, source: object) -> None:
+    """A class both verified present and verified absent in one image is an error (naming the second row); any
+    other repeated (image, class) pair is a duplicate."""
+    img, _ = codes(labels["image_id"])
+    lab, n_lab = codes(labels["label"])
+    key = pd.Series(img * max(n_lab, 1) + lab)
+    dup = key.duplicated().to_numpy()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        first = int(np.flatnonzero(key.to_numpy() == key.iloc[i])[0])
+        a, b = int(labels["confidence"].iloc[first]), int(labels["confidence"].iloc[i])
+        what = (f"contradicting image labels: {labels['label'].iloc[i]} is verified present and verified absent "
+                f"in image {labels['image_id'].iloc[i]} (lines {first + 2} and {i + 2})" if a != b else
+                f"duplicate image label ({labels['image_id'].iloc[i]}, {labels['label'].iloc[i]})")
+        raise InputError(what, file=source, row=i + 2, field="Confidence" if a != b else "LabelName")
+
+
 def ingest(*, boxes_csv: Path, labels_csv: Path, classes_csv: Path, hierarchy_json: Path, images_dir: Path,
            test_dir: Path | None = None, test_list: Path | None = None, sample_submission: Path | None = None,
-           known_images: pd.DataFrame | None = None, image_check: str = "header", workers: int = 1) -> Tables:
+           known_images: pd.DataFrame | None = None, image_check: str = "header", workers: int = 1,
+           image_level: str = "keep", plain_list: Path | None = None) -> Tables:
+    """``image_level``: what to do with image-level-only images (:data:`IMAGE_LEVEL_ONLY`, see the module
+    docstring); ``plain_list``: the plain-background list (None or a missing file: none)."""
     if image_check not in IMAGE_CHECKS:
         raise ValueError(f"unknown image check {image_check!r}; choose from {IMAGE_CHECKS}")
+    if image_level not in IMAGE_LEVEL_ONLY:
+        raise ValueError(f"unknown image_level {image_level!r}; choose from {IMAGE_LEVEL_ONLY}")
     classes = oi.read_classes(classes_csv)
     h = Hierarchy.from_json(hierarchy_json)
     check_hierarchy(h, classes, source=hierarchy_json)
     known = set(classes["label"])
     boxes = oi.read_boxes(boxes_csv, known_labels=known, categorical=True)
     labels = oi.read_image_labels(labels_csv, known_labels=known, categorical=True)
-    img, n_img = codes(labels["image_id"])
-    lab, n_lab = codes(labels["label"])
-    dup = pd.Series(img * max(n_lab, 1) + lab).duplicated().to_numpy()
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        raise InputError(f"duplicate image label ({labels['image_id'].iloc[i]}, {labels['label'].iloc[i]})",
-                         file=labels_csv, row=i + 2, field="LabelName")
+    check_contradictions(labels, source=labels_csv)
     ids = pd.Index(np.union1d(boxes["image_id"].cat.categories.to_numpy(object),
                               labels["image_id"].cat.categories.to_numpy(object)), dtype=object)
+    plain = plain_ids(plain_list, ids)
+    weak = image_level_only(boxes, labels)
+    dropped = 0
+    if image_level == "drop" and len(weak):
+        dropped = len(weak)
+        ids = ids.difference(weak)
+        labels = labels[~labels["image_id"].astype(object).isin(set(weak)).to_numpy()].reset_index(drop=True)
+        labels["image_id"] = labels["image_id"].cat.remove_unused_categories()
+        weak = weak[:0]
+        log.info("dropped %d image-level-only images and their labels", dropped)
     log.info("%d classes, %d boxes, %d image labels, %d labelled images", len(classes), len(boxes), len(labels),
              len(ids))
     cache: dict[Path, pd.Series] = {}
@@ -214,14 +296,20 @@ def ingest(*, boxes_csv: Path, labels_csv: Path, classes_csv: Path, hierarchy_js
     check = {"known": known_images, "decode": image_check == "decode", "workers": workers}
     images = image_table(ids, index=index_of(images_dir), folder=images_dir,
                          where=_first_reference([(boxes, boxes_csv), (labels, labels_csv)]), **check)
+    images = images[list(BASE_IMAGE_COLUMNS)].copy()   # flags of --known-images tables are derived afresh
+    if len(weak):   # the optional columns only when they say something (a box-only dataset: tables as before)
+        images["box_annotated"] = ~images["image_id"].isin(set(weak)).to_numpy()
+    if len(plain):
+        images["plain_background"] = images["image_id"].isin(set(plain)).to_numpy()
     test_folder = test_dir if test_dir is not None else images_dir
     test_ids, where = pd.Index([], dtype=object), _first_reference([])
     if test_list is not None or sample_submission is not None or (test_dir is not None and test_dir.exists()):
         test_ids, where = _test_ids(test_list=test_list, sample_submission=sample_submission,
                                     test_index=index_of(test_folder), labelled=ids)
     test = image_table(test_ids, index=index_of(test_folder), folder=test_folder, where=where, **check)
+    test = test[list(BASE_IMAGE_COLUMNS)]
     return Tables(boxes=boxes, image_labels=labels, images=images, test_images=test, classes=classes,
-                  hierarchy=h.to_edges())
+                  hierarchy=h.to_edges(), weak=weak_summary(images, labels, dropped=dropped))
 
 
 # ----- external datasets in COCO format ---------------------------------------------------------------------
@@ -361,6 +449,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="read each image's header (format, size), or decode it fully (slower, stronger)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="processes checking images (default: the CPUs this process may use)")
+    p.add_argument("--image-level-only", choices=IMAGE_LEVEL_ONLY,
+                   default=schema_default("dataset", "image_level_only"),
+                   help="images with image labels but no box: keep them (images.box_annotated false) or drop them")
+    p.add_argument("--plain-list", type=Path,
+                   help="CSV with an ImageID column: the plain-background images (flag images.plain_background); "
+                        "a missing file means none")
     p.add_argument("--out-dir", type=Path, required=True)
     a = p.parse_args(args)
     known = pd.concat([read_table(k, "images") for k in a.known_images], ignore_index=True).drop_duplicates(
@@ -368,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     t = ingest(boxes_csv=a.boxes_csv, labels_csv=a.labels_csv, classes_csv=a.classes_csv,
                hierarchy_json=a.hierarchy_json, images_dir=a.images_dir, test_dir=a.test_dir,
                test_list=a.test_list, sample_submission=a.sample_submission, known_images=known,
-               image_check=a.image_check, workers=max(a.workers, 1))
+               image_check=a.image_check, workers=max(a.workers, 1), image_level=a.image_level_only,
+               plain_list=a.plain_list)
     prov = {"stage": "ingest", "source": str(a.boxes_csv)}
     for name, table in [("boxes", "boxes"), ("image_labels", "image_labels"), ("images", "images"),
                         ("test_images", "images"), ("classes", "classes"), ("hierarchy", "hierarchy")]:
@@ -376,9 +471,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = {"classes": len(t.classes), "boxes": len(t.boxes), "group_of": int(t.boxes["is_group_of"].sum()),
                "image_labels": len(t.image_labels),
                "negative_labels": int((t.image_labels["confidence"] == 0).sum()),
-               "images": len(t.images), "test_images": len(t.test_images)}
+               "images": len(t.images), "test_images": len(t.test_images), **(t.weak or {})}
     write_json(a.out_dir / "summary.json", summary)
-    print("ingest: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    print("ingest: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k != "image_level_only_per_class"))
 
 
 if __name__ == "__main__":

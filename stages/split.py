@@ -14,6 +14,9 @@ Method, vectorised over images (sparse image x class box counts; no loop over im
    ``tol``, and its size doubles after a success and halves after a failure. At size one the best of the
    top k x top k pairs is found exactly, k growing after a failure; a part is done when k = 64 fails too.
    At most ``mining_iters`` rounds.
+
+Image-level-only images (``images.box_annotated`` false) have no box ground truth to match: they all go to
+train, and the box-annotated images are split exactly as they would be without them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from scipy import sparse
 
 from stages.core.cli import stage_main
@@ -222,10 +226,15 @@ def random_split(n: int, fractions: Sequence[float], *, seed: int) -> np.ndarray
 
 def split(*, images: pd.DataFrame, boxes: pd.DataFrame, fractions: Sequence[float] = (0.8, 0.1, 0.1),
           seed: int = 0, mining_iters: int = 2000) -> tuple[pd.DataFrame, dict]:
-    """Return the ``splits`` table and a report (divergence of each part vs the whole, and a random split's)."""
+    """Return the ``splits`` table and a report (divergence of each part vs the whole, and a random split's).
+    Images whose optional ``box_annotated`` is False go to train and take no part in the stratified split."""
     if len(fractions) != len(PARTS):
         raise ValueError(f"need {len(PARTS)} fractions, got {fractions}")
-    ids = np.sort(images["image_id"].to_numpy(dtype=object))
+    all_ids = images["image_id"].to_numpy(dtype=object)
+    annotated = images["box_annotated"].to_numpy(dtype=bool) if "box_annotated" in images.columns else \
+        np.ones(len(all_ids), bool)
+    weak = np.sort(all_ids[~annotated])
+    ids = np.sort(all_ids[annotated])
     if len(ids) < 3:
         raise InputError(f"need at least 3 labelled images to split, got {len(ids)}", field="image_id")
     counts, _ = class_counts(boxes, ids)
@@ -234,7 +243,14 @@ def split(*, images: pd.DataFrame, boxes: pd.DataFrame, fractions: Sequence[floa
     rnd = random_split(len(ids), fractions, seed=seed)
     rnd_div = {PARTS[s]: js_divergence(counts[rnd == s].sum(0), total) for s in range(len(PARTS))}
     table = pd.DataFrame({"image_id": ids, "split": pd.Categorical.from_codes(res.assignment, PARTS)})
-    report = {"images": {p: int((res.assignment == s).sum()) for s, p in enumerate(PARTS)},
+    if len(weak):
+        table = pd.concat([table, pd.DataFrame({"image_id": weak, "split": pd.Categorical.from_codes(
+            np.zeros(len(weak), np.int64), PARTS)})], ignore_index=True)
+        order = np.argsort(table["image_id"].to_numpy(dtype=object), kind="stable")
+        table = table.iloc[order].reset_index(drop=True)
+    report = {"images": {p: int((res.assignment == s).sum()) + (len(weak) if s == 0 else 0)
+                         for s, p in enumerate(PARTS)},
+              "image_level_only_in_train": int(len(weak)),
               "js_divergence": res.divergence, "random_split_js_divergence": rnd_div,
               "classes_missing": {p: int(((counts[res.assignment == s].sum(0) == 0) & (total > 0)).sum())
                                   for s, p in enumerate(PARTS)}}
@@ -253,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
     a = p.parse_args(argv)
-    table, report = split(images=read_table(a.images, "images", columns=["image_id"]),
+    cols = ["image_id"] + (["box_annotated"] if "box_annotated" in pq.read_schema(a.images).names else [])
+    table, report = split(images=read_table(a.images, "images", columns=cols),
                           boxes=read_table(a.boxes, "boxes", columns=["image_id", "label"]),
                           fractions=a.fractions, seed=a.seed, mining_iters=a.mining_iters)
     write_table(a.out, table, "splits", provenance={"stage": "split", "seed": a.seed})

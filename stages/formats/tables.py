@@ -26,7 +26,10 @@ SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
          "mask_path": "object"},
     ),
     "image_labels": ({"image_id": "object", "label": "object", "confidence": "int8"}, {}),
-    "images": ({"image_id": "object", "path": "object", "width": "int32", "height": "int32"}, {}),
+    # box_annotated False: an image with image-level labels only (no box is annotated; the absence of a box means
+    # nothing); plain_background: a single object on a plain background. Absent columns mean True / False.
+    "images": ({"image_id": "object", "path": "object", "width": "int32", "height": "int32"},
+               {"box_annotated": "bool", "plain_background": "bool"}),
     "classes": ({"label": "object", "name": "object"}, {}),
     # one row per edge of the class DAG; the root is not a class and never appears
     "hierarchy": ({"child": "object", "parent": "object"}, {}),
