@@ -1,5 +1,14 @@
 # Data: generate (built-in dataset) -> ingest + checks -> split -> sampling weights.
 
+# the plain-background images' list (issue 15): a file the generator writes when it draws such images; OpenImages
+# has none (a configured file that exists is read)
+_plain = raw("plain_list_csv") if config["dataset"]["plain_list_csv"] else None
+PLAIN_LIST = (
+    _plain
+    if _plain and (config["dataset"]["plain_images"] if config["dataset"]["generate"] else os.path.exists(_plain))
+    else []
+)
+
 
 if config["dataset"]["generate"]:
 
@@ -17,6 +26,7 @@ if config["dataset"]["generate"]:
             # the external COCO-format dataset (stages.ingest coco reads it), when dataset.external_images > 0
             external=f"{DATA}/external/instances.json" if config["dataset"]["external_images"] else [],
             external_label_map=f"{DATA}/external/label_map.csv" if config["dataset"]["external_images"] else [],
+            plain=PLAIN_LIST,
         log:
             "logs/generate.log",
         benchmark:
@@ -30,12 +40,21 @@ if config["dataset"]["generate"]:
             seed=config["dataset"]["seed"],
             difficulty=config["dataset"]["difficulty"],
             external_images=config["dataset"]["external_images"],
+            # the weak-label material (issue 15): image-level-only and plain-background images, the planted
+            # confusing pair, group-of clusters with instance masks (all off: the files of the run before them)
+            weak=(
+                f"--image-level-images {config['dataset']['image_level_images']}"
+                f" --plain-images {config['dataset']['plain_images']}"
+                + (" --confusing-pair" if config["dataset"]["confusing_pair"] else "")
+                + (" --group-of-masks" if config["dataset"]["group_of_masks"] else "")
+            ),
         conda:
             ENV
         shell:
             "python -m stages.generate --out {params.out:q} --n-images {params.n_images} --n-test {params.n_test}"
             " --min-size {params.min_size} --max-size {params.max_size} --seed {params.seed}"
-            " --difficulty {params.difficulty} --external-images {params.external_images} > {log:q} 2>&1"
+            " --difficulty {params.difficulty} --external-images {params.external_images} {params.weak}"
+            " > {log:q} 2>&1"
 
 
 rule ingest:
@@ -46,6 +65,7 @@ rule ingest:
         hierarchy=raw("hierarchy_json"),
         test_list=raw("test_list_csv") if config["dataset"]["test_list_csv"] else [],
         sample_submission=raw("sample_submission_csv") if config["dataset"]["sample_submission_csv"] else [],
+        plain=PLAIN_LIST,
     output:
         boxes="results/ingest/boxes.parquet",
         image_labels="results/ingest/image_labels.parquet",
@@ -64,6 +84,8 @@ rule ingest:
         test_list=lambda wc, input: option("--test-list", input.test_list),
         sample_submission=lambda wc, input: option("--sample-submission", input.sample_submission),
         image_check=config["dataset"]["image_check"],
+        image_level_only=config["dataset"]["image_level_only"],
+        plain=lambda wc, input: option("--plain-list", input.plain),
     threads: RES["ingest"]["threads"]
     resources:
         mem_mb=rule_mem("ingest"),
@@ -74,7 +96,8 @@ rule ingest:
         "python -m stages.ingest --boxes-csv {input.boxes:q} --labels-csv {input.labels:q}"
         " --classes-csv {input.classes:q} --hierarchy-json {input.hierarchy:q} --images-dir {params.images:q}"
         " --test-dir {params.test:q} {params.test_list} {params.sample_submission}"
-        " --image-check {params.image_check} --workers {threads} --out-dir {params.out:q} > {log:q} 2>&1"
+        " --image-check {params.image_check} --image-level-only {params.image_level_only} {params.plain}"
+        " --workers {threads} --out-dir {params.out:q} > {log:q} 2>&1"
 
 
 rule ingest_external:
