@@ -33,7 +33,7 @@ import html
 import io
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +90,33 @@ def metrics_frame(paths: Sequence[Path]) -> pd.DataFrame:
     out = df.pivot_table(index=RUN, columns="split", values="mAP").reset_index()
     out.columns.name = None
     return out
+
+
+def tail_classes(boxes: pd.DataFrame, splits: pd.DataFrame, *, share: float) -> list[str]:
+    """The tail classes: the ``share`` of the classes with training boxes that have the fewest (ties broken by
+    MID, so the set is reproducible); what the weak-label tricks of paper 5.7 and 5.9 aim at."""
+    if not 0 < share <= 1:
+        raise InputError(f"the tail share must lie in (0, 1], got {share}", field="--tail-share")
+    train = set(splits.loc[splits["split"] == "train", "image_id"])
+    counts = boxes.loc[boxes["image_id"].isin(train), "label"].value_counts()
+    order = sorted(counts.index, key=lambda c: (int(counts[c]), str(c)))
+    return order[:max(1, round(share * len(order)))] if order else []
+
+
+def add_tail_columns(df: pd.DataFrame, paths: Sequence[Path], tail: Collection[str]) -> pd.DataFrame:
+    """``df`` (:func:`metrics_frame`) with a column ``tail_<split>`` per split: the mean AP of the ``tail``
+    classes that have ground truth in that split (the metric files' per-class APs)."""
+    tail = set(tail)
+    rows = []
+    for (stage, variant, name, split), m in _metrics(paths):
+        aps = [rec["ap"] for mid, rec in m["per_class"].items() if mid in tail and rec["ap"] is not None]
+        rows.append({"stage": stage, "variant": variant, "name": name, "split": f"tail_{split}",
+                     "ap": float(np.mean(aps)) if aps else float("nan")})
+    if not rows:
+        return df
+    wide = pd.DataFrame(rows).pivot_table(index=RUN, columns="split", values="ap", dropna=False).reset_index()
+    wide.columns.name = None
+    return df.merge(wide, on=RUN, how="left")
 
 
 def per_class_frame(paths: Sequence[Path]) -> pd.DataFrame:
@@ -680,12 +707,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--score-thr", type=float, default=0.3, help="draw detections scoring at least this")
     p.add_argument("--max-classes", type=int, default=50, help="classes in the per-class AP chart")
     p.add_argument("--title", default="Orchard report")
+    p.add_argument("--tail-boxes", type=Path, help="ground-truth boxes table: adds the mean AP of the tail classes "
+                   "(the --tail-share of the classes with the fewest training boxes) per split (needs --tail-splits)")
+    p.add_argument("--tail-splits", type=Path, help="splits table (which boxes are training boxes)")
+    p.add_argument("--tail-share", type=float, default=1 / 3, help="share of the classes counted as tail")
     a = p.parse_args(argv)
     if not (a.out_json or a.out_md or a.out_html):
         p.error("give at least one of --out-json, --out-md, --out-html")
     if a.expert_models and len(a.expert_models) != len(a.experts):
         p.error(f"--expert-models gives {len(a.expert_models)} checkpoints for {len(a.experts)} --experts files")
     df = metrics_frame(a.metrics)
+    if bool(a.tail_boxes) != bool(a.tail_splits):
+        p.error("--tail-boxes and --tail-splits go together")
+    if a.tail_boxes:
+        tail = tail_classes(read_table(a.tail_boxes, "boxes"), read_table(a.tail_splits, "splits"),
+                            share=a.tail_share)
+        log.info("tail classes (%d, the %.0f%% with the fewest training boxes): %s", len(tail),
+                 100 * a.tail_share, ", ".join(tail))
+        df = add_tail_columns(df, a.metrics, tail)
     searches = [read_auto_search(x) for x in a.autoensemble]
     cards = [read_card(x) for x in a.cards]
     md = to_markdown(df)

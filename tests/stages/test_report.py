@@ -345,3 +345,43 @@ def test_bad_expert_input_exits_2(results, mined, tmp_path, capsys, case, msg):
         report.main(["--metrics", *map(str, results["metrics"]), "--out-html", str(tmp_path / "r.html"),
                      "--experts", str(mined["experts"]), str(mined["experts"]), "--expert-models", str(model)])
     assert e.value.code == 2
+
+
+def test_tail_classes_and_their_mean_ap(results, tmp_path):
+    """The tail: the share of classes with the fewest training boxes (ties by MID); its mean AP per split comes
+    from each metric file's per-class APs, and the CLI adds it beside the mAP."""
+    boxes = pd.DataFrame({"image_id": ["i0", "i0", "i1", "i1", "i2", "i3", "i3"],
+                          "label": ["/m/a", "/m/b", "/m/a", "/m/c", "/m/b", "/m/a", "/m/d"]})
+    splits = pd.DataFrame({"image_id": ["i0", "i1", "i2", "i3"], "split": ["train", "train", "train", "val_a"]})
+    # training boxes: a 2, b 2, c 1 (d only in val_a: not a training class)
+    assert report.tail_classes(boxes, splits, share=1 / 3) == ["/m/c"]
+    assert report.tail_classes(boxes, splits, share=2 / 3) == ["/m/c", "/m/a"]
+    with pytest.raises(Exception, match="tail share"):
+        report.tail_classes(boxes, splits, share=0)
+
+    ing = results["ingest"]
+    train_ids = [i for i in read_table(ing / "images.parquet", "images")["image_id"] if i not in SPLITS]
+    gt = read_table(ing / "boxes.parquet", "boxes")
+    tail = ["/m/cat"]
+    df = report.add_tail_columns(report.metrics_frame(results["metrics"]), results["metrics"], tail)
+    for p in results["metrics"]:
+        stage, variant, name, split = report._metric_key(p)
+        per = json.loads(p.read_text())["per_class"]
+        want = per["/m/cat"]["ap"]
+        got = df.set_index(["stage", "variant", "name"]).loc[(stage, variant, name), f"tail_{split}"]
+        assert (np.isnan(got) and want is None) or got == pytest.approx(want)
+
+    # through the CLI: every image of the tiny set is a training image here, cat has the fewest boxes
+    all_train = pd.DataFrame({"image_id": sorted(set(gt["image_id"]) | set(train_ids)), "split": "train"})
+    write_table(tmp_path / "train_splits.parquet", all_train, "splits")
+    counts = gt["label"].value_counts()
+    fewest = sorted(counts.index, key=lambda c: (counts[c], c))[0]
+    out_json = tmp_path / "m.json"
+    assert report.main(["--metrics", *map(str, results["metrics"]), "--tail-boxes", str(ing / "boxes.parquet"),
+                        "--tail-splits", str(tmp_path / "train_splits.parquet"), "--tail-share", "0.01",
+                        "--out-json", str(out_json)]) == 0
+    recs = {(r["stage"], r["variant"], r["name"]): r for r in json.loads(out_json.read_text())}
+    a = json.loads(next(p for p in results["metrics"] if "postprocess/default/a/val_a" in str(p)).read_text())
+    want = a["per_class"][fewest]["ap"]
+    got = recs[("postprocess", "default", "a")]["tail_val_a"]
+    assert (want is None and (got is None or np.isnan(got))) or got == pytest.approx(want)

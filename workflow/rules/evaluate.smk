@@ -61,18 +61,23 @@ rule ablation_table:
         metrics=ablation_metrics,
         # the ensemble table also tells how each auto-ensemble search went
         trees=lambda wc: expand(rules.autoensemble_search.output.scores, search=SEARCHES) if wc.kind == "ensemble" else [],
+        # the model table also gives the mean AP of the tail classes (the third with the fewest training boxes)
+        tail=lambda wc: [rules.ingest.output.boxes, rules.split.output.splits] if wc.kind == "models" else [],
     output:
         json="results/ablation/{kind}.json",
         md="results/ablation/{kind}.md",
     log:
         "logs/ablation_table/{kind}.log",
+    params:
+        tail=lambda wc, input: (f"--tail-boxes {shlex.quote(input.tail[0])} --tail-splits {shlex.quote(input.tail[1])}"
+                                if input.tail else ""),
     wildcard_constraints:
         kind="|".join(ABLATIONS),
     conda:
         ENV
     shell:
-        "python -m stages.report --metrics {input.metrics:q} --autoensemble {input.trees:q} --out-json {output.json:q}"
-        " --out-md {output.md:q} > {log:q} 2>&1"
+        "python -m stages.report --metrics {input.metrics:q} --autoensemble {input.trees:q} {params.tail}"
+        " --out-json {output.json:q} --out-md {output.md:q} > {log:q} 2>&1"
 
 
 if EXPERTS and config["ablation"]["experts_baseline"]:
