@@ -9,6 +9,14 @@ each; the ratio column is against the first model (the plain sibling-head baseli
                                                            # against torchvision fasterrcnn_resnet50_fpn fp32
     python benchmarks/train_infer.py --detector-cost       # CPU: whole-detector eval cost, TSD vs sibling head
     python benchmarks/train_infer.py --loader              # CPU: the training loop, 0 vs 2 DataLoader workers
+    python benchmarks/train_infer.py --backbones seresnext101_32x4d efficientnet_b3 timm:resnet18
+                                                           # CPU: backbones side by side vs resnet50
+
+``--backbones NAME ...`` builds the same small Faster R-CNN (--fpn-channels FPN, sibling head, frozen_bn,
+trainable_layers 3, random weights) on torchvision resnet50 (the first row, the baseline of the ratio columns)
+and on each named backbone (any ``backbone`` value of the config schema: the timm zoo, ``timm:<name>``), and
+prints training and inference images/s at --backbone-size px, --batch-size (default 2) images, --iters
+iterations after one warm-up.
 
 ``--detector-cost`` builds ResNet-50-FPN with the sibling head and with TSD (same backbone, random init, eval,
 --size px images, 1000 post-NMS proposals, --classes classes), times inference per image best-of --repeats in
@@ -118,6 +126,17 @@ def cpu_rows(models: dict[str, dict], *, iters: int, batch_size: int) -> list[tu
         rows.append((name, f"{h}x{w}", tr, inf))
         print(f"  {name:28s} {h}x{w}  train {tr:7.2f} img/s  infer {inf:7.2f} img/s", flush=True)
     return rows
+
+
+def backbone_configs(names: list[str], *, size: int, fpn_channels: int) -> dict[str, dict]:
+    """One small detector config per backbone, torchvision resnet50 first (the baseline row)."""
+    names = ["resnet50"] + [n for n in names if n != "resnet50"]
+    out = {}
+    for name in names:
+        model = {"backbone": name, "fpn_channels": fpn_channels, "representation_size": 256, "min_size": size,
+                 "max_size": size, "norm": "frozen_bn", "trainable_layers": 3}
+        out[name] = validate_config({"models": {"m": model}}, cross_refs=False)["models"]["m"]
+    return out
 
 
 def r50_rows(*, device: torch.device, size: int, iters: int, batch_size: int) -> list[tuple]:
@@ -317,6 +336,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="--loader: DataLoader workers against 0")
     ap.add_argument("--loader-images", type=int, default=64, help="--loader: generated images")
     ap.add_argument("--loader-repeats", type=int, default=2, help="--loader: alternations of the two loops")
+    ap.add_argument("--backbones", nargs="+", help="CPU: these backbones side by side against resnet50 (the first "
+                    "row) in one small detector")
+    ap.add_argument("--backbone-size", type=int, default=320, help="--backbones: image side (px)")
+    ap.add_argument("--fpn-channels", type=int, default=64, help="--backbones: FPN channels")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = a.device
@@ -348,6 +371,15 @@ def main() -> None:
               f"{os.cpu_count()} CPUs, torch {torch.__version__})")
         loader_report(model, name=name, n_images=a.loader_images, workers=a.workers, iters=a.iters or 12,
                       warmup=2, repeats=a.loader_repeats)
+        return
+    if a.backbones:
+        print(f"device: cpu ({torch.get_num_threads()} thread(s), torch {torch.__version__})")
+        models = backbone_configs(a.backbones, size=a.backbone_size, fpn_channels=a.fpn_channels)
+        iters = a.iters or (1 if a.quick else 3)
+        bs = a.batch_size or 2
+        rows = cpu_rows(models, iters=iters, batch_size=bs)
+        report(rows, f"CPU, backbones at {a.backbone_size} px, FPN {a.fpn_channels}, batch {bs}, {iters} "
+                     "iteration(s), frozen_bn, trainable_layers 3")
         return
     if device == "cuda" or a.r50:
         if device == "cuda":

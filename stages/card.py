@@ -36,7 +36,7 @@ from stages.core.config import model_part, schema_default
 from stages.core.errors import InputError
 from stages.formats.io import config_hash, write_json
 from stages.formats.readers import read_metrics
-from stages.models.backbones import _ALIASES, _TORCHVISION
+from stages.models.registry import ALIASES, TORCHVISION_BACKBONES, timm_name
 from stages.models.detector import build_detector, set_expert_mode, set_inference
 from stages.train import model_config
 
@@ -112,13 +112,15 @@ def throughput(epoch_stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def backbone_info(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What is known of a model's backbone from its config: the name, the builder it resolves to (torchvision's
-    ResNet family or the repository's own small trunks), normalisation, trainable stages, FPN width, weights."""
+    ResNet family, timm or the repository's own small trunks), normalisation, trainable stages, FPN width, weights."""
     name = cfg["backbone"]
-    resolved = _ALIASES.get(name, name)
-    tv = resolved in _TORCHVISION
-    info = {"name": name,
-            "builder": f"torchvision.models.{resolved}" if tv else f"stages.models.backbones.{resolved}",
-            "library": "torchvision" if tv else "orchard", "norm": cfg["norm"],
+    resolved = ALIASES.get(name, name)
+    tv = resolved in TORCHVISION_BACKBONES
+    tname = timm_name(name)
+    builder = (f"torchvision.models.{resolved}" if tv else f"timm.create_model({tname!r}, features_only=True)"
+               if tname else f"stages.models.backbones.{resolved}")
+    info = {"name": name, "builder": builder,
+            "library": "torchvision" if tv else "timm" if tname else "orchard", "norm": cfg["norm"],
             "trainable_layers": cfg["trainable_layers"], "fpn_channels": cfg["fpn_channels"],
             "weights": cfg["backbone_weights"]}
     if resolved == "resnet_small":

@@ -22,6 +22,7 @@ With ``average_epochs: [a, b]`` the output model is the parameter average of the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -374,6 +375,39 @@ def step(trainer: Trainer, imgs: list[torch.Tensor], tgts: list[dict[str, torch.
     return loss, losses
 
 
+def backbone_weights_provenance(path: str | os.PathLike | None) -> dict[str, str] | None:
+    """``{"path", "sha256"}`` of a model's local backbone weights file (recorded in every checkpoint), None
+    without one."""
+    if not path:
+        return None
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise InputError(f"backbone weights file cannot be read: {exc}", file=path,
+                         field="backbone_weights") from exc
+    return {"path": str(path), "sha256": h.hexdigest()}
+
+
+def use_sync_batchnorm(trainer: Trainer) -> None:
+    """``norm: syncbn`` under DistributedDataParallel: the backbone's BatchNorms become SyncBatchNorm (timm's
+    converter, which also keeps the activation of its BatchNormAct2d) on CUDA; on the CPU (gloo) they stay
+    BatchNorm, logged: SyncBatchNorm needs CUDA. The parameters stay the same objects, so the optimiser keeps
+    them."""
+    if trainer.device.type != "cuda":
+        log.warning("norm syncbn: SyncBatchNorm needs CUDA; training on %s keeps per-process BatchNorm",
+                    trainer.device)
+        return
+    try:
+        from timm.layers import convert_sync_batchnorm
+    except ImportError:  # pragma: no cover - timm is in the environment
+        convert_sync_batchnorm = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    trainer.core.backbone = convert_sync_batchnorm(trainer.core.backbone)
+    log.info("norm syncbn: backbone BatchNorms synchronised across processes")
+
+
 def checkpoint(trainer: Trainer, ckpt_dir: Path, epoch: int, *, meta: Mapping[str, Any]) -> Path:
     """Write epoch ``epoch``'s checkpoint (model, optimiser, scaler and ``meta``); its path."""
     state = {"model": trainer.core.state_dict(), "optimizer": trainer.opt.state_dict(), "epoch": epoch,
@@ -435,11 +469,14 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
     labels = sorted(boxes.loc[boxes["image_id"].isin(images["image_id"]), "label"].unique())
     if not labels:
         raise InputError("no training boxes", field="boxes")
-    chash = config_hash({"cfg": cfg, "labels": labels, "n_images": len(images), "anchors": anchors,
-                         "world": world})
+    hashed = {"cfg": cfg, "labels": labels, "n_images": len(images), "anchors": anchors, "world": world}
+    if cfg.get("backbone_weights"):  # other weights under the same path: another run
+        hashed["backbone_weights_sha256"] = backbone_weights_provenance(cfg["backbone_weights"])["sha256"]
+    chash = config_hash(hashed)
     n_boxes = int(boxes["image_id"].isin(images["image_id"]).sum())
     meta = {"labels": labels, "config": cfg, "config_hash": chash, "anchors": anchors,
-            "data": {"images": len(images), "boxes": n_boxes}}
+            "data": {"images": len(images), "boxes": n_boxes},
+            "backbone_weights": backbone_weights_provenance(cfg.get("backbone_weights"))}
     global_bs = cfg["batch_size"] * world
     iters = cfg["iters_per_epoch"] or max(1, math.ceil(len(images) / global_bs))
     data = training_data(cfg=cfg, images=images, boxes=boxes, weights=weights, labels=labels, iters=iters,
@@ -448,6 +485,8 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
     start_epoch = resume(trainer, ckpt_dir, chash)
     stats = epoch_stats(ckpt_dir, start_epoch)
     loader = data.loader(workers=workers, pin_memory=device.type == "cuda")
+    if cfg.get("norm") == "syncbn" and world > 1:
+        use_sync_batchnorm(trainer)
     if world > 1:
         trainer.model = torch.nn.parallel.DistributedDataParallel(
             trainer.core, device_ids=[device.index] if device.type == "cuda" else None)

@@ -101,6 +101,12 @@ def validate_config(config: dict[str, Any], *, source: object = "config", cross_
         if len(m["cascade_weights"]) != len(m["cascade_iou"]):
             raise InputError(f"cascade_weights {m['cascade_weights']} needs one weight per cascade_iou entry "
                              f"{m['cascade_iou']}", file=source, field=f"models/{name}/cascade_weights")
+        try:
+            from stages.models.registry import check_backbone_name
+
+            check_backbone_name(m["backbone"])
+        except ValueError as exc:
+            raise InputError(str(exc), file=source, field=f"models/{name}/backbone") from exc
         if m["decoupled_backbone"] and m["head"] != "tsd":
             raise InputError("decoupled_backbone needs head: tsd (the sibling head reads a single pyramid)",
                              file=source, field=f"models/{name}/decoupled_backbone")

@@ -1,6 +1,6 @@
 """Detector builder: torchvision Faster R-CNN + FPN from a model config section (the ``model`` schema).
 
-Every backbone comes from :func:`stages.models.backbones.build_backbone`; the RoI head is the sibling head
+Every backbone (torchvision or timm trunk) comes from :func:`stages.models.backbones.build_backbone`; the RoI head is the sibling head
 (torchvision's, with an optional expert mode), the Decoupling Head (``head: tsd``), or the modified Cascade
 R-CNN (``cascade: true``, combinable with ``head: tsd``). ``decoupled_backbone: true`` (needs ``head: tsd``)
 gives classification and regression their own layer3/layer4 + FPN
