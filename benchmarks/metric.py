@@ -9,6 +9,14 @@ Segmentation: 1,000 images x 20 predicted masks; the RLE metric against the same
 by decoding every mask densely.
 
     python benchmarks/metric.py [--oid-dir tests/fixtures/oid2019] [--per-image 10 100 300] [--ref-images 300]
+    python benchmarks/metric.py --device cuda --quick --skip segmentation --json figures.json
+
+The metric itself runs on numpy (sorts and segment operations; it has no torch path). ``--device cuda`` (or ``cpu``) adds, per
+``--per-image`` setting, its one arithmetic kernel on torch CUDA tensors: the paired IoU of every (detection,
+ground-truth box) pair of the same image and class that the metric forms (``stages.ops.boxes.paired_iou``, the
+same function on numpy arrays and on tensors), timed after a warm-up between ``torch.cuda.synchronize()`` calls,
+against the numpy call on the same pairs, with the largest difference of the values. ``--quick``: 2,000 images,
+100 detections per image, 50 reference images, 50 segmentation images.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from metric_reference import reference_evaluate  # noqa: E402
 from stages.formats import openimages as oi  # noqa: E402
 from stages.formats.hierarchy import Hierarchy  # noqa: E402
 from stages.metrics import evaluate_detections, prepare_ground_truth  # noqa: E402
+from stages.metrics.detection import prepare_detections, run_starts, segment_pairs  # noqa: E402
+from stages.ops.boxes import paired_iou  # noqa: E402
 from stages.metrics import segmentation as seg  # noqa: E402
 
 N_IMAGES = 41_620
@@ -114,6 +124,51 @@ def traced_peak_mb(fn) -> float:
     return peak / 2**20
 
 
+def overlap_pairs(gt, dets: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The (detection box, ground-truth box) pairs, ``[P, 4]`` each, whose IoU the metric computes (the same pair
+    enumeration as ``stages.metrics.detection.best_overlap``)."""
+    d = prepare_detections(gt=gt, detections=dets)
+    n = len(d.key)
+    starts = run_starts(d.key)
+    lens = np.diff(np.append(starts, n))
+    uk = d.key[starts]
+    ulo = np.searchsorted(gt.box_key, uk, "left")
+    lo = np.repeat(ulo, lens)
+    cnt = np.repeat(np.searchsorted(gt.box_key, uk, "right") - ulo, lens)
+    da, ga = [], []
+    for sel, rep, tgt, _ in segment_pairs(lo, cnt):
+        da.append(d.box[sel][rep])
+        ga.append(gt.box[tgt])
+    if not da:
+        return np.zeros((0, 4)), np.zeros((0, 4))
+    return np.concatenate(da), np.concatenate(ga)
+
+
+def bench_overlap_kernel(det: np.ndarray, gtb: np.ndarray, device: str, repeats: int = 3) -> dict:
+    """Seconds (best of ``repeats``) of ``paired_iou`` on the pairs as numpy arrays and as torch tensors on
+    ``device`` (transfers excluded, synchronized), and the largest difference of the values."""
+    import torch
+
+    best_np = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        ref = paired_iou(det, gtb)
+        best_np = min(best_np, time.perf_counter() - t)
+    td, tg = torch.from_numpy(det).to(device), torch.from_numpy(gtb).to(device)
+    paired_iou(td[:1000], tg[:1000])   # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    best_t = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = paired_iou(td, tg)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best_t = min(best_t, time.perf_counter() - t)
+    diff = float(np.abs(out.cpu().numpy() - ref).max(initial=0.0))
+    return {"pairs": len(det), "numpy_s": best_np, "torch_s": best_t, "max_abs_diff": diff}
+
+
 def bench_detection(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     boxes0, labels0, h, classes = load(args.oid_dir)
@@ -147,6 +202,15 @@ def bench_detection(args: argparse.Namespace) -> None:
               f"{ref_per_img:>9.5f} {fast_per_img:>10.6f} {ref_per_img / fast_per_img:>7.0f}x {d:>9.1e}")
         print(f"          (same {len(sub_ids)}-image subset: reference {t_ref:.2f} s, vectorized "
               f"{t_fast_sub:.3f} s, {t_ref / t_fast_sub:.0f}x; mAP {ref['mAP']:.6f} vs {fast_sub.map:.6f})")
+        row = {"per_image": k, "dets": len(dets), "seconds": t, "map": res.map, "ref_speedup":
+               ref_per_img / fast_per_img, "max_abs_dap": float(d)}
+        if args.device:
+            kern = bench_overlap_kernel(*overlap_pairs(gt, dets), args.device)
+            row["overlap_kernel"] = kern
+            print(f"          (paired IoU of the metric's {kern['pairs']} pairs: numpy {kern['numpy_s']:.4f} s, "
+                  f"torch on {args.device} {kern['torch_s']:.4f} s, x{kern['numpy_s'] / kern['torch_s']:.1f}; "
+                  f"max |diff| {kern['max_abs_diff']:.1e})")
+        args.figures.setdefault("detection", []).append(row)
         if k == 100:
             tied = dets.assign(score=dets["score"].round(2))
             _, t_tied = timed(lambda: evaluate_detections(gt=gt, detections=tied))
@@ -253,11 +317,31 @@ def main() -> None:
     p.add_argument("--ref-images", type=int, default=300)
     p.add_argument("--seg-images", type=int, default=1000)
     p.add_argument("--skip", choices=["detection", "segmentation"], action="append", default=[])
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="also time the metric's paired-IoU kernel on torch tensors on this device against numpy "
+                        "(the metric itself is numpy)")
+    p.add_argument("--quick", action="store_true",
+                   help="2,000 images, 100 detections per image, 50 reference and 50 segmentation images")
+    p.add_argument("--json", type=Path, help="write the detection figures as JSON")
     args = p.parse_args()
+    if args.quick:
+        args.images, args.per_image = min(args.images, 2000), [100]
+        args.ref_images, args.seg_images = min(args.ref_images, 50), min(args.seg_images, 50)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: CUDA is not available")
+        print(f"device: {torch.cuda.get_device_name(0)} (torch {torch.__version__}) for the paired-IoU kernel")
+    args.figures = {"device": args.device, "images": args.images}
     if "detection" not in args.skip:
         bench_detection(args)
     if "segmentation" not in args.skip:
         bench_segmentation(args)
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps(args.figures, indent=1))
 
 
 if __name__ == "__main__":

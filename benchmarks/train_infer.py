@@ -340,6 +340,7 @@ def main() -> None:
                     "row) in one small detector")
     ap.add_argument("--backbone-size", type=int, default=320, help="--backbones: image side (px)")
     ap.add_argument("--fpn-channels", type=int, default=64, help="--backbones: FPN channels")
+    ap.add_argument("--json", type=Path, help="CUDA / --r50: write the rows and the two goal ratios as JSON")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = a.device
@@ -394,6 +395,14 @@ def main() -> None:
         tsd_amp, base, sib_amp = rows[4][3], rows[0][3], rows[2][3]
         print(f"\nTSD AMP+CL inference vs torchvision fp32: {tsd_amp / base:.2f}x (goal >= 2x); "
               f"TSD cost over sibling (AMP+CL): {sib_amp / tsd_amp:.2f}x (goal <= 1.25x)")
+        if a.json:
+            import json
+
+            a.json.write_text(json.dumps({
+                "device": device, "size": a.size, "batch": bs, "iters": iters,
+                "rows": [{"name": n, "size": sz, "train_img_s": tr, "infer_img_s": inf} for n, sz, tr, inf in rows],
+                "tsd_amp_vs_torchvision_infer": tsd_amp / base, "tsd_cost_over_sibling_amp": sib_amp / tsd_amp},
+                indent=1))
         return
     print(f"device: cpu ({torch.get_num_threads()} thread(s), torch {torch.__version__})")
     cfg = load_config(a.config)

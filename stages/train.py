@@ -45,10 +45,12 @@ from stages.core.errors import InputError
 from stages.core.provenance import code_version
 from stages.formats.experts import read_experts, restrict_to_classes
 from stages.formats.io import atomic_path, config_hash, read_table
+from stages.formats.readers import read_class_names
 from stages.models.augment import AugmentStats, augment_stats, elaborate_augment
 from stages.models.averaging import average_checkpoints
 from stages.models.data import DetectionDataset, SamplingDraw, collate, hflip, training_draw
-from stages.models.detector import build_detector, select_device
+from stages.models.detector import build_detector, select_device, set_class_mixing
+from stages.models.losses import ClassMixing, resolve_groups
 
 log = logging.getLogger(__name__)
 
@@ -321,11 +323,36 @@ class Trainer:
     amp_dtype: torch.dtype
 
 
-def build(cfg: Mapping[str, Any], *, num_classes: int, anchors: Mapping | None, device: torch.device
-          ) -> Trainer:
-    """The detector (initialised from the seed), SGD and the gradient scaler."""
+def class_mixing(cfg: Mapping[str, Any], labels: Sequence[str], *, names: Mapping[str, str] | None = None
+                 ) -> ClassMixing | None:
+    """The model's confusing-class mixing (``confusing_groups``/``confusing_mode``/``confusing_weight``) on the
+    class indices of a head trained on ``labels``; None when off (no group, or no group with two trained
+    classes). ``names``: MID -> display name, for groups given by name."""
+    groups = cfg.get("confusing_groups") or []
+    if not groups:
+        return None
+    try:
+        idx = resolve_groups(groups, labels, names=dict(names) if names else None)
+    except (KeyError, ValueError) as exc:
+        raise InputError(str(exc.args[0]), field="confusing_groups") from None
+    if not idx:
+        log.warning("confusing_groups: no group has two classes with training boxes; no mixing")
+        return None
+    mixing = ClassMixing(groups=idx, mode=cfg.get("confusing_mode", "soft"),
+                         weight=float(cfg.get("confusing_weight", 0.5)))
+    log.info("confusing-class mixing (%s, weight %s): %s", mixing.mode, mixing.weight,
+             [[labels[i - 1] for i in g] for g in idx])
+    return mixing
+
+
+def build(cfg: Mapping[str, Any], *, num_classes: int, anchors: Mapping | None, device: torch.device,
+          mixing: ClassMixing | None = None) -> Trainer:
+    """The detector (initialised from the seed), SGD and the gradient scaler; ``mixing``: the confusing-class
+    groups of its classification losses (:func:`class_mixing`)."""
     torch.manual_seed(cfg["seed"])
     model = build_detector(cfg, num_classes=num_classes, anchors=anchors).to(device)
+    if mixing is not None:
+        set_class_mixing(model, mixing)
     cuda = device.type == "cuda"
     use_amp = bool(cfg["amp"]) and cuda
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -452,8 +479,8 @@ def epoch_stats(ckpt_dir: Path, start_epoch: int) -> list[dict[str, Any]]:
 
 def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, weights: pd.DataFrame | None,
           ckpt_dir: Path, device: torch.device, metrics_path: Path | None = None, log_every: int = 10,
-          anchors: Mapping | None = None, stop_after_epoch: int | None = None, workers: int = 0
-          ) -> dict[str, Any]:
+          anchors: Mapping | None = None, stop_after_epoch: int | None = None, workers: int = 0,
+          class_names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Train and return the final checkpoint dict (model state, labels, config). Writes a checkpoint per epoch
     into ``ckpt_dir`` and keeps the latest complete and the ``average_epochs`` window's weights
     (:func:`prune_checkpoints`). ``weights``: the sample stage's ``sampling`` table (image_id, label, weight),
@@ -481,7 +508,8 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
     iters = cfg["iters_per_epoch"] or max(1, math.ceil(len(images) / global_bs))
     data = training_data(cfg=cfg, images=images, boxes=boxes, weights=weights, labels=labels, iters=iters,
                          rank=rank, world=world)
-    trainer = build(cfg, num_classes=len(labels), anchors=anchors, device=device)
+    mixing = class_mixing(cfg, labels, names=class_names)
+    trainer = build(cfg, num_classes=len(labels), anchors=anchors, device=device, mixing=mixing)
     start_epoch = resume(trainer, ckpt_dir, chash)
     stats = epoch_stats(ckpt_dir, start_epoch)
     loader = data.loader(workers=workers, pin_memory=device.type == "cuda")
@@ -584,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--anchors", type=Path, help="anchors JSON (stages.anchors)")
     p.add_argument("--classes", type=Path, help="experts JSON (stages.experts): train only on its targets and "
                    "negatives (images holding one of them; other classes' boxes dropped)")
+    p.add_argument("--class-names", type=Path, help="classes table (classes parquet or class-description CSV): "
+                   "resolves confusing_groups entries given by display name (MIDs need no table)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=schema_default("model", "threads"),
                    help="torch CPU threads (the rule passes the job's threads: the model's threads resource)")
@@ -623,7 +653,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                  len(images), device, torch.get_num_threads(), world, a.workers)
         result = train(cfg=cfg, images=images, boxes=boxes, weights=weights, ckpt_dir=a.ckpt_dir, device=device,
                        metrics_path=a.metrics, log_every=a.log_every, anchors=anchors,
-                       stop_after_epoch=a.stop_after_epoch, workers=a.workers)
+                       stop_after_epoch=a.stop_after_epoch, workers=a.workers,
+                       class_names=read_class_names(a.class_names) if a.class_names else None)
         if rank == 0:
             # the split trained on (None: every image of --images, an external dataset); sampling table or not
             data = {**result["data"], "split": a.split if a.splits else None,

@@ -110,6 +110,8 @@ def validate_config(config: dict[str, Any], *, source: object = "config", cross_
         if m["decoupled_backbone"] and m["head"] != "tsd":
             raise InputError("decoupled_backbone needs head: tsd (the sibling head reads a single pyramid)",
                              file=source, field=f"models/{name}/decoupled_backbone")
+        check_confusing_groups(m["confusing_groups"], field=f"models/{name}/confusing_groups", source=source,
+                               classes=known_classes(config) if cross_refs and m["confusing_groups"] else None)
         avg = m["average_epochs"]
         if avg is not None and not 1 <= avg[0] <= avg[1] <= m["epochs"]:
             raise InputError(f"average_epochs {avg} must satisfy 1 <= a <= b <= epochs {m['epochs']}", file=source,
@@ -197,6 +199,50 @@ def validate_config(config: dict[str, Any], *, source: object = "config", cross_
     if fr is not None and abs(sum(fr) - 1.0) > 1e-6:
         raise InputError(f"fractions {fr} must sum to 1", file=source, field="split/fractions")
     return config
+
+
+def known_classes(config: Mapping[str, Any]) -> dict[str, str] | None:
+    """MID -> display name of the dataset's classes when the config alone tells them: the built-in dataset's
+    (``dataset.generate``), or a ``classes_csv`` that already exists; None otherwise (then the training stage
+    checks the names against its classes)."""
+    ds = config.get("dataset", {})
+    if ds.get("generate", True):
+        from stages.data.taxonomy import CLASSES
+
+        return {c.label: c.name for c in CLASSES}
+    path = Path(ds.get("dir", "")) / ds.get("classes_csv", "")
+    if not path.is_file():
+        return None
+    from stages.formats.openimages import read_classes
+
+    df = read_classes(path)
+    return dict(zip(df["label"], df["name"]))
+
+
+def check_confusing_groups(groups: list[list[str]], *, field: str, source: object = "config",
+                           classes: Mapping[str, str] | None = None) -> None:
+    """A model's ``confusing_groups``: no class twice (by MID or name, within or across groups) and, when the
+    class list is known (``classes``: MID -> name), every entry a MID or an unambiguous display name of it."""
+    names: dict[str, list[str]] = {}
+    for mid, nm in (classes or {}).items():
+        names.setdefault(nm, []).append(mid)
+    seen: dict[str, str] = {}
+    for i, group in enumerate(groups):
+        for entry in group:
+            mid = entry
+            if classes is not None:
+                if entry in classes:
+                    mid = entry
+                elif len(names.get(entry, ())) == 1:
+                    mid = names[entry][0]
+                else:
+                    what = (f"names several classes {sorted(names[entry])}: give the MID" if entry in names else
+                            "is not a class of the dataset (neither a MID nor a display name)")
+                    raise InputError(f"group {i}: {entry!r} {what}", file=source, field=field)
+            if mid in seen:
+                raise InputError(f"group {i}: {entry!r} is given twice (already as {seen[mid]!r}); a class may be "
+                                 "in one group once", file=source, field=field)
+            seen[mid] = entry
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from stages.models.heads import TwoPathRoIHeads, detections, roi_heads_settings
+from stages.models.losses import classification_loss
 from stages.models.tsd import (DecoupledHead, TSDSettings, decoupled_losses, matched_gt_boxes, pool_rois,
                                square_output_size)
 
@@ -167,7 +168,7 @@ class CascadeRoIHeads(TwoPathRoIHeads):
                 reg_cat = torch.cat(reg_targets)
                 pos = torch.where(labels_cat > 0)[0]
                 loss_reg = F.smooth_l1_loss(deltas[pos], reg_cat[pos], beta=1 / 9, reduction="sum")
-                losses[f"loss_classifier_s{t}"] = w * F.cross_entropy(logits, labels_cat)
+                losses[f"loss_classifier_s{t}"] = w * classification_loss(logits, labels_cat, self.class_mixing)
                 losses[f"loss_box_reg_s{t}"] = w * loss_reg / max(labels_cat.numel(), 1)
                 refine_from = deltas, pooled.rois[:, 1:]
             else:
@@ -178,7 +179,7 @@ class CascadeRoIHeads(TwoPathRoIHeads):
                 parts = decoupled_losses(class_logits=d_logits, deltas=d_deltas, rois_r=rois_r,
                                          sibling_logits=logits, sibling_deltas=deltas, rois=pooled.rois[:, 1:],
                                          labels=labels_cat, matched_gt=gt, box_coder=self._coders[t],
-                                         settings=self.tsd)
+                                         settings=self.tsd, mixing=self.class_mixing)
                 for key, value in parts.items():
                     scale = w * (self.tsd.margin_loss_weight if key.startswith("margin") else 1.0)
                     losses[f"loss_{key}_s{t}"] = scale * value

@@ -27,7 +27,9 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from stages.core.config import schema_default
 from stages.models.backbones import CLS_PREFIX, build_backbone
 from stages.models.cascade import CascadeRoIHeads
-from stages.models.heads import ExpertGate, roi_heads_settings
+from stages.models.heads import ExpertGate, check_targets_types, roi_heads_settings
+from stages.models.losses import ClassMixing, classification_loss
+from stages.models.tsd import box_regression_loss
 from stages.models.tsd import TSDRoIHeads, TSDSettings
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,24 @@ DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 class SiblingRoIHeads(ExpertGate, RoIHeads):
     """torchvision's RoI heads plus the expert-model mode (:class:`~stages.models.heads.ExpertGate`): with
     ``expert_mode`` an RoI whose background score beats every foreground score is dropped before its boxes are
-    decoded (test time only)."""
+    decoded (test time only). ``class_mixing`` (:class:`~stages.models.losses.ClassMixing`): the confusing-class
+    groups of the classification loss in training; None (default) leaves torchvision's forward and loss as
+    they are."""
+
+    class_mixing: Optional[ClassMixing] = None
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
+                targets: Optional[list[dict[str, Tensor]]] = None):
+        if not (self.training and self.class_mixing is not None):
+            return super().forward(features, proposals, image_shapes, targets)
+        # torchvision's training path with fastrcnn_loss's classification term replaced by the mixed one
+        check_targets_types(targets)
+        proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        feats = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(feats)
+        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        return [], {"loss_classifier": classification_loss(class_logits, labels, self.class_mixing),
+                    "loss_box_reg": box_regression_loss(box_regression, regression_targets, labels)}
 
     @classmethod
     def from_roi_heads(cls, roi_heads: RoIHeads, *, expert_mode: bool = False) -> "SiblingRoIHeads":
@@ -175,6 +194,13 @@ def set_inference(model: FasterRCNN, *, score_thr: float, max_per_image: int, bo
     model.roi_heads.score_thresh = float(score_thr)
     model.roi_heads.nms_thresh = float(box_nms_thresh)
     model.roi_heads.detections_per_img = int(max_per_image)
+
+
+def set_class_mixing(model: FasterRCNN, mixing: Optional[ClassMixing]) -> None:
+    """Switch confusing-class mixing of the classification losses (training) of any of our RoI heads."""
+    if not hasattr(model.roi_heads, "class_mixing"):
+        raise ValueError(f"{type(model.roi_heads).__name__} has no class mixing")
+    model.roi_heads.class_mixing = mixing
 
 
 def set_expert_mode(model: FasterRCNN, on: bool) -> None:

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads
 
+from stages.models.losses import ClassMixing
+
 
 def foreground_wins(scores: Tensor) -> Tensor:
     """Boolean mask (N,) of the RoIs whose best foreground score (columns 1..C) is at least the background's
@@ -64,7 +66,11 @@ def check_targets_types(targets: Optional[list[dict[str, Tensor]]]) -> None:
 class TwoPathRoIHeads(ExpertGate, RoIHeads):
     """Base of the heads whose training and test paths differ (TSD, cascade): same ``forward(features,
     proposals, image_shapes, targets=None) -> (detections, losses)`` contract as torchvision's
-    :class:`RoIHeads` (boxes only), dispatching to ``train_losses`` or ``detect``."""
+    :class:`RoIHeads` (boxes only), dispatching to ``train_losses`` or ``detect``. ``class_mixing``: the
+    confusing-class groups of the classification losses (:class:`~stages.models.losses.ClassMixing`; None:
+    plain cross-entropy)."""
+
+    class_mixing: Optional[ClassMixing] = None
 
     def forward(
         self,

@@ -8,11 +8,25 @@ move the sibling head's parameters.
     L_r = mean_i |IoU_o,i - IoU_i + m_r,i|_+  IoU of the decoded box with its matched ground truth (positives)
 
 with margins clipped to what is reachable: m_c,i = min(m_c, 1 - S_o,i), m_r,i = min(m_r, 1 - IoU_o,i).
+
+**Confusing-class mixing** (paper 5.9; the ``confusing_groups`` model keys): classes that look alike ("torch" and
+"flashlight") are put in groups, and an RoI labelled with a class of a group is also a positive of the group's
+other classes in the box-classification loss. :func:`mixing_targets` turns labels into target distributions
+(``soft``: the label's class 1 and each other group member ``w``, normalised, i.e. ``1 / (1 + w (|G| - 1))`` and
+``w / (1 + w (|G| - 1))``; ``full``: uniform over the group, the same as ``soft`` with ``w = 1``); background and
+classes outside every group keep their one-hot target. :func:`classification_loss` is the box heads'
+classification loss: plain ``F.cross_entropy`` without mixing (bit for bit the torchvision loss), the soft-target
+cross-entropy :func:`soft_cross_entropy` with it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -71,4 +85,108 @@ def margin_reg_loss(boxes: Tensor, sibling_boxes: Tensor, gt_boxes: Tensor, *, m
     return torch.relu(iou_o - iou + m).mean()
 
 
-__all__ = ["margin_cls_loss", "margin_reg_loss", "paired_iou", "true_class_probability"]
+MIXING_MODES = ("soft", "full")
+
+
+@dataclass(frozen=True)
+class ClassMixing:
+    """Confusing-class groups as contiguous class indices (1..C-1 of a head with C = classes + background),
+    the mode (``soft`` | ``full``) and the soft mode's weight ``w`` in [0, 1]."""
+
+    groups: tuple[tuple[int, ...], ...]
+    mode: str = "soft"
+    weight: float = 0.5
+
+    def __post_init__(self):
+        if self.mode not in MIXING_MODES:
+            raise ValueError(f"mode must be one of {MIXING_MODES}, got {self.mode!r}")
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"weight must lie in [0, 1], got {self.weight}")
+        seen: set[int] = set()
+        for g in self.groups:
+            if len(g) < 2:
+                raise ValueError(f"a group needs at least two classes, got {list(g)}")
+            for c in g:
+                if c < 1:
+                    raise ValueError(f"class index {c} in a group: 0 is the background, classes start at 1")
+                if c in seen:
+                    raise ValueError(f"class index {c} is in more than one group (or twice in one)")
+                seen.add(c)
+
+    def matrix(self, num_classes: int, *, dtype: torch.dtype = torch.float32,
+               device: Optional[torch.device] = None) -> Tensor:
+        """(C, C) row-stochastic: row i is the target distribution of label i (C includes the background)."""
+        m = torch.eye(num_classes, dtype=torch.float64)
+        w = 1.0 if self.mode == "full" else float(self.weight)
+        for g in self.groups:
+            if max(g) >= num_classes:
+                raise ValueError(f"class index {max(g)} out of range for {num_classes} classes (with background)")
+            idx = torch.tensor(g)
+            block = torch.full((len(g), len(g)), w, dtype=torch.float64)
+            block.fill_diagonal_(1.0)
+            m[idx[:, None], idx[None, :]] = block
+        return (m / m.sum(1, keepdim=True)).to(dtype=dtype, device=device)
+
+
+def mixing_targets(labels: Tensor, num_classes: int, mixing: ClassMixing, *, dtype: torch.dtype = torch.float32
+                   ) -> Tensor:
+    """Target distributions (N, C) of int64 ``labels`` (N,) under ``mixing`` (see the module docstring)."""
+    return mixing.matrix(num_classes, dtype=dtype, device=labels.device)[labels]
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """mean_i -sum_c targets[i, c] log softmax(logits[i])_c: logits (N, C), targets (N, C) rows summing to 1.
+    Equals ``F.cross_entropy(logits, labels)`` for one-hot targets (up to float rounding). 0 when N == 0."""
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)   # fp32 under AMP
+    return -(targets.to(logp.dtype) * logp).sum(-1).mean()
+
+
+def classification_loss(logits: Tensor, labels: Tensor, mixing: Optional[ClassMixing] = None) -> Tensor:
+    """The box heads' classification loss: ``F.cross_entropy(logits, labels)`` when ``mixing`` is None (the
+    unchanged torchvision loss), else :func:`soft_cross_entropy` on :func:`mixing_targets`."""
+    if mixing is None:
+        return F.cross_entropy(logits, labels)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return soft_cross_entropy(logits, mixing_targets(labels, logits.shape[-1], mixing, dtype=dtype))
+
+
+def resolve_groups(groups: Sequence[Sequence[str]], labels: Sequence[str], *,
+                   names: Optional[dict[str, str]] = None) -> tuple[tuple[int, ...], ...]:
+    """Config ``confusing_groups`` (class MIDs or display names) -> contiguous class indices of a head trained on
+    ``labels`` (index = position in ``labels`` + 1). ``names``: MID -> display name (a classes table), needed for
+    entries given by name. Members not among ``labels`` (a class without training boxes, e.g. outside an expert's
+    classes) are left out, as is a group left with fewer than two. Raises KeyError naming an entry that is
+    neither a MID of ``labels``/``names`` nor a display name in ``names``, and ValueError for one given twice."""
+    index = {lab: i + 1 for i, lab in enumerate(labels)}
+    by_name: dict[str, list[str]] = {}
+    for mid, name in (names or {}).items():
+        by_name.setdefault(name, []).append(mid)
+    out, seen = [], set()
+    for g in groups:
+        members = []
+        for entry in g:
+            if entry in index or entry in (names or {}):
+                mid = entry
+            elif len(by_name.get(entry, ())) == 1:
+                mid = by_name[entry][0]
+            elif entry in by_name:
+                raise KeyError(f"{entry!r} names several classes {sorted(by_name[entry])}: give the MID")
+            else:
+                raise KeyError(f"{entry!r} is not a class" + ("" if names else " MID of the training boxes (class "
+                                                                                 "names need the classes table)"))
+            if mid in seen:
+                raise ValueError(f"{entry!r} ({mid}) is given twice")
+            seen.add(mid)
+            if mid in index:
+                members.append(index[mid])
+        if len(members) >= 2:
+            out.append(tuple(members))
+    return tuple(out)
+
+
+__all__ = ["ClassMixing", "classification_loss", "margin_cls_loss", "margin_reg_loss", "mixing_targets",
+           "paired_iou", "resolve_groups", "soft_cross_entropy", "true_class_probability"]

@@ -42,7 +42,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from stages.models.backbones import CLS_PREFIX
 from stages.models.heads import TwoPathRoIHeads, detections, roi_heads_settings
-from stages.models.losses import margin_cls_loss, margin_reg_loss
+from stages.models.losses import ClassMixing, classification_loss, margin_cls_loss, margin_reg_loss
 
 
 @dataclass(frozen=True)
@@ -323,12 +323,13 @@ class DecoupledHead(nn.Module):
 
 def decoupled_losses(*, class_logits: Tensor, deltas: Tensor, rois_r: Tensor, sibling_logits: Tensor,
                      sibling_deltas: Tensor, rois: Tensor, labels: Tensor, matched_gt: Tensor, box_coder,
-                     settings: TSDSettings) -> dict[str, Tensor]:
+                     settings: TSDSettings, mixing: Optional[ClassMixing] = None) -> dict[str, Tensor]:
     """The six TSD losses of one set of sampled RoIs (all tensors concatenated over images).
 
     rois_r: P_r (N, 4), attached to ΔR (the regression targets use it detached, the IoU margin loss attached);
     rois: P (N, 4); labels int64 (N,); matched_gt (N, 4); box_coder: the coder of this head; settings: the
-    margins (the margin losses are returned unweighted).
+    margins (the margin losses are returned unweighted); mixing: confusing-class groups of both classification
+    losses (None: plain cross-entropy; the margin loss keeps the hard labels).
     Keys: classifier, box_reg, classifier_sibling, box_reg_sibling, margin_cls, margin_reg.
     """
     targets_r = box_coder.encode_single(matched_gt, rois_r.detach())
@@ -340,9 +341,9 @@ def decoupled_losses(*, class_logits: Tensor, deltas: Tensor, rois_r: Tensor, si
     sib_boxes = box_coder.decode_single(select_deltas(sibling_deltas[pos], lab_pos).float(), rois[pos].float())
     matched_gt = matched_gt.float()
     return {
-        "classifier": F.cross_entropy(class_logits, labels),
+        "classifier": classification_loss(class_logits, labels, mixing),
         "box_reg": box_regression_loss(deltas, targets_r, labels),
-        "classifier_sibling": F.cross_entropy(sibling_logits, labels),
+        "classifier_sibling": classification_loss(sibling_logits, labels, mixing),
         "box_reg_sibling": box_regression_loss(sibling_deltas, targets_p, labels),
         "margin_cls": margin_cls_loss(class_logits, sibling_logits, labels, margin=settings.margin_cls),
         "margin_reg": margin_reg_loss(tsd_boxes, sib_boxes, matched_gt[pos], margin=settings.margin_reg),
@@ -430,7 +431,7 @@ class TSDRoIHeads(TwoPathRoIHeads):
                                  sibling_logits=sib_logits, sibling_deltas=sib_regression, rois=pooled.rois[:, 1:],
                                  labels=torch.cat(labels),
                                  matched_gt=torch.cat(matched_gt_boxes(targets, matched_idxs, proposals[0].dtype)),
-                                 box_coder=self.box_coder, settings=self.tsd)
+                                 box_coder=self.box_coder, settings=self.tsd, mixing=self.class_mixing)
         return {
             "loss_classifier": parts["classifier"],
             "loss_box_reg": parts["box_reg"],
