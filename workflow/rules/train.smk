@@ -76,6 +76,8 @@ rule train:
         ),
         # expert models: the class subset mined from the base model (none otherwise)
         classes=expert_classes,
+        # confusing_groups may name classes by their display names
+        class_names=lambda wc: rules.ingest.output.classes if model_cfg(wc.model)["confusing_groups"] else [],
     output:
         model="results/train/{model}/model.pt",
     log:
@@ -90,6 +92,7 @@ rule train:
         device=config["device"],
         anchors=lambda wc, input: f"--anchors {input.anchors}" if input.anchors else "",
         classes=lambda wc, input: option("--classes", input.classes),
+        class_names=lambda wc, input: option("--class-names", input.class_names),
         splits=lambda wc, input: option("--splits", input.get("splits", [])),
         sampling=lambda wc, input: option("--sampling", input.get("sampling", [])),
     priority: expert_first
@@ -112,7 +115,7 @@ rule train:
         # python, torchrun or srun + torchrun, from the resources (stages/core/launch.py)
         "python -m stages.core.launch {resources.gpu} {resources.nodes} -m stages.train --config {params.cfg:q}"
         " --images {input.images:q} --boxes {input.boxes:q} {params.splits}"
-        " {params.sampling} {params.anchors} {params.classes}"
+        " {params.sampling} {params.anchors} {params.classes} {params.class_names}"
         " --device {params.device} --threads {threads} --workers {resources.workers}"
         " --ckpt-dir {params.ckpt:q} --metrics {params.metrics:q}"
         " --out {output.model:q} > {log:q} 2>&1"
