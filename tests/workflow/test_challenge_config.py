@@ -50,12 +50,24 @@ def test_oid2019_dag_builds_from_stub_files(tmp_path: Path) -> None:
     # validation splits; the ablation variants of one model / group: 4 each; on test, the auto ensemble's leaves:
     # its models (the experts) and naive groups (the backbones)
     leaves = cfg["autoensemble"]["leaves"]
-    assert (len(leaves["models"]), len(leaves["groups"]), leaves["views"]) == (13, 7, False)
+    assert (len(leaves["models"]), len(leaves["groups"]), leaves["views"]) == (13, 8, False)
+    # the 28 global models per family (paper 7.3): 4 variants (DH, + DCN, + cascade, + both) of each ResNet-family
+    # trunk, 2 (DH, + cascade) of EfficientNet-B7 and NASNet-A large (no DCN there)
+    glob = {n: m for n, m in cfg["models"].items() if not m.get("expert_of") and not m.get("train_data")}
+    family = {"senet154": "SENet", "seresnext101_32x4d": "SENet", "resnext101_64x4d": "ResNeXt",
+              "resnext101_32x8d": "ResNeXt", "resnet152": "ResNet", "resnet101": "ResNet",
+              "efficientnet_b7": "EfficientNet", "nasnetalarge": "NASNet"}
+    per_family = {}
+    for m in glob.values():
+        per_family[family[m["backbone"]]] = per_family.get(family[m["backbone"]], 0) + 1
+    assert per_family == {"SENet": 8, "ResNeXt": 8, "ResNet": 8, "EfficientNet": 2, "NASNet": 2}
+    assert all(m["head"] == "tsd" for m in glob.values())
+    assert not any(m.get("dcn") for m in glob.values() if family[m["backbone"]] in ("EfficientNet", "NASNet"))
     assert counts["postprocess"] == (n_models + 4) * 2 * shards + 13 * shards
-    assert counts["ensemble"] == (len(cfg["ensemble"]["groups"]) + 4) * 2 * shards + 7 * shards
+    assert counts["ensemble"] == (len(cfg["ensemble"]["groups"]) + 4) * 2 * shards + len(leaves["groups"]) * shards
     # two searches (on val_a, on val_b), each applied to both validation splits; the first to test too
     assert counts["autoensemble_search"] == 2 and counts["autoensemble_apply"] == (2 * 2 + 1) * shards
-    assert counts["evaluate"] == (n_models + 4 + 8 + 4) * 2 + 2 * 2
+    assert counts["evaluate"] == (n_models + 4 + len(cfg["ensemble"]["groups"]) + 4) * 2 + 2 * 2
     assert counts["gather"] == counts["evaluate"] + 1    # + the auto ensemble's test detections
     # the segmentation track: 4 HRNet-W48 mask models, each on the refined boxes of val_a / val_b / test and,
     # for the ablation, the unrefined and the ground-truth boxes of val_a / val_b; per image shard
