@@ -355,6 +355,16 @@ def test_tiny_end_to_end(tmp_path, tiny_config):
         assert list((tmp_path / "benchmarks" / rule).rglob("*.tsv")), rule
     page = (tmp_path / "results/report.html").read_text()
     assert "<img" in page and 'alt="search_val_a tree"' in page and 'alt="search_val_b tree"' in page
+    # a model card per model, with the images/s measured in training and the mAP of its evaluation; in the report
+    for name in ("tiny_a", "tiny_b", "tiny_x", "tiny_e"):
+        card = json.loads((tmp_path / f"results/train/{name}/card.json").read_text())
+        assert card["model"] == name and card["throughput"]["img_per_s"] > 0 and card["flops"]["gflops"] > 0
+        for split in ("val_a", "val_b"):
+            ev = json.loads((tmp_path / f"results/evaluate/postprocess/default/{name}/{split}.json").read_text())
+            assert card["evaluation"][split]["mAP"] == pytest.approx(ev["mAP"])
+    assert "<h2 id='cards'>Model cards</h2>" in page and 'alt="mAP against GFLOPs"' in page
+    # the model ablation gives the tail classes' mean AP beside the mAP
+    assert {"tail_val_a", "tail_val_b"} <= set(json.loads((tmp_path / "results/ablation/models.json").read_text())[0])
     # the segmentation track: every test image in segmentation.csv, its masks decodable at the image size and
     # of segmentable classes; mask mAP on both validation splits; the ablation's rows; refined boxes per shard
     from stages.formats.seg_submission import read_segmentation_submission
