@@ -19,7 +19,9 @@ torch.set_num_threads(1)
 
 TINY = {"backbone": "resnet_small", "width": 8, "fpn_channels": 16, "representation_size": 32, "min_size": 64,
         "max_size": 96, "box_batch_size_per_image": 32, "rpn_post_nms_top_n_train": 64}
-VARIANTS = [{}, {"head": "tsd"}, {"cascade": True}, {"cascade": True, "head": "tsd"}]
+VARIANTS = [{}, {"head": "tsd"}, {"cascade": True}, {"cascade": True, "head": "tsd"},
+            {"head": "tsd", "decoupled_backbone": True}]
+IDS = ["sibling", "tsd", "cascade", "cascade_tsd", "tsd_decoupled_backbone"]
 
 
 def test_image_scores_are_the_sum_of_products_by_hand():
@@ -213,7 +215,7 @@ def test_image_level_targets_add_the_box_classes():
     assert image_level_targets({"boxes": tgts[0]["boxes"], "labels": tgts[0]["labels"]}, 3).tolist() == [1, -1, -1]
 
 
-@pytest.mark.parametrize("extra", VARIANTS, ids=["sibling", "tsd", "cascade", "cascade_tsd"])
+@pytest.mark.parametrize("extra", VARIANTS, ids=IDS)
 def test_joint_model_equals_the_plain_detector_on_box_annotated_images(extra):
     torch.manual_seed(0)
     plain = build_detector({**TINY, **extra}, num_classes=3)
@@ -258,7 +260,7 @@ def test_rpn_forward_equals_torchvision_with_every_image_annotated():
     assert all(v.item() == 0.0 and v.requires_grad for v in zero.values())
 
 
-@pytest.mark.parametrize("extra", VARIANTS, ids=["sibling", "tsd", "cascade", "cascade_tsd"])
+@pytest.mark.parametrize("extra", VARIANTS, ids=IDS)
 def test_an_image_level_only_image_moves_no_detector_loss_before_mining(extra):
     """The weak image's content changes the branch's loss but none of the RPN / box losses (frozen BN: no batch
     statistics shared between images); with mining on, its pseudo boxes add the *_pseudo losses."""
