@@ -32,8 +32,9 @@ loss (the ground-truth boxes are among the candidates) and the box-head features
 extra box-head pass. Sibling head: its ``box_head``; TSD: the sibling ``box_head`` on the shared feature F
 (the training-only sibling, which reads what the decoupled branches are built from); cascade (with or without
 TSD): stage 0's ``box_head[0]`` on stage 0's samples (the RPN proposals; later stages see refined boxes).
-Image-level-only images: the first ``box_batch_size_per_image`` RPN proposals (highest objectness) through the
-same pooler and box head, so an image costs the head what a box-annotated one does.
+Image-level-only images: all the RPN's training proposals (``rpn_post_nms_top_n_train``) through the same
+pooler and box head (WSDDN scores every proposal; the first box head only, so such an image costs the head
+about rpn_post_nms_top_n_train / box_batch_size_per_image times a box-annotated image's first FC pass).
 
 **RPN and box losses skip image-level-only images**: their anchors are all ignored by the RPN's sampler (label
 -1) and the RoI head is called on the box-annotated images only. With every image box-annotated the losses of
@@ -355,8 +356,7 @@ class WSDDNFasterRCNN(FasterRCNN):
             props_parts.append(rec.proposals)
         weak_props: list[Tensor] = []
         if weak:
-            k = heads.fg_bg_sampler.batch_size_per_image
-            weak_props = [proposals[i][:k] for i in weak]
+            weak_props = [proposals[i] for i in weak]
             pooled = heads.box_roi_pool(_subset(features, weak, n), weak_props, [shapes[i] for i in weak])
             feats_parts.append(box_head(pooled))
             props_parts.append(weak_props)
