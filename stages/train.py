@@ -48,9 +48,11 @@ from stages.formats.io import atomic_path, config_hash, read_table
 from stages.formats.readers import read_class_names
 from stages.models.augment import AugmentStats, augment_stats, elaborate_augment
 from stages.models.averaging import average_checkpoints
-from stages.models.data import DetectionDataset, SamplingDraw, collate, hflip, training_draw
+from stages.models.data import (DetectionDataset, SamplingDraw, box_annotated_column, collate, hflip,
+                                image_level_draw, image_level_matrix, training_draw)
 from stages.models.detector import build_detector, select_device, set_class_mixing
 from stages.models.losses import ClassMixing, resolve_groups
+from stages.models.wsddn import set_pseudo_mining
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +197,26 @@ class PlanSampler(torch.utils.data.Sampler):
     """The training sample as a batch sampler: per iteration, this rank's ``batch_size`` positions of the
     epoch's plan (:func:`plan_epoch`, drawn from the seed and the epoch alone, the same on every rank), as
     :class:`PlanItem` s; iteration ``k`` of rank ``r`` takes positions ``k * B + r * batch_size ...`` of the
-    global batch of ``B = batch_size * world``. Call :meth:`set_epoch` before iterating."""
+    global batch of ``B = batch_size * world``. Call :meth:`set_epoch` before iterating.
+
+    With an image-level-only pool (``weak_draw``, positions into the same dataset, and ``weak_per_batch`` = w
+    of each rank's ``batch_size`` slots): the last w slots of every rank's batch come from a plan of that pool
+    (:func:`plan_epoch` with its own stream, ``default_rng([seed, epoch, 1])``; class-first when ``class_first``),
+    the first ``batch_size - w`` from the plan of ``draw`` (``default_rng([seed, epoch])``, global batches of
+    ``(batch_size - w) * world``)."""
 
     def __init__(self, draw: SamplingDraw, *, seed: int, iters: int, batch_size: int, class_first: bool,
-                 full_class_batch: bool, rank: int = 0, world: int = 1):
+                 full_class_batch: bool, rank: int = 0, world: int = 1, weak_draw: SamplingDraw | None = None,
+                 weak_per_batch: int = 0):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, {world})")
+        if weak_draw is not None and not 0 < weak_per_batch < batch_size:
+            raise ValueError(f"weak_per_batch must lie in [1, batch_size - 1 = {batch_size - 1}], got "
+                             f"{weak_per_batch}")
         self.draw, self.seed, self.iters, self.batch_size = draw, seed, iters, batch_size
         self.class_first, self.full_class_batch = class_first, full_class_batch
+        self.weak_draw = weak_draw
+        self.weak_per_batch = weak_per_batch if weak_draw is not None else 0
         self.rank, self.world = rank, world
         self.epoch = 0
 
@@ -212,9 +226,21 @@ class PlanSampler(torch.utils.data.Sampler):
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Epoch ``epoch``'s whole plan (every rank's samples): (image positions, classes, flips)."""
         global_bs = self.batch_size * self.world
-        return plan_epoch(rng=np.random.default_rng([self.seed, epoch]), n=self.iters * global_bs,
-                          batch_size=global_bs, draw=self.draw, class_first=self.class_first,
-                          full_class_batch=self.full_class_batch)
+        if self.weak_draw is None:
+            return plan_epoch(rng=np.random.default_rng([self.seed, epoch]), n=self.iters * global_bs,
+                              batch_size=global_bs, draw=self.draw, class_first=self.class_first,
+                              full_class_batch=self.full_class_batch)
+        w = self.weak_per_batch
+        b = self.batch_size - w
+        box = plan_epoch(rng=np.random.default_rng([self.seed, epoch]), n=self.iters * b * self.world,
+                         batch_size=b * self.world, draw=self.draw, class_first=self.class_first,
+                         full_class_batch=self.full_class_batch)
+        weak = plan_epoch(rng=np.random.default_rng([self.seed, epoch, 1]), n=self.iters * w * self.world,
+                          batch_size=w * self.world, draw=self.weak_draw, class_first=self.class_first,
+                          full_class_batch=False)
+        # (iteration, rank, slot): each rank's box-annotated samples, then its image-level-only ones
+        return tuple(np.concatenate([x.reshape(self.iters, self.world, b), y.reshape(self.iters, self.world, w)],
+                                    axis=2).reshape(-1) for x, y in zip(box, weak))
 
     def __len__(self) -> int:
         return self.iters
@@ -233,7 +259,8 @@ class TrainingSet(torch.utils.data.Dataset):
     """Decoding and augmentation of one :class:`PlanItem` (in a DataLoader worker or in the training process):
     the image and its target, after the elaborate augmentation (if on; its randomness comes from
     ``np.random.default_rng([seed, epoch, j])`` alone) and the plan's flip. Nothing here touches torch's or
-    numpy's global random state, so a sample does not depend on the process or the worker that makes it."""
+    numpy's global random state, so a sample does not depend on the process or the worker that makes it.
+    An image-level-only image (weak supervision) gets the flip only: a crop could cut its unseen objects out."""
 
     def __init__(self, ds: DetectionDataset, *, seed: int, elaborate: bool, stats: AugmentStats | None,
                  rotate_std: Sequence[float] = (3.0, 10.0), max_pixels: int = 1_000_000):
@@ -247,12 +274,12 @@ class TrainingSet(torch.utils.data.Dataset):
 
     def __getitem__(self, item: PlanItem) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         img, tgt = self.ds[item.image]
-        if self.elaborate:
+        if self.elaborate and self.ds.box_annotated[item.image]:
             img, b, lab = elaborate_augment(
                 img, tgt["boxes"], tgt["labels"], cls=item.cls, stats=self.stats,
                 rng=np.random.default_rng([self.seed, item.epoch, item.j]),
                 rotate_std=self.rotate_std, max_pixels=self.max_pixels)
-            tgt = {"boxes": b, "labels": lab}
+            tgt = {**tgt, "boxes": b, "labels": lab}
         if item.flip:
             img, tgt = hflip(img, tgt)
         return img, tgt
@@ -279,15 +306,84 @@ class TrainingData:
             generator=torch.Generator().manual_seed(0))
 
 
+def weak_per_batch(cfg: Mapping[str, Any]) -> int:
+    """Image-level-only images in each process's batch: round(image_level_share x batch_size) with ``wsddn``,
+    else 0. A share > 0 must give between 1 and batch_size - 1 of them."""
+    share = float(cfg.get("image_level_share", 0.0))
+    if not cfg.get("wsddn") or share <= 0:
+        return 0
+    w = round(share * cfg["batch_size"])
+    if not 0 < w < cfg["batch_size"]:
+        raise InputError(f"image_level_share {share} x batch_size {cfg['batch_size']} gives {w} image-level-only "
+                         f"images per batch; it must give 1..{cfg['batch_size'] - 1}", field="image_level_share")
+    return w
+
+
+def weak_supervision_tables(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame,
+                            image_labels: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The training images and boxes under the weak-supervision keys: with ``plain_box`` an image-level-only
+    image marked ``plain_background`` becomes box-annotated with a box [0, 0, 1, 1] per verified-present label;
+    without ``wsddn`` the remaining image-level-only images (``box_annotated`` False) are left out. Tables
+    without a ``box_annotated`` column come back unchanged."""
+    if "box_annotated" not in images.columns:
+        return images, boxes
+    annotated = box_annotated_column(images)
+    if cfg.get("plain_box") and "plain_background" in images.columns:
+        plain = ~annotated & images["plain_background"].fillna(False).to_numpy(dtype=bool)
+        if plain.any():
+            if image_labels is None:
+                raise InputError("plain_box needs the image-level labels (--image-labels)", field="plain_box")
+            ids = images.loc[plain, "image_id"]
+            pos = image_labels[image_labels["image_id"].isin(ids) & (image_labels["confidence"] == 1)]
+            pos = pos.drop_duplicates(["image_id", "label"])
+            whole = pd.DataFrame({"image_id": pos["image_id"].to_numpy(dtype=object),
+                                  "label": pos["label"].to_numpy(dtype=object), "x_min": 0.0, "y_min": 0.0,
+                                  "x_max": 1.0, "y_max": 1.0, "is_group_of": False})
+            boxes = pd.concat([boxes, whole], ignore_index=True)
+            annotated = annotated | (plain & images["image_id"].isin(set(pos["image_id"])).to_numpy())
+            log.info("plain_box: %d plain-background images train with %d whole-image boxes",
+                     int(plain.sum()), len(whole))
+    images = images.assign(box_annotated=annotated)
+    if not cfg.get("wsddn"):
+        dropped = int((~annotated).sum())
+        if dropped:
+            log.info("wsddn off: %d image-level-only images left out of training", dropped)
+        images = images[annotated]
+    return images, boxes
+
+
 def training_data(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame,
                   weights: pd.DataFrame | None, labels: Sequence[str], iters: int, rank: int = 0,
-                  world: int = 1) -> TrainingData:
+                  world: int = 1, image_labels: pd.DataFrame | None = None) -> TrainingData:
     """The training data of ``images`` (1-based class indices in the order of ``labels``) for config ``cfg``:
-    ``iters`` iterations per epoch of ``cfg["batch_size"]`` images on each of ``world`` ranks."""
+    ``iters`` iterations per epoch of ``cfg["batch_size"]`` images on each of ``world`` ranks.
+
+    With ``wsddn`` the targets carry the image-level labels (``image_labels`` table; box classes count as
+    present) and the images whose optional ``box_annotated`` column is False form the image-level-only pool,
+    :func:`weak_per_batch` of each batch (:class:`PlanSampler`); the draw of ``weights`` covers the
+    box-annotated images only. Without ``wsddn`` nothing changes (pass :func:`weak_supervision_tables`'
+    images, which have no image-level-only ones)."""
     label_index = {lab: i + 1 for i, lab in enumerate(labels)}
     images = images.sort_values("image_id").reset_index(drop=True)
-    ds = DetectionDataset(images, boxes, label_index)
-    draw = training_draw(weights, image_ids=images["image_id"], label_index=label_index)
+    wsddn = bool(cfg.get("wsddn"))
+    matrix = (image_level_matrix(image_labels, image_ids=images["image_id"], label_index=label_index)
+              if wsddn else None)
+    ds = DetectionDataset(images, boxes, label_index, image_labels=matrix)
+    annotated = ds.box_annotated
+    if not wsddn and not annotated.all():
+        raise ValueError("image-level-only images (box_annotated False) train only with wsddn")
+    weak_draw, w = None, 0
+    if wsddn and not annotated.all():
+        w = weak_per_batch(cfg)
+        weak_pos = np.flatnonzero(~annotated)
+        if w:
+            weak_draw = image_level_draw(matrix[weak_pos], class_aware=cfg["sampling"] == "class_aware"
+                                         ).remap(weak_pos, len(images))
+        box_pos = np.flatnonzero(annotated)
+        draw = training_draw(weights, image_ids=images["image_id"].iloc[box_pos],
+                             label_index=label_index).remap(box_pos, len(images))
+    else:
+        draw = training_draw(weights, image_ids=images["image_id"], label_index=label_index)
     elaborate = cfg["augment"] == "elaborate"
     stats: AugmentStats | None = None
     if elaborate:
@@ -295,7 +391,8 @@ def training_data(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.Dat
         stats = augment_stats(box_wh=box_wh, image_wh=image_wh, labels=box_labels)
     sampler = PlanSampler(draw, seed=cfg["seed"], iters=iters, batch_size=cfg["batch_size"],
                           class_first=elaborate or cfg["full_class_batch"],
-                          full_class_batch=cfg["full_class_batch"], rank=rank, world=world)
+                          full_class_batch=cfg["full_class_batch"], rank=rank, world=world, weak_draw=weak_draw,
+                          weak_per_batch=w)
     dataset = TrainingSet(ds, seed=cfg["seed"], elaborate=elaborate, stats=stats,
                           rotate_std=cfg["aug_rotate_std"], max_pixels=cfg["aug_max_pixels"])
     return TrainingData(dataset, sampler)
@@ -480,7 +577,8 @@ def epoch_stats(ckpt_dir: Path, start_epoch: int) -> list[dict[str, Any]]:
 def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, weights: pd.DataFrame | None,
           ckpt_dir: Path, device: torch.device, metrics_path: Path | None = None, log_every: int = 10,
           anchors: Mapping | None = None, stop_after_epoch: int | None = None, workers: int = 0,
-          class_names: Mapping[str, str] | None = None) -> dict[str, Any]:
+          class_names: Mapping[str, str] | None = None, image_labels: pd.DataFrame | None = None
+          ) -> dict[str, Any]:
     """Train and return the final checkpoint dict (model state, labels, config). Writes a checkpoint per epoch
     into ``ckpt_dir`` and keeps the latest complete and the ``average_epochs`` window's weights
     (:func:`prune_checkpoints`). ``weights``: the sample stage's ``sampling`` table (image_id, label, weight),
@@ -490,9 +588,19 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
 
     Under an initialised ``torch.distributed`` process group every rank calls this with the same arguments;
     rank 0 alone writes checkpoints and metrics, and every rank returns the same result.
+
+    Weak supervision: ``image_labels`` (the image_labels table) and the images table's optional
+    ``box_annotated`` / ``plain_background`` columns (:func:`weak_supervision_tables`, :func:`training_data`).
+    With ``wsddn`` an epoch is as many iterations as the box-annotated images fill the box-annotated slots of
+    the batches (the plain detector's count of box-annotated draws), and pseudo-box mining is on from
+    iteration ``warmup_iters``. The classes are those of the training boxes, as without it.
     """
     cfg = model_part(model_config(cfg), "train")
     rank, world = _dist()
+    images, boxes = weak_supervision_tables(cfg=cfg, images=images, boxes=boxes, image_labels=image_labels)
+    if cfg["wsddn"] and image_labels is None and not box_annotated_column(images).all():
+        raise InputError("wsddn with image-level-only images needs the image-level labels (--image-labels)",
+                         field="image_labels")
     labels = sorted(boxes.loc[boxes["image_id"].isin(images["image_id"]), "label"].unique())
     if not labels:
         raise InputError("no training boxes", field="boxes")
@@ -505,9 +613,11 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
             "data": {"images": len(images), "boxes": n_boxes},
             "backbone_weights": backbone_weights_provenance(cfg.get("backbone_weights"))}
     global_bs = cfg["batch_size"] * world
-    iters = cfg["iters_per_epoch"] or max(1, math.ceil(len(images) / global_bs))
+    n_box = int(box_annotated_column(images).sum())
+    box_bs = (cfg["batch_size"] - (weak_per_batch(cfg) if n_box < len(images) else 0)) * world
+    iters = cfg["iters_per_epoch"] or max(1, math.ceil(n_box / box_bs))
     data = training_data(cfg=cfg, images=images, boxes=boxes, weights=weights, labels=labels, iters=iters,
-                         rank=rank, world=world)
+                         rank=rank, world=world, image_labels=image_labels)
     mixing = class_mixing(cfg, labels, names=class_names)
     trainer = build(cfg, num_classes=len(labels), anchors=anchors, device=device, mixing=mixing)
     start_epoch = resume(trainer, ckpt_dir, chash)
@@ -531,6 +641,8 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
                 it = epoch * iters + k
                 lr = lr_at(it, epoch, cfg)
                 imgs, tgts = to_device(imgs, tgts, device)
+                if cfg["wsddn"]:
+                    set_pseudo_mining(trainer.core, it >= cfg["warmup_iters"])
                 loss, losses = step(trainer, imgs, tgts, lr=lr, clip_grad_norm=cfg["clip_grad_norm"],
                                     world=world, where=f"epoch {epoch + 1} iteration {k + 1} (rank {rank})")
                 progress.step()
@@ -609,6 +721,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "external dataset)")
     p.add_argument("--split", default="train")
     p.add_argument("--sampling", type=Path, help="sampling weights table (stages.sample); default uniform")
+    p.add_argument("--image-labels", type=Path, help="image_labels table: the image-level labels the WSDDN branch "
+                   "(wsddn) and plain_box read; needed when the images table has image-level-only images and "
+                   "either is on")
     p.add_argument("--anchors", type=Path, help="anchors JSON (stages.anchors)")
     p.add_argument("--classes", type=Path, help="experts JSON (stages.experts): train only on its targets and "
                    "negatives (images holding one of them; other classes' boxes dropped)")
@@ -644,6 +759,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if images.empty:
             raise InputError("no training image holds a box of the experts' classes", file=a.classes)
     weights = read_table(a.sampling, "sampling") if a.sampling else None
+    image_labels = (read_table(a.image_labels, "image_labels", image_ids=images["image_id"])
+                    if a.image_labels else None)
     anchors = json.loads(a.anchors.read_text()) if a.anchors else None
     if cfg["anchors"] == "kmeans" and anchors is None:
         raise InputError("the config says anchors: kmeans but no --anchors file was given", field="--anchors")
@@ -654,7 +771,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = train(cfg=cfg, images=images, boxes=boxes, weights=weights, ckpt_dir=a.ckpt_dir, device=device,
                        metrics_path=a.metrics, log_every=a.log_every, anchors=anchors,
                        stop_after_epoch=a.stop_after_epoch, workers=a.workers,
-                       class_names=read_class_names(a.class_names) if a.class_names else None)
+                       class_names=read_class_names(a.class_names) if a.class_names else None,
+                       image_labels=image_labels)
         if rank == 0:
             # the split trained on (None: every image of --images, an external dataset); sampling table or not
             data = {**result["data"], "split": a.split if a.splits else None,

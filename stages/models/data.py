@@ -52,9 +52,15 @@ class DetectionDataset(torch.utils.data.Dataset):
     image). There is no Python object per row, so DataLoader workers forked from the training process share
     these pages instead of copying them as reference counts change; every rank builds the same arrays.
     Boxes of other images or of labels outside ``label_index`` are dropped.
+
+    Weak supervision (``image_labels`` given, the :func:`image_level_matrix` of these images): each target also
+    carries ``image_labels`` ((C,) int8: 1 present, 0 verified absent, -1 unknown) and ``box_annotated`` (a bool
+    tensor, from the images table's optional ``box_annotated`` column; absent = True). Without it the targets
+    hold ``boxes`` and ``labels`` only.
     """
 
-    def __init__(self, images: pd.DataFrame, boxes: pd.DataFrame, label_index: Mapping[str, int]):
+    def __init__(self, images: pd.DataFrame, boxes: pd.DataFrame, label_index: Mapping[str, int],
+                 image_labels: np.ndarray | None = None):
         ids = pd.Index(images["image_id"].to_numpy(dtype=object))
         if not ids.is_unique:
             dup = ids[ids.duplicated()][0]
@@ -73,6 +79,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.cls = index[pos[order]]
         self.offsets = np.zeros(n + 1, np.int64)
         np.cumsum(np.bincount(img[keep], minlength=n), out=self.offsets[1:])
+        self.box_annotated = box_annotated_column(images)
+        if image_labels is not None and image_labels.shape != (n, len(label_index)):
+            raise ValueError(f"image_labels must have shape ({n}, {len(label_index)}), got {image_labels.shape}")
+        self.image_labels = image_labels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -83,7 +93,11 @@ class DetectionDataset(torch.utils.data.Dataset):
     def target(self, i: int) -> dict[str, torch.Tensor]:
         a, b = self.offsets[i], self.offsets[i + 1]
         xyxy = _pixel_boxes(self.xyxy_norm[a:b], (self.widths[i], self.heights[i]))
-        return {"boxes": torch.from_numpy(xyxy), "labels": torch.from_numpy(self.cls[a:b].copy())}
+        out = {"boxes": torch.from_numpy(xyxy), "labels": torch.from_numpy(self.cls[a:b].copy())}
+        if self.image_labels is not None:
+            out["image_labels"] = torch.from_numpy(self.image_labels[i].copy())
+            out["box_annotated"] = torch.tensor(bool(self.box_annotated[i]))
+        return out
 
     def box_sizes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(box (w, h) pixels (N, 2), their image's (w, h) (N, 2), class indices (N,)) over the dataset, the
@@ -95,6 +109,51 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return load_image(self.path(i)), self.target(i)
+
+
+def box_annotated_column(images: pd.DataFrame) -> np.ndarray:
+    """The images table's optional ``box_annotated`` column as a bool array (absent: every image True)."""
+    if "box_annotated" not in images.columns:
+        return np.ones(len(images), dtype=bool)
+    return images["box_annotated"].fillna(True).to_numpy(dtype=bool)
+
+
+def image_level_matrix(image_labels: pd.DataFrame | None, *, image_ids: Sequence[str],
+                       label_index: Mapping[str, int], source: object = None) -> np.ndarray:
+    """The ``image_labels`` table (image_id, label, confidence 1 / 0) as an (images, classes) int8 matrix in the
+    order of ``image_ids`` and ``label_index`` (column ``label_index[label] - 1``): 1 verified present, 0
+    verified absent, -1 unknown. Rows of other images or classes are ignored (None: all unknown). A confidence
+    other than 0 / 1, or an image with a class both present and absent, raises :class:`InputError` naming the
+    row (0-based record of the table) and the field."""
+    n, c = len(image_ids), len(label_index)
+    out = np.full((n, c), -1, dtype=np.int8)
+    if image_labels is None or image_labels.empty:
+        return out
+    conf = image_labels["confidence"].to_numpy()
+    bad = np.flatnonzero((conf != 0) & (conf != 1))
+    if len(bad):
+        raise InputError(f"confidence must be 0 or 1, got {conf[bad[0]]}", file=source, row=f"record {bad[0]}",
+                         field="confidence")
+    img = _positions(pd.Index(list(image_ids), dtype=object), image_labels["image_id"])
+    pos = _positions(pd.Index(list(label_index), dtype=object), image_labels["label"])
+    keep = np.flatnonzero((img >= 0) & (pos >= 0))
+    col = np.fromiter(label_index.values(), np.int64, c)[pos[keep]] - 1
+    flat = img[keep] * c + col
+    present = np.zeros(n * c, dtype=bool)
+    absent = np.zeros(n * c, dtype=bool)
+    present[flat[conf[keep] == 1]] = True
+    absent[flat[conf[keep] == 0]] = True
+    both = present & absent
+    if both.any():
+        cell = np.flatnonzero(both)[0]
+        rec = keep[np.flatnonzero(flat == cell)[0]]
+        image, label = image_labels["image_id"].iloc[rec], image_labels["label"].iloc[rec]
+        raise InputError(f"image {image!r} has label {label!r} "
+                         "both verified present (1) and absent (0)", file=source, row=f"record {rec}",
+                         field="confidence")
+    out.reshape(-1)[absent] = 0
+    out.reshape(-1)[present] = 1
+    return out
 
 
 def hflip(img: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -118,6 +177,10 @@ class SamplingDraw:
     cls: np.ndarray
     p: np.ndarray
     n_images: int
+
+    def remap(self, positions: np.ndarray, n_images: int) -> "SamplingDraw":
+        """The same draw with image ``k`` renamed ``positions[k]`` among ``n_images`` images."""
+        return SamplingDraw(np.asarray(positions)[self.image], self.cls, self.p, n_images)
 
     def image_p(self) -> np.ndarray:
         """Probability of each image position (n_images,): the sum of its pairs."""
@@ -144,3 +207,20 @@ def training_draw(weights: pd.DataFrame | None, *, image_ids: Sequence[str], lab
     if not keep.any() or p.sum() <= 0:
         raise InputError("the sampling table gives no weight to any training image and class", field="weight")
     return SamplingDraw(img[keep].astype(np.int64), cls[keep], p / p.sum(), len(ids))
+
+
+def image_level_draw(labels: np.ndarray, *, class_aware: bool) -> SamplingDraw:
+    """The draw of the image-level-only pool from its (images, classes) :func:`image_level_matrix`: class-aware
+    (a class uniformly among those with a positive label in the pool, then an image of that class uniformly;
+    pair classes 1-based) or uniform over the images (class -1). Images without a positive label are never
+    drawn class-aware."""
+    n = labels.shape[0]
+    if not class_aware:
+        return SamplingDraw(np.arange(n), np.full(n, -1, dtype=np.int64), np.full(n, 1.0 / n), n)
+    img, col = np.nonzero(labels == 1)
+    if len(img) == 0:
+        raise InputError("no image-level-only training image has a positive label of a trained class",
+                         field="image_labels")
+    per_class = np.bincount(col, minlength=labels.shape[1])
+    p = 1.0 / (per_class[col] * np.count_nonzero(per_class))
+    return SamplingDraw(img.astype(np.int64), (col + 1).astype(np.int64), p / p.sum(), n)

@@ -7,7 +7,9 @@ gives classification and regression their own layer3/layer4 + FPN
 (:class:`~stages.models.backbones.DecoupledBackbone`): the RPN, the shared RoI feature F, the regression pooling
 and the training-only sibling head read the regression pyramid, the Decoupling Head's classification pooling
 the classification one. Nothing is downloaded: ``weights`` may name a local state dict of the whole detector,
-``backbone_weights`` one of the trunk (or of a ``BackboneWithFPN``).
+``backbone_weights`` one of the trunk (or of a ``BackboneWithFPN``). ``wsddn: true`` gives a
+:class:`~stages.models.wsddn.WSDDNFasterRCNN`: the same detector (same weights for a seed) plus the WSDDN branch
+trained jointly on image-level labels (training only; detection is unchanged).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from stages.models.heads import ExpertGate, check_targets_types, roi_heads_setti
 from stages.models.losses import ClassMixing, classification_loss
 from stages.models.tsd import box_regression_loss
 from stages.models.tsd import TSDRoIHeads, TSDSettings
+from stages.models.wsddn import WSDDNFasterRCNN, WSDDNSettings
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +143,8 @@ def build_detector(cfg: Mapping[str, Any], *, num_classes: int,
                               trainable_layers=int(get("trainable_layers")), norm=get("norm"),
                               dcn=bool(get("dcn")), weights_path=get("backbone_weights"), decoupled=decoupled)
     pooled = 7 * 7 * fpn
-    model = FasterRCNN(
+    wsddn = bool(get("wsddn"))
+    model = (WSDDNFasterRCNN if wsddn else FasterRCNN)(
         backbone, num_classes=None, rpn_anchor_generator=anchor_generator(anchors),
         box_head=TwoMLPHead(pooled, rep), box_predictor=FastRCNNPredictor(rep, num_classes + 1),
         min_size=int(get("min_size")), max_size=int(get("max_size")),
@@ -172,6 +176,11 @@ def build_detector(cfg: Mapping[str, Any], *, num_classes: int,
                                                      sibling_loss_weight=float(get("tsd_sibling_loss_weight")))
     else:
         model.roi_heads = SiblingRoIHeads.from_roi_heads(model.roi_heads, expert_mode=expert)
+    if wsddn:
+        model.attach_wsddn(in_features=rep, num_classes=num_classes,
+                           settings=WSDDNSettings(weight=float(get("wsddn_weight")),
+                                                  pseudo_thr=float(get("pseudo_thr")),
+                                                  pseudo_weight=float(get("pseudo_weight"))))
     if get("weights"):
         state = torch.load(get("weights"), map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
