@@ -119,6 +119,23 @@ def add_tail_columns(df: pd.DataFrame, paths: Sequence[Path], tail: Collection[s
     return df.merge(wide, on=RUN, how="left")
 
 
+def add_class_columns(df: pd.DataFrame, paths: Sequence[Path], classes: Sequence[str]) -> pd.DataFrame:
+    """``df`` (:func:`metrics_frame`) with the AP of each of ``classes`` (MIDs or display names) per split, in
+    columns ``<name> <split>``: e.g. a planted confusing pair before and after class mixing."""
+    rows = []
+    for (stage, variant, name, split), m in _metrics(paths):
+        for mid, rec in m["per_class"].items():
+            cname = rec.get("name", mid)
+            if mid in classes or cname in classes:
+                rows.append({"stage": stage, "variant": variant, "name": name, "split": f"{cname} {split}",
+                             "ap": _float(rec["ap"])})
+    if not rows:
+        raise InputError(f"none of the classes {list(classes)} is in the metric files", field="--show-classes")
+    wide = pd.DataFrame(rows).pivot_table(index=RUN, columns="split", values="ap", dropna=False).reset_index()
+    wide.columns.name = None
+    return df.merge(wide, on=RUN, how="left")
+
+
 def per_class_frame(paths: Sequence[Path]) -> pd.DataFrame:
     """Long table of per-class results: stage, variant, name, split, label, class_name, ap (NaN: no ground
     truth), n_gt, n_det, n_tp — one row per class of each metric file's ``per_class``."""
@@ -711,6 +728,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "(the --tail-share of the classes with the fewest training boxes) per split (needs --tail-splits)")
     p.add_argument("--tail-splits", type=Path, help="splits table (which boxes are training boxes)")
     p.add_argument("--tail-share", type=float, default=1 / 3, help="share of the classes counted as tail")
+    p.add_argument("--show-classes", nargs="*", default=[], help="classes (MIDs or display names) whose AP per "
+                   "split gets a column of its own (e.g. a confusing pair)")
     a = p.parse_args(argv)
     if not (a.out_json or a.out_md or a.out_html):
         p.error("give at least one of --out-json, --out-md, --out-html")
@@ -725,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("tail classes (%d, the %.0f%% with the fewest training boxes): %s", len(tail),
                  100 * a.tail_share, ", ".join(tail))
         df = add_tail_columns(df, a.metrics, tail)
+    if a.show_classes:
+        df = add_class_columns(df, a.metrics, a.show_classes)
     searches = [read_auto_search(x) for x in a.autoensemble]
     cards = [read_card(x) for x in a.cards]
     md = to_markdown(df)

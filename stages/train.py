@@ -499,7 +499,8 @@ def step(trainer: Trainer, imgs: list[torch.Tensor], tgts: list[dict[str, torch.
     return loss, losses
 
 
-def backbone_weights_provenance(path: str | os.PathLike | None) -> dict[str, str] | None:
+def backbone_weights_provenance(path: str | os.PathLike | None, *, field: str = "backbone_weights"
+                                ) -> dict[str, str] | None:
     """``{"path", "sha256"}`` of a model's local backbone weights file (recorded in every checkpoint), None
     without one."""
     if not path:
@@ -510,8 +511,7 @@ def backbone_weights_provenance(path: str | os.PathLike | None) -> dict[str, str
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except OSError as exc:
-        raise InputError(f"backbone weights file cannot be read: {exc}", file=path,
-                         field="backbone_weights") from exc
+        raise InputError(f"weights file cannot be read: {exc}", file=path, field=field) from exc
     return {"path": str(path), "sha256": h.hexdigest()}
 
 
@@ -607,6 +607,8 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
     hashed = {"cfg": cfg, "labels": labels, "n_images": len(images), "anchors": anchors, "world": world}
     if cfg.get("backbone_weights"):  # other weights under the same path: another run
         hashed["backbone_weights_sha256"] = backbone_weights_provenance(cfg["backbone_weights"])["sha256"]
+    if cfg.get("weights"):  # e.g. init_from: a retrained base model under the same path
+        hashed["weights_sha256"] = backbone_weights_provenance(cfg["weights"], field="weights")["sha256"]
     chash = config_hash(hashed)
     n_boxes = int(boxes["image_id"].isin(images["image_id"]).sum())
     meta = {"labels": labels, "config": cfg, "config_hash": chash, "anchors": anchors,

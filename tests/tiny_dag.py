@@ -39,4 +39,12 @@ def tiny_with_experts() -> dict:
                            "models": {"m_a": {**mask, "test_flip": True}, "m_b": {**mask, "seed": 1}}}
     cfg["refiner"] = {"detector": "tiny_a", "epochs": 1, "batch_size": 2, "warmup_iters": 1,
                       "representation_size": 32, "det_rpn_top_n": 20}
+    # the weak labels (issue 15): image-level-only and plain images, the confusing pair, group-of masks; two
+    # variants fine-tuned from tiny_a (WSDDN + plain boxes; mask-derived boxes + class mixing) in the model table
+    cfg["dataset"].update({"image_level_images": 6, "plain_images": 2, "confusing_pair": True,
+                           "group_of_masks": True})
+    ft = {**base, "init_from": "tiny_a", "lr_steps": []}
+    cfg["models"]["tiny_w"] = {**ft, "wsddn": True, "plain_box": True, "pseudo_thr": 0.0, "image_level_share": 0.5}
+    cfg["models"]["tiny_m"] = {**ft, "mask_boxes": True, "confusing_groups": [["Digit one", "Digit seven"]]}
+    cfg["ablation"]["models"] = ["tiny_a", "tiny_b", "tiny_w", "tiny_m"]
     return cfg

@@ -124,6 +124,23 @@ def validate_config(config: dict[str, Any], *, source: object = "config", cross_
             if m["expert_of"] is not None:
                 raise InputError("a model trains on an external dataset (train_data) or is mined from a base model "
                                  "(expert_of), not both", file=source, field=f"models/{name}/train_data")
+        init = m["init_from"]
+        if init is not None and cross_refs:
+            if init == name or init not in config["models"]:
+                raise InputError(f"init_from must name another model, not {init!r}; models are "
+                                 f"{sorted(config['models'])}", file=source, field=f"models/{name}/init_from")
+            if config["models"][init].get("init_from") is not None:
+                raise InputError(f"init_from names {init!r}, itself started from another model (one level only)",
+                                 file=source, field=f"models/{name}/init_from")
+            if m["weights"] is not None:
+                raise InputError("init_from and weights both give the starting weights: keep one", file=source,
+                                 field=f"models/{name}/init_from")
+        if m["mask_boxes"] and m["train_data"] is not None:
+            raise InputError("mask_boxes adds boxes to the dataset's own train split, not to an external dataset",
+                             file=source, field=f"models/{name}/mask_boxes")
+        if m["mask_boxes"] and not config.get("dataset", {}).get("masks_csv"):
+            raise InputError("mask_boxes needs the dataset's instance masks (dataset.masks_csv)", file=source,
+                             field=f"models/{name}/mask_boxes")
         base = m["expert_of"]
         if base is not None:
             if not m["expert"]:

@@ -294,7 +294,8 @@ def test_tiny_end_to_end(tmp_path, tiny_config):
     assert (dets["score"] >= 0).all()   # voting adds 0.05 x the neighbours: scores may pass 1
     metrics = json.loads((tmp_path / "results/metrics.json").read_text())
     names = {(m["stage"], m["variant"], m["name"]) for m in metrics}
-    assert names == {("postprocess", "default", m) for m in ("tiny_a", "tiny_b", "tiny_x", "tiny_e")} | {
+    assert names == {("postprocess", "default", m) for m in ("tiny_a", "tiny_b", "tiny_x", "tiny_e", "tiny_w",
+                                                             "tiny_m")} | {
         ("ensemble", "default", "all"), ("ensemble", "default", "global"), ("autoensemble", "default", "search_val_a"),
         ("autoensemble", "default", "search_val_b"), ("segment", "default", "masks")}
     # the experts: each scored on its own classes only, contributing its targets only to `all`
@@ -364,7 +365,25 @@ def test_tiny_end_to_end(tmp_path, tiny_config):
             assert card["evaluation"][split]["mAP"] == pytest.approx(ev["mAP"])
     assert "<h2 id='cards'>Model cards</h2>" in page and 'alt="mAP against GFLOPs"' in page
     # the model ablation gives the tail classes' mean AP beside the mAP
-    assert {"tail_val_a", "tail_val_b"} <= set(json.loads((tmp_path / "results/ablation/models.json").read_text())[0])
+    models_abl = json.loads((tmp_path / "results/ablation/models.json").read_text())
+    assert {r["name"] for r in models_abl} == {"tiny_a", "tiny_b", "tiny_w", "tiny_m"}
+    assert {"tail_val_a", "tail_val_b", "Digit one val_a", "Digit seven val_b"} <= set(models_abl[0])
+    # the weak labels: image-level-only images in train only; the variants started from tiny_a's weights, the
+    # WSDDN one trained its branch, the mask-box one on the mask-derived boxes (their report names the class)
+    images = read_table(tmp_path / "results/ingest/images.parquet", "images")
+    splits = read_table(tmp_path / "results/split/splits.parquet", "splits").set_index("image_id")["split"]
+    weak_ids = images.loc[~images["box_annotated"], "image_id"]
+    assert len(weak_ids) == 8 and set(splits[weak_ids]) == {"train"}
+    import torch
+
+    w = torch.load(tmp_path / "results/train/tiny_w/model.pt", map_location="cpu", weights_only=False)
+    assert w["config"]["weights"].endswith("results/train/tiny_a/model.pt") and w["config"]["wsddn"]
+    assert any(k.startswith("wsddn.") for k in w["model"])
+    report = json.loads((tmp_path / "results/mask_boxes/report.json").read_text())
+    assert report["classes_chosen"] and report["boxes_added_total"] > 0, report
+    m = torch.load(tmp_path / "results/train/tiny_m/model.pt", map_location="cpu", weights_only=False)
+    a = torch.load(tmp_path / "results/train/tiny_a/model.pt", map_location="cpu", weights_only=False)
+    assert m["data"]["boxes"] == a["data"]["boxes"] + report["boxes_added_total"]
     # the segmentation track: every test image in segmentation.csv, its masks decodable at the image size and
     # of segmentable classes; mask mAP on both validation splits; the ablation's rows; refined boxes per shard
     from stages.formats.seg_submission import read_segmentation_submission

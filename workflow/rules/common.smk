@@ -165,8 +165,18 @@ def expert_confusion_inputs(wildcards):
 
 def train_json(wildcards):
     """What training reads of a model's section (its `x-reads: train` keys) as JSON: the train rule's parameter,
-    so a change of any other key (inference, experts, resources) retrains nothing."""
-    return json.dumps(model_part(model_cfg(wildcards.model), "train"), sort_keys=True)
+    so a change of any other key (inference, experts, resources) retrains nothing. `init_from: <model>` becomes
+    `weights`: that model's trained checkpoint (an input of the train rule)."""
+    cfg = model_part(model_cfg(wildcards.model), "train")
+    if cfg.get("init_from"):
+        cfg["weights"] = expand(rules.train.output.model, model=cfg["init_from"])[0]
+    return json.dumps(cfg, sort_keys=True)
+
+
+def init_weights(wildcards):
+    """The checkpoint a model starts from (`init_from`), or nothing."""
+    init = model_cfg(wildcards.model)["init_from"]
+    return expand(rules.train.output.model, model=init) if init else []
 
 
 def images_for(wildcards):
@@ -219,12 +229,17 @@ def training_tables(wildcards):
     data = model_cfg(wildcards.model)["train_data"]
     if data is not None:
         return {k: expand(getattr(rules.ingest_external.output, k), ext=data)[0] for k in ("images", "boxes")}
-    return {
+    cfg = model_cfg(wildcards.model)
+    tables = {
         "images": rules.ingest.output.images,
-        "boxes": rules.ingest.output.boxes,
+        # mask_boxes: with the instance boxes derived from the masks of mostly group-of classes (paper 5.9)
+        "boxes": rules.mask_boxes.output.boxes if cfg["mask_boxes"] else rules.ingest.output.boxes,
         "splits": rules.split.output.splits,
-        "sampling": expand(rules.sample.output.weights, method=model_cfg(wildcards.model)["sampling"])[0],
+        "sampling": expand(rules.sample.output.weights, method=cfg["sampling"])[0],
     }
+    if cfg["wsddn"] or cfg["plain_box"]:  # the image-level labels (WSDDN's targets, the plain images' boxes)
+        tables["image_labels"] = rules.ingest.output.image_labels
+    return tables
 
 
 def class_filters(wildcards):

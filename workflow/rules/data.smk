@@ -178,3 +178,4 @@ rule sample:
     shell:
         "python -m stages.sample --boxes {input.boxes:q} --splits {input.splits:q} --method {wildcards.method}"
         " --out {output.weights:q} > {log:q} 2>&1"
+

@@ -71,12 +71,18 @@ rule ablation_table:
     params:
         tail=lambda wc, input: (f"--tail-boxes {shlex.quote(input.tail[0])} --tail-splits {shlex.quote(input.tail[1])}"
                                 if input.tail else ""),
+        # the classes of the ladder's confusing groups (paper 5.9): their AP with and without mixing
+        show=lambda wc: (
+            option("--show-classes", sorted({c for m in config["ablation"]["models"]
+                                             for g in model_cfg(m)["confusing_groups"] for c in g}))
+            if wc.kind == "models" else ""
+        ),
     wildcard_constraints:
         kind="|".join(ABLATIONS),
     conda:
         ENV
     shell:
-        "python -m stages.report --metrics {input.metrics:q} --autoensemble {input.trees:q} {params.tail}"
+        "python -m stages.report --metrics {input.metrics:q} --autoensemble {input.trees:q} {params.tail} {params.show}"
         " --out-json {output.json:q} --out-md {output.md:q} > {log:q} 2>&1"
 
 

@@ -35,6 +35,40 @@ rule ingest_masks:
         " --out-classes {output.classes:q} --out-hierarchy {output.hierarchy:q} > {log:q} 2>&1"
 
 
+rule mask_boxes:
+    """Paper 5.9 (insufficient labels): for classes whose boxes are mostly group-of and that have instance masks,
+    the tight boxes of the masks' pixels join the train split's boxes as instances (stages.mask_boxes); the
+    models with `mask_boxes: true` train on this table. The report says which classes and how many boxes."""
+    input:
+        boxes=rules.ingest.output.boxes,
+        masks=rules.ingest_masks.output.masks,
+        splits=rules.split.output.splits,
+        classes=rules.ingest.output.classes,
+    output:
+        boxes="results/mask_boxes/boxes.parquet",
+        report="results/mask_boxes/report.json",
+    log:
+        "logs/mask_boxes.log",
+    params:
+        classes=(
+            " ".join(map(shlex.quote, config["dataset"]["mask_boxes"]["classes"]))
+            if isinstance(config["dataset"]["mask_boxes"]["classes"], list)
+            else "auto"
+        ),
+        share=config["dataset"]["mask_boxes"]["group_of_share"],
+        dedupe=config["dataset"]["mask_boxes"]["dedupe_iou"],
+    threads: RES["ingest"]["threads"]
+    resources:
+        mem_mb=rule_mem("ingest"),
+        runtime=rule_runtime("ingest"),
+    conda:
+        ENV
+    shell:
+        "python -m stages.mask_boxes --boxes {input.boxes:q} --gt-masks {input.masks:q} --splits {input.splits:q}"
+        " --known-classes {input.classes:q} --classes {params.classes} --group-of-share {params.share}"
+        " --dedupe-iou {params.dedupe} --out {output.boxes:q} --report {output.report:q} > {log:q} 2>&1"
+
+
 rule train_masks:
     input:
         images=rules.ingest.output.images,

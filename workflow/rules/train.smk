@@ -76,6 +76,8 @@ rule train:
         ),
         # expert models: the class subset mined from the base model (none otherwise)
         classes=expert_classes,
+        # init_from: the checkpoint this model starts from
+        init=init_weights,
         # confusing_groups may name classes by their display names
         class_names=lambda wc: rules.ingest.output.classes if model_cfg(wc.model)["confusing_groups"] else [],
     output:
@@ -93,6 +95,7 @@ rule train:
         anchors=lambda wc, input: f"--anchors {input.anchors}" if input.anchors else "",
         classes=lambda wc, input: option("--classes", input.classes),
         class_names=lambda wc, input: option("--class-names", input.class_names),
+        image_labels=lambda wc, input: option("--image-labels", input.get("image_labels", [])),
         splits=lambda wc, input: option("--splits", input.get("splits", [])),
         sampling=lambda wc, input: option("--sampling", input.get("sampling", [])),
     priority: expert_first
@@ -115,7 +118,7 @@ rule train:
         # python, torchrun or srun + torchrun, from the resources (stages/core/launch.py)
         "python -m stages.core.launch {resources.gpu} {resources.nodes} -m stages.train --config {params.cfg:q}"
         " --images {input.images:q} --boxes {input.boxes:q} {params.splits}"
-        " {params.sampling} {params.anchors} {params.classes} {params.class_names}"
+        " {params.sampling} {params.anchors} {params.classes} {params.class_names} {params.image_labels}"
         " --device {params.device} --threads {threads} --workers {resources.workers}"
         " --ckpt-dir {params.ckpt:q} --metrics {params.metrics:q}"
         " --out {output.model:q} > {log:q} 2>&1"
