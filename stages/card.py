@@ -21,7 +21,6 @@ The box head's share depends on how many RoIs the RPN keeps (``rois``, at most `
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.core.cli import stage_main
+from stages.core.cli import json_object, stage_main
 from stages.core.config import model_part, schema_default
 from stages.core.errors import InputError
 from stages.formats.io import config_hash, write_json
@@ -254,13 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, required=True, help="the card JSON to write")
     a = p.parse_args(argv)
-    try:
-        cfg = json.loads(a.config)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--config is not JSON: {exc}", field="--config") from exc
-    if not isinstance(cfg, dict):
-        raise InputError("--config must be a JSON object (the model's section)", field="--config")
-    cfg = model_config(cfg)
+    cfg = model_config(json_object(a.config))
     if a.threads:
         torch.set_num_threads(a.threads)
     files = {"val_a": a.eval_val_a, "val_b": a.eval_val_b}

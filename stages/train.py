@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from stages.core.cli import stage_main
+from stages.core.cli import json_object, stage_main
 from stages.core.config import model_part, schema_default, validate_config
 from stages.core.errors import InputError
 from stages.core.provenance import code_version
@@ -743,11 +743,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (testing resume)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    try:
-        cfg = json.loads(a.config)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--config is not JSON: {exc}", field="--config") from exc
-    cfg = model_config(cfg)
+    cfg = model_config(json_object(a.config))
     torch.set_num_threads(a.threads)
     images = read_table(a.images, "images")
     if a.splits:

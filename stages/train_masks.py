@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from stages.core.cli import stage_main
+from stages.core.cli import json_object, stage_main
 from stages.core.config import _schema_cached, defaults_validator
 from stages.core.errors import InputError
 from stages.core.provenance import code_version
@@ -460,12 +460,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (testing resume)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    try:
-        raw = json.loads(a.config)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--config is not JSON: {exc}", field="--config") from exc
-    if not isinstance(raw, dict):
-        raise InputError("--config must be a JSON object", field="--config")
+    raw = json_object(a.config)
     cfg = mask_config({k: v for k, v in raw.items() if k in _mask_schema()["properties"]})
     torch.set_num_threads(a.threads)
     images = read_table(a.images, "images")

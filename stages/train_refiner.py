@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 import time
@@ -35,7 +34,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from stages.core.cli import stage_main
+from stages.core.cli import json_object, stage_main
 from stages.core.config import _schema_cached, schema_default, validate_config
 from stages.core.errors import InputError
 from stages.core.provenance import code_version
@@ -368,13 +367,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (testing resume)")
     p.add_argument("--out", type=Path, required=True, help="refiner.pt to write")
     a = p.parse_args(argv)
-    try:
-        cfg = json.loads(a.config)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--config is not JSON: {exc}", field="--config") from exc
-    if not isinstance(cfg, dict):
-        raise InputError("--config must be a JSON object", field="--config")
-    cfg = refiner_config(cfg)
+    cfg = refiner_config(json_object(a.config))
     torch.set_num_threads(a.threads)
     if not a.detector.exists():
         raise InputError("file not found", file=a.detector)

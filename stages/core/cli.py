@@ -73,3 +73,16 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="auto (default): torch on CUDA when a GPU is visible, else numpy on the CPU; cpu; "
                    "cuda[:N]")
+
+def json_object(text: str, *, flag: str = "--config") -> dict:
+    """The JSON object a CLI flag carries (a rule passes a config section as JSON); InputError naming the flag
+    when it is not JSON or not an object."""
+    import json
+
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{flag} is not JSON: {exc}", field=flag) from exc
+    if not isinstance(obj, dict):
+        raise InputError(f"{flag} must be a JSON object", field=flag)
+    return obj

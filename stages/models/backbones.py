@@ -13,7 +13,6 @@ so does ``build_backbone("seresnext101_32x4d")`` (a :class:`~stages.models.timm_
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import os
 from collections import OrderedDict
@@ -48,23 +47,6 @@ def group_norm(channels: int) -> nn.GroupNorm:
 _NORMS: dict[str, Callable[[int], nn.Module]] = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d,
                                                  "gn": group_norm, "syncbn": nn.BatchNorm2d}
 assert tuple(_NORMS) == NORMS
-
-
-@functools.lru_cache(maxsize=64)
-def check_backbone_name(name: str) -> None:
-    """ValueError unless ``name`` builds a backbone: one of :data:`BACKBONES`, or ``timm:<model>`` with a model
-    timm knows whose ``features_only`` extractor has maps at strides 4, 8, 16, 32. Cheap: the named entries need
-    no import; a ``timm:`` name imports timm (about 2 s) and builds the extractor on the meta device (no memory,
-    no initialisation)."""
-    if _ALIASES.get(name, name) in BACKBONES:
-        return
-    if name.startswith(TIMM_PREFIX):
-        from stages.models.timm_trunks import feature_indices
-
-        feature_indices(name, name[len(TIMM_PREFIX):])
-        return
-    raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}, or {TIMM_PREFIX}<timm model "
-                     "name>")
 
 
 class DeformableConv3x3(DeformConv2d):

@@ -9,6 +9,8 @@ model's ``backbone`` against them cheaply; :mod:`stages.models.backbones` builds
 
 from __future__ import annotations
 
+import functools
+
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                          "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 #: "resnext101" is the paper's ResNeXt-101 (32x8d in torchvision)
@@ -42,6 +44,7 @@ def timm_name(name: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
 def check_backbone_name(name: str) -> None:
     """ValueError unless ``name`` builds a backbone: one of :data:`BACKBONES`, or ``timm:<model>`` with a model
     timm knows whose ``features_only`` extractor has maps at strides 4, 8, 16, 32. Cheap: the named entries need
