@@ -117,7 +117,7 @@ def finished_challenge_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     summary = snakemake(work, "--summary", "--configfile", str(path))
     assert summary.returncode == 0, summary.stderr[-3000:]
     outputs = [line.split("\t")[0] for line in summary.stdout.splitlines()[1:] if "\t" in line]
-    assert "results/train/resnet50_tsd/model.pt" in outputs and "submission.csv" in outputs
+    assert "results/train/resnet152_tsd/model.pt" in outputs and "submission.csv" in outputs
     for name in outputs:
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         (work / name).touch()
@@ -145,7 +145,7 @@ def rerun_after(run: tuple[Path, dict], model: str, **change) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_changing_a_resource_reruns_nothing(finished_challenge_run) -> None:
-    counts = rerun_after(finished_challenge_run, "resnet50_tsd", gpus=4, nodes=2, gpu_model="h100",
+    counts = rerun_after(finished_challenge_run, "resnet152_tsd", gpus=4, nodes=2, gpu_model="h100",
                          cpus_per_gpu=8, threads=2, workers=7, mem_mb=64000,
                          runtime_min=60)
     assert counts == {}
@@ -158,24 +158,24 @@ def test_changing_a_resource_reruns_nothing(finished_challenge_run) -> None:
 
 @pytest.mark.slow
 def test_changing_an_inference_key_reruns_inference_and_what_follows(finished_challenge_run) -> None:
-    counts = rerun_after(finished_challenge_run, "resnet50_tsd", test_scales=[800, 1200])
+    counts = rerun_after(finished_challenge_run, "resnet152_tsd", test_scales=[800, 1200])
     assert counts["infer"] == 3 and counts["postprocess"] == 2      # val_a, val_b, test; the validation splits
     assert counts["submit"] == 1
     for upstream in ("ingest", "split", "sample", "anchors", "train", "experts"):
         assert upstream not in counts, counts
-    assert rerun_after(finished_challenge_run, "resnet50_tsd", box_nms_thresh=0.6)["infer"] == 3
-    counts = rerun_after(finished_challenge_run, "resnet50_tsd", expert=True)    # the background gate
+    assert rerun_after(finished_challenge_run, "resnet152_tsd", box_nms_thresh=0.6)["infer"] == 3
+    counts = rerun_after(finished_challenge_run, "resnet152_tsd", expert=True)    # the background gate
     assert counts["infer"] == 3 and "train" not in counts
 
 
 @pytest.mark.slow
 def test_changing_a_training_key_retrains_that_model_only(finished_challenge_run) -> None:
-    counts = rerun_after(finished_challenge_run, "resnet50_tsd", lr=0.01)
+    counts = rerun_after(finished_challenge_run, "resnet152_tsd", lr=0.01)
     assert counts["train"] == 1 and counts["infer"] == 3 and counts["submit"] == 1
     for upstream in ("ingest", "split", "sample", "anchors", "experts"):
         assert upstream not in counts, counts
     # a key the anchors rule reads too
-    counts = rerun_after(finished_challenge_run, "resnet50_tsd", anchor_scales=[8, 12, 16])
+    counts = rerun_after(finished_challenge_run, "resnet152_tsd", anchor_scales=[8, 12, 16])
     assert counts["anchors"] == 1 and counts["train"] == 1
 
 

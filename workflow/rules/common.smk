@@ -173,6 +173,12 @@ def train_json(wildcards):
     return json.dumps(cfg, sort_keys=True)
 
 
+def card_json(wildcards):
+    """The model's section without its resource keys (the card reads its training and test-time settings)."""
+    cfg = model_cfg(wildcards.model)
+    return json.dumps({k: v for k, v in cfg.items() if k not in model_part(cfg, "resources")}, sort_keys=True)
+
+
 def init_weights(wildcards):
     """The checkpoint a model starts from (`init_from`), or nothing."""
     init = model_cfg(wildcards.model)["init_from"]

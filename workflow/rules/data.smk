@@ -96,8 +96,8 @@ rule ingest:
         "python -m stages.ingest --boxes-csv {input.boxes:q} --labels-csv {input.labels:q}"
         " --classes-csv {input.classes:q} --hierarchy-json {input.hierarchy:q} --images-dir {params.images:q}"
         " --test-dir {params.test:q} {params.test_list} {params.sample_submission}"
-        " --image-check {params.image_check} --image-level-only {params.image_level_only} {params.plain}"
-        " --workers {threads} --out-dir {params.out:q} > {log:q} 2>&1"
+        " --image-level-only {params.image_level_only} {params.plain}"
+        " --image-check {params.image_check} --workers {threads} --out-dir {params.out:q} > {log:q} 2>&1"
 
 
 rule ingest_external:

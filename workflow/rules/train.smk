@@ -124,12 +124,6 @@ rule train:
         " --out {output.model:q} > {log:q} 2>&1"
 
 
-def card_json(wildcards):
-    """The model's section without its resource keys (the card reads its training and test-time settings)."""
-    cfg = model_cfg(wildcards.model)
-    return json.dumps({k: v for k, v in cfg.items() if k not in model_part(cfg, "resources")}, sort_keys=True)
-
-
 rule card:
     """The model card (stages.card): backbone, parameters, FLOPs at the training size, the images/s measured
     while training, epochs, averaging, data, val_a / val_b mAP; the report collects them."""
