@@ -40,6 +40,7 @@ from stages.core.config import schema_default
 from stages.core.errors import InputError
 from stages.formats.io import read_table, write_json, write_table
 from stages.formats.readers import read_classes
+from stages.ops.boxes import paired_iou
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +104,6 @@ def select_classes(figures: pd.DataFrame, *, group_of_share: float, classes: str
     return sorted(seen)
 
 
-def _pair_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of paired ``xyxy`` boxes ``[n, 4]`` x ``[n, 4]`` -> ``[n]``."""
-    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = iw * ih
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    union = area(a) + area(b) - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 @dataclass(frozen=True)
 class MaskBoxes:
     boxes: pd.DataFrame     # the input boxes (mask_path empty) + the derived ones, appended
@@ -147,7 +138,7 @@ def mask_derived_boxes(*, boxes: pd.DataFrame, gt_masks: pd.DataFrame, train_ids
                           "label": m["label"].astype(object).to_numpy()[cand]})
         pairs = c.merge(inst, on=["image_id", "label"])
         if len(pairs):
-            iou = _pair_iou(tight[pairs["k"].to_numpy()], np.stack(pairs["bx"].to_numpy()))
+            iou = paired_iou(tight[pairs["k"].to_numpy()], np.stack(pairs["bx"].to_numpy()))
             best = pd.Series(iou).groupby(pairs["k"].to_numpy()).max()
             dup[best.index.to_numpy()[best.to_numpy() >= dedupe_iou]] = True
     add = ~empty & in_train & ~dup

@@ -22,7 +22,6 @@ With ``average_epochs: [a, b]`` the output model is the parameter average of the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ from stages.core.config import model_part, schema_default, validate_config
 from stages.core.errors import InputError
 from stages.core.provenance import code_version
 from stages.formats.experts import read_experts, restrict_to_classes
-from stages.formats.io import atomic_path, config_hash, read_table
+from stages.formats.io import atomic_path, config_hash, file_sha256, read_table
 from stages.formats.readers import read_class_names
 from stages.models.augment import AugmentStats, augment_stats, elaborate_augment
 from stages.models.averaging import average_checkpoints
@@ -505,14 +504,10 @@ def backbone_weights_provenance(path: str | os.PathLike | None, *, field: str = 
     without one."""
     if not path:
         return None
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        return {"path": str(path), "sha256": file_sha256(path)}
     except OSError as exc:
         raise InputError(f"weights file cannot be read: {exc}", file=path, field=field) from exc
-    return {"path": str(path), "sha256": h.hexdigest()}
 
 
 def use_sync_batchnorm(trainer: Trainer) -> None:
@@ -605,15 +600,15 @@ def train(*, cfg: Mapping[str, Any], images: pd.DataFrame, boxes: pd.DataFrame, 
     if not labels:
         raise InputError("no training boxes", field="boxes")
     hashed = {"cfg": cfg, "labels": labels, "n_images": len(images), "anchors": anchors, "world": world}
-    if cfg.get("backbone_weights"):  # other weights under the same path: another run
-        hashed["backbone_weights_sha256"] = backbone_weights_provenance(cfg["backbone_weights"])["sha256"]
+    backbone_weights = backbone_weights_provenance(cfg.get("backbone_weights"))  # each file read once
+    if backbone_weights:  # other weights under the same path: another run
+        hashed["backbone_weights_sha256"] = backbone_weights["sha256"]
     if cfg.get("weights"):  # e.g. init_from: a retrained base model under the same path
         hashed["weights_sha256"] = backbone_weights_provenance(cfg["weights"], field="weights")["sha256"]
     chash = config_hash(hashed)
     n_boxes = int(boxes["image_id"].isin(images["image_id"]).sum())
     meta = {"labels": labels, "config": cfg, "config_hash": chash, "anchors": anchors,
-            "data": {"images": len(images), "boxes": n_boxes},
-            "backbone_weights": backbone_weights_provenance(cfg.get("backbone_weights"))}
+            "data": {"images": len(images), "boxes": n_boxes}, "backbone_weights": backbone_weights}
     global_bs = cfg["batch_size"] * world
     n_box = int(box_annotated_column(images).sum())
     box_bs = (cfg["batch_size"] - (weak_per_batch(cfg) if n_box < len(images) else 0)) * world

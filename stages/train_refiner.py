@@ -20,7 +20,6 @@ metrics and the output. The output ``refiner.pt`` is self-contained (:func:`stag
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import time
@@ -38,7 +37,7 @@ from stages.core.cli import json_object, stage_main
 from stages.core.config import _schema_cached, schema_default, validate_config
 from stages.core.errors import InputError
 from stages.core.provenance import code_version
-from stages.formats.io import atomic_path, config_hash, read_table, write_table
+from stages.formats.io import atomic_path, config_hash, file_sha256, read_table, write_table
 from stages.infer import load_model
 from stages.models.data import load_image
 from stages.models.detector import set_inference
@@ -86,14 +85,6 @@ def lr_at(it: int, epoch: int, total_iters: int, cfg: Mapping[str, Any]) -> floa
         f = cfg["warmup_factor"]
         lr *= f + (1 - f) * it / cfg["warmup_iters"]
     return lr
-
-
-def file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -257,7 +248,7 @@ def train_refiner(*, cfg: Mapping[str, Any], detector_path: Path, images: pd.Dat
     images = images.sort_values("image_id").reset_index(drop=True)
     if images.empty:
         raise InputError("no training images", field="images")
-    det_hash = file_hash(detector_path)
+    det_hash = file_sha256(detector_path)[:16]
     chash = config_hash({"cfg": cfg, "detector": det_hash, "n_images": len(images), "world": world})
     torch.manual_seed(cfg["seed"])
     core = BoxRefiner.from_detector(detector, det_cfg, cfg).to(device)

@@ -77,6 +77,15 @@ def read_json(path: str | os.PathLike) -> object:
         raise InputError(f"malformed JSON: {exc.msg}", file=path, row=exc.lineno) from exc
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB blocks (weights files run to hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def config_hash(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -190,5 +199,5 @@ def read_canonical(path: str | os.PathLike) -> tuple[str, pd.DataFrame, dict]:
     return name, conform(df, name, source=path), prov
 
 
-__all__ = ["SCHEMAS", "atomic_path", "config_hash", "read_canonical", "read_json", "read_provenance", "read_table",
+__all__ = ["file_sha256", "SCHEMAS", "atomic_path", "config_hash", "read_canonical", "read_json", "read_provenance", "read_table",
            "write_json", "write_table", "write_text"]

@@ -31,7 +31,6 @@ from stages.models.registry import (ALIASES, BACKBONES, NORMS, TIMM_BACKBONES, T
 log = logging.getLogger(__name__)
 
 _TORCHVISION = {name: getattr(resnet, name) for name in TORCHVISION_BACKBONES}
-_ALIASES = ALIASES
 
 
 def _gn_groups(channels: int, groups: int = 32) -> int:
@@ -381,7 +380,7 @@ def build_backbone(name: str, *, trainable_layers: int = 3, weights_path: str | 
     the classification copies are made; NASNet-style extractors that cannot be run stage by stage raise).
     """
     entry = name
-    name = _ALIASES.get(name, name)
+    name = ALIASES.get(name, name)
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
     _check_trainable_layers(trainable_layers)
