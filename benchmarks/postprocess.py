@@ -1,5 +1,6 @@
 """Post-processing benchmark: batched soft-NMS vs ensemble_boxes, adj-NMS through the stage CLI, the naive
-ensemble CLI, and peak memory at three input sizes. Everything is measured in this run, on this machine.
+ensemble CLI, peak memory at three input sizes, and one crowded (image, class) without a cap (sliced pairwise
+blocks vs whole ones). Everything is measured in this run, on this machine.
 
     python benchmarks/postprocess.py [--images 10000] [--ref-images 10000] [--ensemble-images 10000]
     python benchmarks/postprocess.py --device cuda --quick --skip cli ensemble memory --json figures.json
@@ -8,6 +9,11 @@ ensemble CLI, and peak memory at three input sizes. Everything is measured in th
 op gets torch CUDA tensors, runs once on a slice to warm up, and is timed between ``torch.cuda.synchronize()``
 calls. ``--quick`` shrinks every size (1,000 images, 200 of them through ensemble_boxes). ``--json`` writes the
 soft-NMS figures (seconds of the numpy path, of the torch path, and whether they keep the same boxes).
+
+``crowded``: adj-NMS and top-k voting of one (image, class) of N boxes (``--crowded-sizes``), no candidate cap,
+each in a fresh interpreter: time and peak RSS with the pairwise blocks as built (at most ``BLOCK_ELEMS``
+elements, the N x N IoUs a slice of rows at a time) against whole [N, N] blocks (``BLOCK_ELEMS`` raised), the
+latter only while N x N float64 stays under 1 GB.
 
 ``--ref-images N`` times ``ensemble_boxes`` on the first N images only and extrapolates linearly to all images
 (the output says so); the kept boxes are compared on those N images.
@@ -78,6 +84,31 @@ def peak_rss_mb(module: str, argv: list[str]) -> float:
     return float(out.splitlines()[-1]) / 1024
 
 
+CROWDED = """
+import time, numpy as np, stages.ops.nms as nm, stages.ops.ensemble as en
+nm.BLOCK_ELEMS = {block}
+rng = np.random.default_rng(0)
+n = {n}
+c, wh = rng.random((n, 2)) * 0.5 + 0.25, rng.random((n, 2)) * 0.2 + 0.05
+b, s = np.concatenate([c - wh / 2, c + wh / 2], 1), rng.random(n)
+g, src = np.zeros(n, np.int64), rng.integers(0, 10, n)
+t0 = time.perf_counter()
+keep, _ = nm.suppress_arrays(b, s, g, method="adj_nms", iou_thr=0.5, sigma=0.5, score_thr=0.001)
+t1 = time.perf_counter()
+en.topk_vote(b, s, g, src, k=4)
+t2 = time.perf_counter()
+hwm = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(len(keep), t1 - t0, t2 - t1, int(hwm) / 1024)
+"""
+
+
+def crowded(n: int, block: int) -> tuple[int, float, float, float]:
+    """(kept, adj-NMS s, voting s, peak RSS MB) of one crowded group of ``n`` boxes, fresh interpreter."""
+    _, out = run_cli(["-c", CROWDED.format(n=n, block=block)])
+    kept, t_nms, t_vote, mb = out.split()[-4:]
+    return int(kept), float(t_nms), float(t_vote), float(mb)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=10000)
@@ -89,7 +120,8 @@ def main() -> None:
     ap.add_argument("--ensemble-boxes", type=int, default=100)
     ap.add_argument("--rows-per-shard", type=int, default=1 << 20, help="for the timed CLI runs")
     ap.add_argument("--memory-rows-per-shard", type=int, default=250_000, help="for the peak-RSS runs")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["soft", "cli", "ensemble", "memory"])
+    ap.add_argument("--crowded-sizes", type=int, nargs="+", default=[2000, 8000, 20000])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["soft", "cli", "ensemble", "memory", "crowded"])
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="where the torch path of soft-NMS runs (auto: CUDA when available)")
     ap.add_argument("--quick", action="store_true",
@@ -216,6 +248,20 @@ def main() -> None:
                                                     "--method", "adj_nms", "--rows-per-shard",
                                                     str(a.memory_rows_per_shard)])
             print(f"  {n:6d} images ({n * a.boxes} rows): peak RSS {mb:.0f} MB")
+    if "crowded" not in a.skip:
+        from stages.ops.nms import BLOCK_ELEMS
+        print(f"\n[one (image, class) of N boxes, no cap: adj-NMS + top-k voting; pairwise blocks of at most "
+              f"{BLOCK_ELEMS} elements vs whole [N, N] blocks]")
+        for n in a.crowded_sizes:
+            kept, t_nms, t_vote, mb = crowded(n, BLOCK_ELEMS)
+            line = f"  N={n:6d}: sliced {t_nms:6.2f} + {t_vote:6.2f} s, peak RSS {mb:6.0f} MB"
+            if n * n * 8 <= 1 << 30:
+                kept_w, w_nms, w_vote, w_mb = crowded(n, n * n)
+                assert kept_w == kept, (kept_w, kept)
+                line += f" | whole {w_nms:6.2f} + {w_vote:6.2f} s, peak RSS {w_mb:6.0f} MB (same {kept} kept)"
+            else:
+                line += f" | whole: not run (one [N, N] float64 array alone is {n * n * 8 / 2**30:.1f} GB)"
+            print(line)
     for f in tmp.iterdir():
         f.unlink()
     tmp.rmdir()

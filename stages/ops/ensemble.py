@@ -63,6 +63,7 @@ from stages.ops.nms import (
     frame_groups,
     group_blocks,
     group_ids,
+    row_chunks,
     suppress_arrays,
     take_sorted,
 )
@@ -126,16 +127,18 @@ def topk_vote(boxes: Array, scores: Array, groups: Array, sources: Array, *, k: 
         if n == 1:
             continue
         b, s, src = lay.views(bp, off, g, n), lay.views(sp, off, g, n), lay.views(srcp, off, g, n)
-        iou = box_iou(b, b)
-        iou[src[:, :, None] == src[:, None, :]] = -1.0                       # self and same model: no vote
-        nb = topk_indices(iou, k)                                            # [G, N, k']
-        valid = take_along(iou, nb, 2) > min_iou
-        cnt = valid.sum(-1)                                                  # [G, N]
         rows = arange_like(g, perm)[:, None, None]
-        lay.views(vs, off, g, n)[...] = s + score_weight * m.where(valid, s[rows, nb], 0.0).sum(-1)
-        mean_nb = m.where(valid[..., None], b[rows, nb], 0.0).sum(2) / clamp_min(cnt, 1)[..., None]
-        voted = box_weight * b + (1.0 - box_weight) * mean_nb
-        lay.views(vb, off, g, n)[...] = m.where((cnt > 0)[..., None], voted, b)
+        for r0, r1 in row_chunks(g, n):                                      # [G, R, N] IoU slices
+            bc, sc = b[:, r0:r1], s[:, r0:r1]
+            iou = box_iou(bc, b)
+            iou[src[:, r0:r1, None] == src[:, None, :]] = -1.0               # self and same model: no vote
+            nb = topk_indices(iou, k)                                        # [G, R, k']
+            valid = take_along(iou, nb, 2) > min_iou
+            cnt = valid.sum(-1)                                              # [G, R]
+            lay.views(vs, off, g, n)[:, r0:r1] = sc + score_weight * m.where(valid, s[rows, nb], 0.0).sum(-1)
+            mean_nb = m.where(valid[..., None], b[rows, nb], 0.0).sum(2) / clamp_min(cnt, 1)[..., None]
+            voted = box_weight * bc + (1.0 - box_weight) * mean_nb
+            lay.views(vb, off, g, n)[:, r0:r1] = m.where((cnt > 0)[..., None], voted, bc)
     new_b[perm], new_s[perm] = vb, vs
     return new_b, new_s
 

@@ -32,7 +32,8 @@ from stages.formats.tables import BOX_COLUMNS
 from stages.ops._array import Array, arange_like, copy, default_backend, is_numpy, like, to_numpy, xp
 from stages.ops.boxes import box_iou
 
-#: elements (groups x group size, or x group size^2 for pairwise ops) per block; bounds memory
+#: elements (groups x group size, or x group size^2 for pairwise ops) per block; bounds memory: a pairwise
+#: block of a group too large for it is built a few rows at a time (:func:`row_chunks`)
 BLOCK_ELEMS = 1 << 18
 
 
@@ -134,8 +135,10 @@ class Blocks(NamedTuple):
         return x[offset: offset + g * n].reshape(g, n, *x.shape[1:])
 
 
-def group_blocks(groups: Array, scores: Array, *, block_elems: int = BLOCK_ELEMS, square: bool = False) -> Blocks:
-    """The :class:`Blocks` layout of boxes with group ids ``groups`` and ``scores``."""
+def group_blocks(groups: Array, scores: Array, *, block_elems: int | None = None, square: bool = False) -> Blocks:
+    """The :class:`Blocks` layout of boxes with group ids ``groups`` and ``scores`` (``block_elems``: default
+    :data:`BLOCK_ELEMS`)."""
+    block_elems = BLOCK_ELEMS if block_elems is None else block_elems
     keys, n_keys = _dense(to_numpy(groups))
     if len(keys) == 0:
         return Blocks(np.zeros(0, dtype=np.int64), [])
@@ -151,17 +154,31 @@ def group_blocks(groups: Array, scores: Array, *, block_elems: int = BLOCK_ELEMS
     return Blocks(np.concatenate(parts), spans)
 
 
+def row_chunks(g: int, n: int, block_elems: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` of the pairwise ``[G, N, N]`` matrix of a span of ``G`` groups of ``N`` boxes such
+    that each ``[G, r1 - r0, N]`` slice holds at most ``block_elems`` elements (default :data:`BLOCK_ELEMS`; one
+    row at least): ``[(0, N)]`` when the whole matrix fits, as it does for every span when no group is larger
+    than ``sqrt(block_elems)``. The pairwise kernels build one slice at a time, so their memory stays bounded
+    whatever ``N`` is (a row of ``N`` at worst), with values identical to the whole matrix's."""
+    block_elems = BLOCK_ELEMS if block_elems is None else block_elems
+    step = max(1, block_elems // max(1, g * n))
+    return [(r, min(n, r + step)) for r in range(0, n, step)]
+
+
 # ------------------------------------------------------------------------------------------------ kernels
 
 
-def _nms_mask(o: Array, iou_thr: float) -> Array:
-    """Kept mask ``[G, N]`` of hard NMS given the IoUs ``o [G, N, N]`` of score-sorted groups."""
-    m = xp(o)
-    n = o.shape[1]
-    over = m.triu(o > iou_thr, 1)
-    suppressed = m.zeros_like(over[:, 0, :])
-    for i in range(n - 1):
-        suppressed |= over[:, i, :] & ~suppressed[:, i: i + 1]
+def _nms_mask(b: Array, iou_thr: float, o: Array | None = None) -> Array:
+    """Kept mask ``[G, N]`` of hard NMS of the score-sorted groups ``b [G, N, 4]``, from their IoUs ``o [G, N, N]``
+    when given, else built a slice of rows at a time (:func:`row_chunks`)."""
+    m = xp(b)
+    g, n = b.shape[:2]
+    suppressed = m.zeros_like(b[..., 0], dtype=bool)
+    for r0, r1 in [(0, n)] if o is not None else row_chunks(g, n):
+        rows = o if o is not None else box_iou(b[:, r0:r1], b)
+        over = m.triu(rows > iou_thr, r0 + 1)             # [G, R, N]: row i (of r0..r1) over the boxes after i
+        for i in range(r0, min(r1, n - 1)):
+            suppressed |= over[:, i - r0, :] & ~suppressed[:, i: i + 1]
     return ~suppressed
 
 
@@ -172,10 +189,11 @@ def _weights(o: Array, method: str, iou_thr: float, sigma: float) -> Array:
     return m.where(o > iou_thr, 1.0 - o, 1.0)
 
 
-def _soft_steps(cur: Array, done: Array, o: Array, *, method: str, iou_thr: float, sigma: float,
+def _soft_steps(cur: Array, done: Array, b: Array, o: Array | None, *, method: str, iou_thr: float, sigma: float,
                 score_thr: float) -> Array:
-    """Soft-NMS selection over rows of ``cur [G, N]`` (boxes with ``done`` take no part) with pairwise IoUs
-    ``o [G, N, N]``; returns the decayed scores. Ties: the lower column first."""
+    """Soft-NMS selection over rows of ``cur [G, N]`` (boxes with ``done`` take no part) of the groups
+    ``b [G, N, 4]``, with their pairwise IoUs ``o [G, N, N]`` when given, else the chosen box's row of IoUs
+    built at each step; returns the decayed scores. Ties: the lower column first."""
     m = xp(cur)
     g, n = cur.shape
     ar = arange_like(g, cur)
@@ -185,7 +203,8 @@ def _soft_steps(cur: Array, done: Array, o: Array, *, method: str, iou_thr: floa
         if not bool((masked[ar, best] > score_thr).any()):
             break   # every box left is <= score_thr: it is dropped, and it could only decay lower ones
         done[ar, best] = True
-        cur = m.where(done, cur, cur * _weights(o[ar, best], method, iou_thr, sigma))
+        row = o[ar, best] if o is not None else box_iou(b[ar, best][:, None], b)[:, 0]
+        cur = m.where(done, cur, cur * _weights(row, method, iou_thr, sigma))
     return cur
 
 
@@ -206,8 +225,7 @@ def _nms_keep(boxes: Array, scores: Array, groups: Array, iou_thr: float) -> Arr
 
     for off, g, n in lay.spans:
         if n > 1:
-            b = lay.views(bp, off, g, n)
-            lay.views(keep_mask, off, g, n)[...] = _nms_mask(box_iou(b, b), iou_thr)
+            lay.views(keep_mask, off, g, n)[...] = _nms_mask(lay.views(bp, off, g, n), iou_thr)
     return perm[keep_mask]
 
 
@@ -227,12 +245,13 @@ def _soft(boxes: Array, scores: Array, groups: Array, *, method: str, iou_thr: f
         if n == 1:
             continue
         b = lay.views(bp, off, g, n)
-        o = box_iou(b, b)                                   # [G, N, N]
+        # [G, N, N], built once for both passes when it fits in a block; else rows on demand
+        o = box_iou(b, b) if len(row_chunks(g, n)) == 1 else None
         lv = lay.views(live, off, g, n)
         if nms_first is not None:
-            lv[...] = _nms_mask(o, nms_first)
+            lv[...] = _nms_mask(b, nms_first, o)
         cur = lay.views(sp, off, g, n)
-        cur[...] = _soft_steps(cur, ~lv, o, method=method, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr)
+        cur[...] = _soft_steps(cur, ~lv, b, o, method=method, iou_thr=iou_thr, sigma=sigma, score_thr=score_thr)
     out = copy(scores)
     out[perm] = sp
     return perm[live & (sp > score_thr)], out

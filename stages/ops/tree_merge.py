@@ -38,7 +38,7 @@ from stages.formats.columns import positions
 from stages.ops.boxes import box_iou
 from stages.ops.ensemble import topk_vote
 from stages.ops.ensemble_tree import Node, Tree
-from stages.ops.nms import cap_per_group, group_blocks, segment_order, suppress_arrays, top_per_image
+from stages.ops.nms import cap_per_group, group_blocks, row_chunks, segment_order, suppress_arrays, top_per_image
 
 
 class Dets(NamedTuple):
@@ -102,9 +102,10 @@ def cross_match(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, sourc
             continue
         src = lay.views(srcp, off, g, n)
         b = lay.views(bp, off, g, n)
-        hit = (box_iou(b, b) > iou_thr) & (src[:, :, None] != src[:, None, :])
-        lay.views(mp, off, g, n)[...] = hit.any(2)
-        lay.views(btp, off, g, n)[...] = np.tril(hit, -1).any(2)     # rows are in score order
+        for r0, r1 in row_chunks(g, n):                               # [G, R, N] IoU slices
+            hit = (box_iou(b[:, r0:r1], b) > iou_thr) & (src[:, r0:r1, None] != src[:, None, :])
+            lay.views(mp, off, g, n)[:, r0:r1] = hit.any(2)
+            lay.views(btp, off, g, n)[:, r0:r1] = np.tril(hit, r0 - 1).any(2)   # rows are in score order
     matched[lay.perm], beaten[lay.perm] = mp, btp
     return matched, beaten
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,20 @@ def command(lines: list[str], stage: str, out: str) -> str:
     return found[0]
 
 
+def options(cmd: str) -> dict[str, list[str]]:
+    """{option: its words} of a stage's command line (the words after `-m stages.<stage>`, up to `>`); an
+    option given with no value maps to []."""
+    words = shlex.split(cmd.split(" -m stages.", 1)[1].split(" > ", 1)[0])[1:]
+    out: dict[str, list[str]] = {}
+    for w in words:
+        if w.startswith("--"):
+            assert w not in out, f"{w} given twice in {cmd}"
+            key = out.setdefault(w, [])
+        else:
+            key.append(w)
+    return out
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     p = tmp_path / "tiny.yaml"
@@ -94,17 +109,20 @@ def test_variants_run_through_the_postprocess_and_ensemble_rules(tmp_path):
                   "--configfile", str(p))
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [x for x in (r.stdout + r.stderr).splitlines() if "-m stages." in x]
-    nms = command(lines, "postprocess", "results/postprocess/nms/tiny_a/val_a/shard0.parquet")
-    assert "--method nms --iou-thr 0.6" in nms and "--relations  --conf-thr 0.7" in nms
-    assert "--expand-hierarchy results/ingest/hierarchy.parquet" in nms
-    rel = command(lines, "postprocess", "results/postprocess/adj_nms_relations/tiny_a/val_b/shard1.parquet")
-    assert "--method adj_nms" in rel and "--relations results/relations/stats.json --conf-thr 0.7" in rel
-    plain = command(lines, "ensemble", "results/ensemble/concat_adj_nms/all/val_a/shard0.parquet")
-    assert "--reweight False --ap-metrics  --vote False" in plain and "--min-iou 0.2" in plain
-    both = command(lines, "ensemble", "results/ensemble/reweight_vote/all/val_b/shard0.parquet")
+    nms = options(command(lines, "postprocess", "results/postprocess/nms/tiny_a/val_a/shard0.parquet"))
+    assert nms["--method"] == ["nms"] and nms["--iou-thr"] == ["0.6"] and nms["--conf-thr"] == ["0.7"]
+    assert nms["--relations"] == [] and nms["--expand-hierarchy"] == ["results/ingest/hierarchy.parquet"]
+    rel = options(command(lines, "postprocess", "results/postprocess/adj_nms_relations/tiny_a/val_b/shard1.parquet"))
+    assert rel["--method"] == ["adj_nms"] and rel["--relations"] == ["results/relations/stats.json"]
+    assert rel["--conf-thr"] == ["0.7"]
+    plain = options(command(lines, "ensemble", "results/ensemble/concat_adj_nms/all/val_a/shard0.parquet"))
+    assert (plain["--reweight"], plain["--ap-metrics"], plain["--vote"]) == (["False"], [], ["False"])
+    assert plain["--min-iou"] == ["0.2"] and plain["--iou-thr"] == ["0.6"]    # the postprocess section's
+    both = options(command(lines, "ensemble", "results/ensemble/reweight_vote/all/val_b/shard0.parquet"))
     # val_b is re-weighted with the APs on val_a of the configured post-processing
-    assert ("--reweight True --ap-metrics results/evaluate/postprocess/default/tiny_a/val_a.json"
-            " results/evaluate/postprocess/default/tiny_b/val_a.json --vote True") in both
+    assert both["--reweight"] == both["--vote"] == ["True"]
+    assert both["--ap-metrics"] == ["results/evaluate/postprocess/default/tiny_a/val_a.json",
+                                    "results/evaluate/postprocess/default/tiny_b/val_a.json"]
     gathered = command(lines, "postprocess", "results/ensemble/vote/all/val_a.parquet")
     assert "--method none --score-thr 0 --max-per-image 0" in gathered
     scored = command(lines, "evaluate", "results/evaluate/ensemble/vote/all/val_a.json")
@@ -123,12 +141,12 @@ def test_autoensemble_rules(tmp_path, mode):
     # 3 views x 2 shards on val_a, val_b (and test when auto); the configured chain and 4 ablation variants
     assert counts["postprocess"] == 3 * (2 + auto) * 2 + (2 + 4) * 2 * 2
     assert counts["ensemble"] == (1 + 4) * 2 * 2 + (not auto) * 2      # the naive test ensemble only if naive
-    flip = command(lines, "postprocess", "results/postprocess/view128flip/tiny_a/val_b/shard1.parquet")
-    assert "--scale 128 --flip True --out" in flip
-    plain = command(lines, "postprocess", "results/postprocess/view128/tiny_b/val_a/shard0.parquet")
-    assert "--scale 128 --flip False --out" in plain
-    whole = command(lines, "postprocess", "results/postprocess/default/tiny_b/val_a/shard0.parquet")
-    assert "--scale  --flip  --out" in whole
+    flip = options(command(lines, "postprocess", "results/postprocess/view128flip/tiny_a/val_b/shard1.parquet"))
+    assert (flip["--scale"], flip["--flip"]) == (["128"], ["True"])
+    plain = options(command(lines, "postprocess", "results/postprocess/view128/tiny_b/val_a/shard0.parquet"))
+    assert (plain["--scale"], plain["--flip"]) == (["128"], ["False"])
+    whole = options(command(lines, "postprocess", "results/postprocess/default/tiny_b/val_a/shard0.parquet"))
+    assert "--scale" not in whole and "--flip" not in whole                  # every view's rows
     def leaves(where: str) -> str:
         return " ".join(f"tiny_{m}@128{f}=results/postprocess/view128{f}/tiny_{m}/{where}.parquet"
                         for m, f in (("a", ""), ("a", "flip"), ("b", "")))

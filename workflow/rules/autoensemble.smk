@@ -62,7 +62,7 @@ rule autoensemble_search:
 rule autoensemble_apply:
     input:
         tree=rules.autoensemble_search.output.tree,
-        leaves=lambda wc: list(auto_leaves(wc.split, wc.shard).values()),
+        leaves=job_fn(lambda wc: list(auto_leaves(wc.split, wc.shard).values())),
         classes=rules.ingest.output.classes,
     output:
         dets="results/autoensemble/default/{search}/{split}/shard{shard}.parquet",
@@ -71,7 +71,7 @@ rule autoensemble_apply:
     benchmark:
         "benchmarks/autoensemble_apply/{search}/{split}/shard{shard}.tsv"
     params:
-        leaves=lambda wc: named(auto_leaves(wc.split, wc.shard)),
+        leaves=job_fn(lambda wc: named(auto_leaves(wc.split, wc.shard))),
         max_per_class=config["postprocess"]["max_per_class"],
     threads: RES["autoensemble_apply"]["threads"]
     resources:

@@ -1,5 +1,7 @@
 # Validation of the config, the path table, wildcard constraints and input functions. The only place that
 # knows where files live.
+import gc
+import inspect
 import json
 import os
 import re
@@ -7,9 +9,15 @@ import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)
+from snakemake.common import overwrite_function_params  # noqa: E402
 from stages.core.config import model_part, validate_config  # noqa: E402
 
 validate_config(config, source="config")
+
+# Building the DAG of the challenge config (15k jobs) allocates millions of objects that live until the end; at
+# Python's default thresholds (700, 10, 10) the cyclic collector keeps re-scanning them and takes ~15% of a
+# dry run (measured, benchmarks in README "Speed"). Collect less often; jobs run in their own processes.
+gc.set_threshold(100_000, 50, 100)
 
 ENV = "../../envs/orchard.yaml"
 # jobs run `python -m stages.<step>` from any working directory (-d), locally or in a cluster job
@@ -83,14 +91,36 @@ REFINER = config["refiner"]
 RES = config["resources"]
 
 
+def job_fn(fn):
+    """Marks an input, params or resources function: Snakemake then takes its parameters from here instead of
+    inspecting its signature on every call (400k calls, a few seconds, when the challenge DAG is built)."""
+    overwrite_function_params(fn, inspect.signature(fn).parameters)
+    return fn
+
+
 def rule_mem(rule):
     """The memory a CPU-side rule asks for (config `resources`); a retry asks for twice as much."""
-    return lambda wildcards, attempt: RES[rule]["mem_mb"] * attempt
+    return job_fn(lambda wildcards, attempt: RES[rule]["mem_mb"] * attempt)
 
 
 def rule_runtime(rule):
     """The minutes a CPU-side rule asks for (config `resources`); a retry asks for twice as much."""
-    return lambda wildcards, attempt: RES[rule]["runtime"] * attempt
+    return job_fn(lambda wildcards, attempt: RES[rule]["runtime"] * attempt)
+
+
+def cli_options(values, keys):
+    """`--key value ...` of a stage CLI for the `keys` of the dict `values`: `_` becomes `-` in the option, the
+    value is shell-quoted (a list gives one word per item), an empty string or None leaves the option out. One
+    params string per job instead of a params entry and a shell field per option: Snakemake evaluates each of
+    those for each of the 10^4 jobs of the challenge DAG."""
+    words = []
+    for key in keys:
+        value = values[key]
+        if value is None or value == "":
+            continue
+        words.append(f"--{key.replace('_', '-')}")
+        words.extend(shlex.quote(str(v)) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return " ".join(words)
 
 
 def option(flag, files):
@@ -134,7 +164,16 @@ def model_cfg(model):
 
 def model_key(key):
     """The value of one key of the job's model (for params)."""
-    return lambda wildcards: model_cfg(wildcards.model)[key]
+    return job_fn(lambda wildcards: model_cfg(wildcards.model)[key])
+
+
+def per_entry(table, wildcard, fn):
+    """`fn` of the job's section of `table` (config models or mask models, named by `wildcard`), for params and
+    resources: the value itself when every section gives the same, else a dictionary lookup per job."""
+    values = {name: fn(cfg) for name, cfg in table.items()}
+    if len(set(values.values())) <= 1:
+        return next(iter(values.values()), 0)
+    return job_fn(lambda wildcards: values[getattr(wildcards, wildcard)])
 
 
 def expert_base(model):
@@ -145,6 +184,26 @@ def expert_base(model):
     return base
 
 
+def infer_options(model):
+    """The options of a model's inference (its test-time keys) for stages.infer."""
+    cfg = model_cfg(model)
+    flags = ["--flip"] * cfg["test_flip"] + ["--expert"] * cfg["expert"]
+    keys = ["test_max_size_ratio", "box_nms_thresh", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"]
+    return " ".join([cli_options({"scales": cfg["test_scales"]}, ["scales"]), *flags, cli_options(cfg, keys)])
+
+
+INFER_OPTIONS = {m: infer_options(m) for m in MODELS}
+
+
+@job_fn
+def infer_select(wildcards):
+    """The images an inference job reads (test: all of the test table; else its split's) and the model's
+    inference keys (x-reads: infer)."""
+    split = "" if wildcards.split == "test" else f"--split {wildcards.split}"
+    return f"{split} {INFER_OPTIONS[wildcards.model]}"
+
+
+@job_fn
 def expert_classes(wildcards):
     """The experts JSON (class subset) of an expert model; nothing for other models."""
     model = wildcards.model if hasattr(wildcards, "model") else wildcards.name
@@ -153,6 +212,7 @@ def expert_classes(wildcards):
     return expand(rules.experts.output.experts, model=model)
 
 
+@job_fn
 def expert_confusion_inputs(wildcards):
     """What an expert model with `expert_confusion` matrix mines from besides the checkpoint: its base model's
     post-processed val_a detections, the ground-truth boxes and the splits (in this order); nothing otherwise."""
@@ -163,6 +223,7 @@ def expert_confusion_inputs(wildcards):
     return [*dets, rules.ingest.output.boxes, rules.split.output.splits]
 
 
+@job_fn
 def train_json(wildcards):
     """What training reads of a model's section (its `x-reads: train` keys) as JSON: the train rule's parameter,
     so a change of any other key (inference, experts, resources) retrains nothing. `init_from: <model>` becomes
@@ -173,18 +234,21 @@ def train_json(wildcards):
     return json.dumps(cfg, sort_keys=True)
 
 
+@job_fn
 def card_json(wildcards):
     """The model's section without its resource keys (the card reads its training and test-time settings)."""
     cfg = model_cfg(wildcards.model)
     return json.dumps({k: v for k, v in cfg.items() if k not in model_part(cfg, "resources")}, sort_keys=True)
 
 
+@job_fn
 def init_weights(wildcards):
     """The checkpoint a model starts from (`init_from`), or nothing."""
     init = model_cfg(wildcards.model)["init_from"]
     return expand(rules.train.output.model, model=init) if init else []
 
 
+@job_fn
 def images_for(wildcards):
     """Test images come from their own table; validation images from the labelled one (selected by split)."""
     if wildcards.split == "test":
@@ -198,7 +262,16 @@ def variant_key(variants, key):
     values = [v[key] for v in variants.values()]
     if all(v == values[0] for v in values):
         return values[0]
-    return lambda wildcards: variants[wildcards.variant][key]
+    return job_fn(lambda wildcards: variants[wildcards.variant][key])
+
+
+def variant_options(variants, keys):
+    """The CLI options (cli_options) of `keys` of the job's variant in `variants`: the string itself when every
+    variant has the same, else one dictionary lookup per job."""
+    per_variant = {name: cli_options(v, keys) for name, v in variants.items()}
+    if len(set(per_variant.values())) == 1:
+        return next(iter(per_variant.values()))
+    return job_fn(lambda wildcards: per_variant[wildcards.variant])
 
 
 def model_metrics(models, splits):
@@ -206,6 +279,7 @@ def model_metrics(models, splits):
     return expand(rules.evaluate.output.json, stage="postprocess", variant="default", name=models, split=splits)
 
 
+@job_fn
 def ensemble_inputs(wildcards):
     """Shard `wildcards.shard` of each of the group's models' raw detections, the hierarchy when detections are
     expanded, and, when the variant re-weights, each model's AP on the other validation split."""
@@ -229,6 +303,7 @@ def expert_file(model):
     return expand(rules.experts.output.experts, model=model)[0]
 
 
+@job_fn
 def training_tables(wildcards):
     """The tables a model trains on: the ingested dataset's train split, or all of an external dataset (no
     split, uniform sampling)."""
@@ -248,6 +323,7 @@ def training_tables(wildcards):
     return tables
 
 
+@job_fn
 def class_filters(wildcards):
     """`--class-filters` of the naive ensemble: per model of the group its mined set if it is an expert (it
     contributes its targets only), else `-`; "" when the group has no expert."""
@@ -262,6 +338,7 @@ def auto_metrics():
     return expand(rules.evaluate.output.json, stage="autoensemble", variant="default", name=SEARCHES, split=VAL_SPLITS)
 
 
+@job_fn
 def ablation_metrics(wildcards):
     """Metric files of one ablation table: the model ladder, or the post-processing / ensemble variants (the
     ensemble's with the configured naive ensemble of the group and the auto ensemble's searches)."""
@@ -337,16 +414,24 @@ def mask_cfg(name):
     return SEG["models"][name]
 
 
+# each mask model's test-time options for stages.infer_masks
+MASK_OPTIONS = {m: cli_options({"scale": mask_cfg(m)["test_scale"], "flip": mask_cfg(m)["test_flip"]}, ["scale", "flip"])
+                for m in MASK_MODELS}
+
+
+@job_fn
 def mask_train_json(wildcards):
     """What training reads of a mask model's section (its `x-reads: train` keys) as JSON."""
     return json.dumps(model_part(mask_cfg(wildcards.mask_model), "train", defs="mask_model"), sort_keys=True)
 
 
+@job_fn
 def refiner_json(wildcards):
     """What training reads of the refiner section (its `x-reads: train` keys) as JSON."""
     return json.dumps(model_part(REFINER, "train", defs="refiner"), sort_keys=True)
 
 
+@job_fn
 def mask_boxes(wildcards):
     """The boxes a mask model segments on `split`: a shard of the refined final detections, the gathered final
     detections (the shard is cut by infer_masks), or the ground-truth masks' boxes (val splits only)."""
@@ -383,6 +468,7 @@ def train_cost(model):
     return cfg["epochs"] * (2 if cfg["cascade"] or cfg["head"] == "tsd" else 1) * (0.5 if cfg["train_data"] else 1)
 
 
+@job_fn
 def expert_first(wildcards):
     """Scheduling priority. First (10): the jobs on the way to an expert model's training (its base model's
     training, its base's default-post-processed val_a detections and metrics, the mining), that training itself,

@@ -18,21 +18,12 @@ rule ensemble:
     wildcard_constraints:
         variant=one_of(ENSEMBLE),
     params:
-        reweight=variant_key(ENSEMBLE, "reweight"),
-        merge_views=variant_key(ENSEMBLE, "merge_views"),
-        vote=variant_key(ENSEMBLE, "vote"),
-        k=variant_key(ENSEMBLE, "k"),
-        score_weight=variant_key(ENSEMBLE, "score_weight"),
-        box_weight=variant_key(ENSEMBLE, "box_weight"),
-        min_iou=variant_key(ENSEMBLE, "min_iou"),
-        method=variant_key(ENSEMBLE, "method"),
+        options=variant_options(ENSEMBLE, ["reweight", "merge_views", "vote", "k", "score_weight", "box_weight",
+                                           "min_iou", "method"]),
         class_filters=class_filters,
         # the final suppression's thresholds and cap are the postprocess section's
-        iou_thr=config["postprocess"]["iou_thr"],
-        sigma=config["postprocess"]["sigma"],
-        score_thr=config["postprocess"]["score_thr"],
-        max_per_image=config["postprocess"]["max_per_image"],
-        max_per_class=config["postprocess"]["max_per_class"],
+        suppression=cli_options(config["postprocess"], ["iou_thr", "sigma", "score_thr", "max_per_image",
+                                                        "max_per_class"]),
     threads: RES["ensemble"]["threads"]
     resources:
         mem_mb=rule_mem("ensemble"),
@@ -41,10 +32,5 @@ rule ensemble:
         ENV
     shell:
         "python -m stages.ensemble --detections {input.dets:q} --expand-hierarchy {input.hierarchy:q}"
-        " --reweight {params.reweight} --ap-metrics {input.aps:q} --vote {params.vote} --k {params.k}"
-        " --score-weight {params.score_weight} --box-weight {params.box_weight} --min-iou {params.min_iou}"
-        " --merge-views {params.merge_views}"
-        " {params.class_filters} --method {params.method} --iou-thr {params.iou_thr} --sigma {params.sigma}"
-        " --score-thr {params.score_thr} --max-per-image {params.max_per_image}"
-        " --max-per-class {params.max_per_class} --out {output.dets:q}"
-        " > {log:q} 2>&1"
+        " --ap-metrics {input.aps:q} {params.options} {params.class_filters} {params.suppression}"
+        " --out {output.dets:q} > {log:q} 2>&1"

@@ -42,20 +42,9 @@ rule postprocess:
     wildcard_constraints:
         variant=one_of(POSTPROCESS),
     params:
-        method=variant_key(POSTPROCESS, "method"),
-        iou_thr=variant_key(POSTPROCESS, "iou_thr"),
-        sigma=variant_key(POSTPROCESS, "sigma"),
-        score_thr=variant_key(POSTPROCESS, "score_thr"),
-        max_per_image=variant_key(POSTPROCESS, "max_per_image"),
-        max_per_class=variant_key(POSTPROCESS, "max_per_class"),
-        conf_thr=variant_key(POSTPROCESS, "conf_thr"),
-        cooc_weight=variant_key(POSTPROCESS, "cooc_weight"),
-        surround_thr=variant_key(POSTPROCESS, "surround_thr"),
-        min_support=variant_key(POSTPROCESS, "min_support"),
-        boost=variant_key(POSTPROCESS, "boost"),
-        penalty=variant_key(POSTPROCESS, "penalty"),
-        scale=variant_key(POSTPROCESS, "scale"),
-        flip=variant_key(POSTPROCESS, "flip"),
+        options=variant_options(POSTPROCESS, ["method", "iou_thr", "sigma", "score_thr", "max_per_image",
+                                              "max_per_class", "conf_thr", "cooc_weight", "surround_thr",
+                                              "min_support", "boost", "penalty", "scale", "flip"]),
     priority: expert_first
     threads: RES["postprocess"]["threads"]
     resources:
@@ -65,11 +54,7 @@ rule postprocess:
         ENV
     shell:
         "python -m stages.postprocess --detections {input.dets:q} --expand-hierarchy {input.hierarchy:q}"
-        " --method {params.method} --iou-thr {params.iou_thr} --sigma {params.sigma}"
-        " --score-thr {params.score_thr} --max-per-image {params.max_per_image}"
-        " --max-per-class {params.max_per_class} --relations {input.relations:q} --conf-thr {params.conf_thr} --cooc-weight {params.cooc_weight}"
-        " --surround-thr {params.surround_thr} --min-support {params.min_support} --boost {params.boost}"
-        " --penalty {params.penalty} --scale {params.scale} --flip {params.flip} --out {output.dets:q} > {log:q} 2>&1"
+        " --relations {input.relations:q} {params.options} --out {output.dets:q} > {log:q} 2>&1"
 
 
 rule gather:

@@ -175,28 +175,27 @@ rule infer_masks:
     benchmark:
         "benchmarks/infer_masks/{mask_model}/{source}/{split}/shard{shard}.tsv"
     params:
-        # ground-truth boxes (the oracle) come from the masks table; the others are detections
-        boxes=lambda wc, input: f"--masks {input.boxes}" if wc.source == "gt" else f"--dets {input.boxes}",
-        select=lambda wc: "" if wc.split == "test" else f"--split {wc.split}",
-        # a refined shard holds its images only; the gathered raw detections are cut to the shard's images
-        shard=lambda wc: "" if wc.source == "refined" else f"--shard {wc.shard} --shards {SHARDS}",
-        scale=lambda wc: mask_cfg(wc.mask_model)["test_scale"],
-        flip=lambda wc: mask_cfg(wc.mask_model)["test_flip"],
-        top_n=SEG["top_n"],
-        map_size=SEG["map_size"],
-        device=config["device"],
+        # the boxes (ground-truth boxes, the oracle, come from the masks table; the others are detections), the
+        # split's images (a refined shard holds its images only; the gathered raw detections are cut to the
+        # shard's images) and the mask model's test-time keys
+        select=job_fn(lambda wc, input: " ".join([
+            f"--masks {input.boxes}" if wc.source == "gt" else f"--dets {input.boxes}",
+            "" if wc.split == "test" else f"--split {wc.split}",
+            "" if wc.source == "refined" else f"--shard {wc.shard} --shards {SHARDS}",
+            MASK_OPTIONS[wc.mask_model],
+        ])),
+        run=cli_options(SEG | {"device": config["device"]}, ["top_n", "map_size", "device"]),
     threads: RES["infer_masks"]["threads"]
     resources:
         mem_mb=rule_mem("infer_masks"),
         runtime=rule_runtime("infer_masks"),
-        gpu=lambda wc: min(1, mask_cfg(wc.mask_model)["gpus"]),
+        gpu=per_entry(SEG["models"], "mask_model", lambda cfg: min(1, cfg["gpus"])),
     conda:
         ENV
     shell:
-        "python -m stages.infer_masks --model {input.model:q} {params.boxes} --images {input.images:q}"
-        " --splits {input.splits:q} {params.select} {params.shard} --classes {input.seg_classes:q}"
-        " --top-n {params.top_n} --scale {params.scale} --flip {params.flip} --map-size {params.map_size}"
-        " --device {params.device} --threads {threads} --out {output.probs:q} > {log:q} 2>&1"
+        "python -m stages.infer_masks --model {input.model:q} --images {input.images:q}"
+        " --splits {input.splits:q} {params.select} --classes {input.seg_classes:q} {params.run}"
+        " --threads {threads} --out {output.probs:q} > {log:q} 2>&1"
 
 
 rule segment:
