@@ -8,7 +8,8 @@ tensors' device) and returns the same kind; the algorithm is the same code for b
 No Python loop per box: the boxes are ordered by (group, score desc) with 16-bit radix passes and row-wise
 sorts (:func:`segment_order`), then every group size ``N`` gets an index matrix ``[G, N]`` (groups of equal
 size share a matrix, so there is no padding) and the sequential selection runs for all ``G`` groups at once,
-``N`` steps of vector ops.
+``N`` steps of vector ops. A pairwise IoU block too large for :data:`BLOCK_ELEMS` is built a slice of rows at a
+time (:func:`row_chunks`), so memory stays bounded for any group size.
 
 Tie-breaking, everywhere: among equal scores the box with the lower input index is taken first.
 
