@@ -9,6 +9,7 @@ each; the ratio column is against the first model (the plain sibling-head baseli
                                                            # against torchvision fasterrcnn_resnet50_fpn fp32
     python benchmarks/train_infer.py --detector-cost       # CPU: whole-detector eval cost, TSD vs sibling head
     python benchmarks/train_infer.py --loader              # CPU: the training loop, 0 vs 2 DataLoader workers
+    python benchmarks/train_infer.py --loader --device cuda   # the same with the SGD steps on a GPU
     python benchmarks/train_infer.py --backbones seresnext101_32x4d efficientnet_b3 timm:resnet18
                                                            # CPU: backbones side by side vs resnet50
     python benchmarks/train_infer.py --wsddn               # CPU: joint WSDDN model vs the plain detector
@@ -31,7 +32,8 @@ augmentation, SGD steps of the first --models entry, default frcnn_small) on a d
 decoding and augmentation in the training process (workers=0) and once in --workers DataLoader processes, the
 same iterations after the same warm-up; it alternates the two --repeats times (the load of a shared machine
 drifts) and prints training images/s and the ratio, for ``augment: basic`` and ``augment: elaborate``, plus
-the images/s of the data path alone (no step) as the share it could hide.
+the images/s of the data path alone (no step) as the share it could hide. The SGD steps run on ``--device``
+(``cuda``: on a GPU, where the data path is a larger share of a step than on this CPU).
 
 ``--wsddn`` times training steps of each --models entry (default frcnn_small) and of the same model with
 ``wsddn: true`` side by side: same seed, same images, the batch's last round(image_level_share x batch) images
@@ -258,12 +260,14 @@ def loader_dataset(root: Path, *, n_images: int, seed: int = 0):
 
 
 def loader_throughput(cfg: dict, *, images, boxes, weights, workers: int, iters: int, warmup: int,
-                      step_model: bool = True) -> float:
+                      step_model: bool = True, device: str = "cpu") -> float:
     """Training images/s of ``iters`` iterations (after ``warmup``) of the stages.train loop with ``workers``
-    DataLoader processes; ``step_model=False``: the data path alone (batches drawn, decoded, augmented)."""
+    DataLoader processes, the SGD steps on ``device``; ``step_model=False``: the data path alone (batches
+    drawn, decoded, augmented)."""
     from stages import train
 
-    device = torch.device("cpu")
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tcfg = train.model_part(cfg, "train")
     labels = sorted(boxes.loc[boxes["image_id"].isin(images["image_id"]), "label"].unique())
     data = train.training_data(cfg=tcfg, images=images, boxes=boxes, weights=weights, labels=labels,
@@ -275,18 +279,20 @@ def loader_throughput(cfg: dict, *, images, boxes, weights, workers: int, iters:
     t = 0.0
     for k, (imgs, tgts) in enumerate(loader):
         if k == warmup:
+            sync()
             t = time.perf_counter()
         if step_model:
             imgs, tgts = train.to_device(imgs, tgts, device)
             train.step(trainer, imgs, tgts, lr=train.lr_at(k, 0, tcfg), clip_grad_norm=tcfg["clip_grad_norm"],
                        world=1, where=f"iteration {k + 1}")
+    sync()
     dt = time.perf_counter() - t
     del loader
     return iters * tcfg["batch_size"] / dt
 
 
 def loader_report(cfg: dict, *, name: str, n_images: int, workers: int, iters: int, warmup: int,
-                  repeats: int) -> None:
+                  repeats: int, device: str = "cpu") -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,7 +307,8 @@ def loader_report(cfg: dict, *, name: str, n_images: int, workers: int, iters: i
             c = {**cfg, "augment": augment}
             ratios, bounds = [], []
             for r in range(repeats):
-                kw = {"images": images, "boxes": boxes, "weights": weights, "iters": iters, "warmup": warmup}
+                kw = {"images": images, "boxes": boxes, "weights": weights, "iters": iters, "warmup": warmup,
+                      "device": device}
                 alone = loader_throughput(c, workers=0, step_model=False, **kw)
                 base = loader_throughput(c, workers=0, **kw)
                 par = loader_throughput(c, workers=workers, **kw)
@@ -431,10 +438,11 @@ def main() -> None:
         model = validate_config({"models": {name: cfg["models"][name]}}, cross_refs=False)["models"][name]
         if a.batch_size:
             model["batch_size"] = a.batch_size
-        print(f"device: cpu ({torch.get_num_threads()} thread(s) in the training process, "
+        dev = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+        print(f"device: {dev} for the SGD steps ({torch.get_num_threads()} thread(s) in the training process, "
               f"{os.cpu_count()} CPUs, torch {torch.__version__})")
         loader_report(model, name=name, n_images=a.loader_images, workers=a.workers, iters=a.iters or 12,
-                      warmup=2, repeats=a.loader_repeats)
+                      warmup=2, repeats=a.loader_repeats, device=device)
         return
     if a.backbones:
         print(f"device: cpu ({torch.get_num_threads()} thread(s), torch {torch.__version__})")
