@@ -415,6 +415,20 @@ MASK_OPTIONS = {m: cli_options({"scale": mask_cfg(m)["test_scale"], "flip": mask
 
 
 @job_fn
+def mask_select(wildcards, input):
+    """What a mask-inference job reads: its boxes (the ground-truth boxes, the oracle, from the masks table; else
+    detections), its split's images (a refined shard holds its images only; the gathered raw detections are cut
+    to the shard's images), and the mask model's test-time keys."""
+    boxes = shlex.quote(str(input.boxes))
+    return " ".join([
+        f"--masks {boxes}" if wildcards.source == "gt" else f"--dets {boxes}",
+        "" if wildcards.split == "test" else f"--split {wildcards.split}",
+        "" if wildcards.source == "refined" else f"--shard {wildcards.shard} --shards {SHARDS}",
+        MASK_OPTIONS[wildcards.mask_model],
+    ])
+
+
+@job_fn
 def mask_train_json(wildcards):
     """What training reads of a mask model's section (its `x-reads: train` keys) as JSON."""
     return json.dumps(model_part(mask_cfg(wildcards.mask_model), "train", defs="mask_model"), sort_keys=True)

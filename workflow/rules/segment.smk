@@ -175,15 +175,7 @@ rule infer_masks:
     benchmark:
         "benchmarks/infer_masks/{mask_model}/{source}/{split}/shard{shard}.tsv"
     params:
-        # the boxes (ground-truth boxes, the oracle, come from the masks table; the others are detections), the
-        # split's images (a refined shard holds its images only; the gathered raw detections are cut to the
-        # shard's images) and the mask model's test-time keys
-        select=job_fn(lambda wc, input: " ".join([
-            f"--masks {input.boxes}" if wc.source == "gt" else f"--dets {input.boxes}",
-            "" if wc.split == "test" else f"--split {wc.split}",
-            "" if wc.source == "refined" else f"--shard {wc.shard} --shards {SHARDS}",
-            MASK_OPTIONS[wc.mask_model],
-        ])),
+        select=mask_select,
         run=cli_options(SEG | {"device": config["device"]}, ["top_n", "map_size", "device"]),
     threads: RES["infer_masks"]["threads"]
     resources:
