@@ -75,11 +75,14 @@ def run_cli(args: list[str]) -> tuple[float, str]:
     return wall, p.stdout.strip()
 
 
+#: expression, in a fresh interpreter, of its peak RSS in kB: VmHWM of its own address space (unlike
+#: ``ru_maxrss``, which a child inherits from the forking parent across exec)
+VM_HWM_KB = "int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+
+
 def peak_rss_mb(module: str, argv: list[str]) -> float:
-    """Peak RSS of a fresh interpreter running ``module.main(argv)``: VmHWM of its own address space (unlike
-    ``ru_maxrss``, which a child inherits from the forking parent across exec)."""
-    code = (f"from {module} import main; rc = main({argv!r}); "
-            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    """Peak RSS of a fresh interpreter running ``module.main(argv)`` (:data:`VM_HWM_KB`)."""
+    code = f"from {module} import main; rc = main({argv!r}); print({VM_HWM_KB})"
     _, out = run_cli(["-c", code])
     return float(out.splitlines()[-1]) / 1024
 
@@ -97,14 +100,13 @@ keep, _ = nm.suppress_arrays(b, s, g, method="adj_nms", iou_thr=0.5, sigma=0.5, 
 t1 = time.perf_counter()
 en.topk_vote(b, s, g, src, k=4)
 t2 = time.perf_counter()
-hwm = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(len(keep), t1 - t0, t2 - t1, int(hwm) / 1024)
+print(len(keep), t1 - t0, t2 - t1, {hwm} / 1024)
 """
 
 
 def crowded(n: int, block: int) -> tuple[int, float, float, float]:
     """(kept, adj-NMS s, voting s, peak RSS MB) of one crowded group of ``n`` boxes, fresh interpreter."""
-    _, out = run_cli(["-c", CROWDED.format(n=n, block=block)])
+    _, out = run_cli(["-c", CROWDED.format(n=n, block=block, hwm=VM_HWM_KB)])
     kept, t_nms, t_vote, mb = out.split()[-4:]
     return int(kept), float(t_nms), float(t_vote), float(mb)
 

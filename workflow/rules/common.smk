@@ -163,11 +163,14 @@ def model_cfg(model):
 
 
 def per_entry(table, wildcard, fn):
-    """`fn` of the job's section of `table` (config models or mask models, named by `wildcard`), for params and
-    resources: the value itself when every section gives the same, else a dictionary lookup per job."""
+    """`fn` of the job's section of `table` (config models, mask models, post-processing or ensemble variants,
+    named by `wildcard`), for params, inputs and resources: the value itself when every section gives the same
+    (0 for an empty table; a function per job costs DAG-building time at 10^4 jobs), else a dictionary lookup
+    per job."""
     values = {name: fn(cfg) for name, cfg in table.items()}
-    if len(set(values.values())) <= 1:
-        return next(iter(values.values()), 0)
+    first = next(iter(values.values()), 0)
+    if all(v == first for v in values.values()):
+        return first
     return job_fn(lambda wildcards: values[getattr(wildcards, wildcard)])
 
 
@@ -190,12 +193,16 @@ def infer_options(model):
 INFER_OPTIONS = {m: infer_options(m) for m in MODELS}
 
 
+def split_option(split):
+    """`--split` of a stage that reads a split's images: none for test (the test table is read whole)."""
+    return "" if split == "test" else f"--split {split}"
+
+
 @job_fn
 def infer_select(wildcards):
     """The images an inference job reads (test: all of the test table; else its split's) and the model's
     inference keys (x-reads: infer)."""
-    split = "" if wildcards.split == "test" else f"--split {wildcards.split}"
-    return f"{split} {INFER_OPTIONS[wildcards.model]}"
+    return f"{split_option(wildcards.split)} {INFER_OPTIONS[wildcards.model]}"
 
 
 @job_fn
@@ -252,21 +259,13 @@ def images_for(wildcards):
 
 
 def variant_key(variants, key):
-    """`key` of the job's variant in `variants` (POSTPROCESS or ENSEMBLE), for params and input conditions: the
-    value itself when every variant has the same (a function per job costs DAG-building time at 10^4 jobs)."""
-    values = [v[key] for v in variants.values()]
-    if all(v == values[0] for v in values):
-        return values[0]
-    return job_fn(lambda wildcards: variants[wildcards.variant][key])
+    """`key` of the job's variant in `variants` (POSTPROCESS or ENSEMBLE), for params and input conditions."""
+    return per_entry(variants, "variant", lambda v: v[key])
 
 
 def variant_options(variants, keys):
-    """The CLI options (cli_options) of `keys` of the job's variant in `variants`: the string itself when every
-    variant has the same, else one dictionary lookup per job."""
-    per_variant = {name: cli_options(v, keys) for name, v in variants.items()}
-    if len(set(per_variant.values())) == 1:
-        return next(iter(per_variant.values()))
-    return job_fn(lambda wildcards: per_variant[wildcards.variant])
+    """The CLI options (cli_options) of `keys` of the job's variant in `variants`."""
+    return per_entry(variants, "variant", lambda v: cli_options(v, keys))
 
 
 def model_metrics(models, splits):
@@ -422,7 +421,7 @@ def mask_select(wildcards, input):
     boxes = shlex.quote(str(input.boxes))
     return " ".join([
         f"--masks {boxes}" if wildcards.source == "gt" else f"--dets {boxes}",
-        "" if wildcards.split == "test" else f"--split {wildcards.split}",
+        split_option(wildcards.split),
         "" if wildcards.source == "refined" else f"--shard {wildcards.shard} --shards {SHARDS}",
         MASK_OPTIONS[wildcards.mask_model],
     ])
